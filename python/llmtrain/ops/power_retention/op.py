@@ -1,0 +1,302 @@
+"""``power_retention``: the public op, its torch.library registration and autograd.
+
+The forward and backward are registered as custom ops (``llmtrain::power_retention_fwd`` and
+``llmtrain::power_retention_bwd``) with fake implementations, so the op traces under
+``torch.compile``; the backward is wired with ``register_autograd``. On CPU, and on CUDA when the
+extension was built with nvcc, the native kernels run; on any other device (or a CUDA build
+without kernels) a chunked torch implementation in float32 computes the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from llmtrain.ops import _native
+from llmtrain.ops.power_retention import reference
+
+_DEG = 2  # the degree the kernels implement
+
+
+class RetentionState(NamedTuple):
+    """Recurrent state of one sequence batch, per KV head.
+
+    state: [batch, kv_heads, D, dim], sum_of_keys: [batch, kv_heads, D], D = dim*(dim+1)/2,
+    float32 (float64 for float64 inputs).
+    """
+
+    state: Tensor
+    sum_of_keys: Tensor
+
+
+def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
+    """Chunk size per sequence length and head dim (the result does not depend on it)."""
+    if device_type == "cuda":
+        return 64 if d >= 128 else 128
+    return 64 if t <= 4096 else 128
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llmtrain::power_retention_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
+    deg: int, scale: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    D = reference.feature_dim(d, deg)
+    acc = _acc_dtype(q.dtype)
+    if not _native.supports(q):
+        return _torch_forward(q, k, v, log_g, s0, z0, deg, scale, chunk_size)
+    y = torch.empty_like(q)
+    S = torch.empty(b, hk, D, d, dtype=acc, device=q.device)
+    z = torch.empty(b, hk, D, dtype=acc, device=q.device)
+    bad = _native.native().power_retention_fwd(
+        _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
+        _native.dl(y), _native.dl(S), _native.dl(z), deg, scale, chunk_size, _native.stream_of(q))
+    if bad > 0:
+        raise FloatingPointError(
+            f"power_retention: {bad} non-finite outputs. The inputs overflow {acc} arithmetic: "
+            "|scale * q.k|^2 too large, or log_g > 0 summing to a huge growth factor. Normalise q/k "
+            "(e.g. RMSNorm) and keep log_g <= 0 (logsigmoid of a gate).")
+    return y, S, z
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size):
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    D = reference.feature_dim(d, deg)
+    acc = _acc_dtype(q.dtype)
+    return (torch.empty_like(q), q.new_empty(b, hk, D, d, dtype=acc), q.new_empty(b, hk, D, dtype=acc))
+
+
+@torch.library.custom_op("llmtrain::power_retention_bwd", mutates_args=())
+def _bwd_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
+    dy: Tensor, ds: Optional[Tensor], dz: Optional[Tensor], deg: int, scale: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dlog_g, ds0, dz0); the last three are empty when not applicable."""
+    if not _native.supports(q):
+        return _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dlog_g = torch.empty_like(log_g) if log_g is not None else None
+    ds0 = torch.empty_like(s0) if s0 is not None else None
+    dz0 = torch.empty_like(z0) if z0 is not None else None
+    _native.native().power_retention_bwd(
+        _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
+        _native.dl(dy), _native.dl(ds), _native.dl(dz), _native.dl(dq), _native.dl(dk), _native.dl(dv),
+        _native.dl(dlog_g), _native.dl(ds0), _native.dl(dz0), deg, scale, chunk_size, _native.stream_of(q))
+    none = q.new_empty(0)
+    return (dq, dk, dv, dlog_g if dlog_g is not None else none, ds0 if ds0 is not None else none,
+            dz0 if dz0 is not None else none)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
+    none = q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(log_g) if log_g is not None else none,
+            torch.empty_like(s0) if s0 is not None else none,
+            torch.empty_like(z0) if z0 is not None else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_g, s0, z0, deg, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, log_g, s0, z0)
+    ctx.deg, ctx.scale, ctx.chunk_size = deg, scale, chunk_size
+
+
+def _backward(ctx, dy, ds, dz):
+    q, k, v, log_g, s0, z0 = ctx.saved_tensors
+    dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
+        q, k, v, log_g, s0, z0, dy.contiguous(),
+        ds.contiguous() if ds is not None else None, dz.contiguous() if dz is not None else None,
+        ctx.deg, ctx.scale, ctx.chunk_size)
+    return (dq, dk, dv, dlog_g if log_g is not None else None, ds0 if s0 is not None else None,
+            dz0 if z0 is not None else None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch fallback for devices without native kernels (float32 chunked form; same function)
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_forward(q, k, v, log_g, s0, z0, deg, scale, chunk_size):
+    acc = _acc_dtype(q.dtype)
+    init = (s0, z0) if s0 is not None else None
+    y, (S, z) = reference.chunked(q, k, v, log_g, deg=deg, scale=scale, chunk_size=chunk_size,
+                                  initial_state=init, dtype=acc)
+    return y.to(q.dtype), S.to(acc), z.to(acc)
+
+
+def _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
+    inputs = [x.detach().requires_grad_(True) if x is not None else None for x in (q, k, v, log_g, s0, z0)]
+    with torch.enable_grad():
+        y, S, z = _torch_forward(*inputs, deg, scale, chunk_size)
+        outs, grads = [y], [dy]
+        for o, g in ((S, ds), (z, dz)):
+            if g is not None:
+                outs.append(o)
+                grads.append(g)
+        wrt = [x for x in inputs if x is not None]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+    none = q.new_empty(0)
+    res = []
+    for x in inputs:
+        if x is None:
+            res.append(none)
+        else:
+            g = next(got)
+            res.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+    return tuple(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, log_g, deg):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"power_retention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"power_retention: {name} must be [batch, time, heads, dim], got shape {tuple(x.shape)}")
+    if deg != _DEG:
+        raise ValueError(f"power_retention: deg={deg} is not implemented (deg=2 is)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"power_retention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"power_retention: floating-point inputs required, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"power_retention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+    b, t, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d or k.shape != v.shape:
+        raise ValueError(f"power_retention: k and v must be [{b}, {t}, kv_heads, {d}], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] == 0 or hq % k.shape[2] != 0:
+        raise ValueError(f"power_retention: mismatched heads: q has {hq} heads, not a multiple of k/v's {k.shape[2]}")
+    if log_g is not None:
+        if not isinstance(log_g, Tensor) or tuple(log_g.shape) != (b, t, k.shape[2]):
+            shape = tuple(log_g.shape) if isinstance(log_g, Tensor) else type(log_g).__name__
+            raise ValueError(f"power_retention: log_g must be [{b}, {t}, {k.shape[2]}], got {shape}")
+        if log_g.device != q.device:
+            raise ValueError(f"power_retention: log_g is on {log_g.device}, q on {q.device}")
+
+
+def _check_state(state, q, k, acc):
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError("initial_state must be a RetentionState (state, sum_of_keys) tuple")
+    b, hk, d = q.shape[0], k.shape[2], q.shape[3]
+    D = reference.feature_dim(d, _DEG)
+    S, z = state
+    if tuple(S.shape) != (b, hk, D, d) or tuple(z.shape) != (b, hk, D):
+        raise ValueError(f"initial_state: expected state [{b}, {hk}, {D}, {d}] and sum_of_keys [{b}, {hk}, {D}], "
+                         f"got {tuple(S.shape)} and {tuple(z.shape)}")
+    if S.device != q.device or z.device != q.device:
+        raise ValueError(f"initial_state: on {S.device}, q on {q.device}")
+    return S.to(acc).contiguous(), z.to(acc).contiguous()
+
+
+def power_retention(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *, deg: int = 2,
+    scale: Optional[float] = None, chunk_size: Optional[int] = None,
+    initial_state: Optional[RetentionState] = None, return_state: bool = False,
+):
+    """Gated power retention: y_i = sum_{j<=i} w_ij v_j / sum_{j<=i} w_ij.
+
+    w_ij = (scale * q_i.k_j)^deg * exp(G_i - G_j), G = cumsum(log_g) over time.
+
+    Args:
+        q: [batch, time, heads, dim]; k, v: [batch, time, kv_heads, dim] (heads % kv_heads == 0, GQA).
+        log_g: optional [batch, time, kv_heads] log forget gate (<= 0, e.g. logsigmoid of a gate).
+        deg: 2.
+        scale: defaults to 1/sqrt(dim).
+        chunk_size: tokens per chunk; by default chosen per time and dim. Any time length works.
+        initial_state: a RetentionState to continue from (a prefix every query sees).
+        return_state: also return the final RetentionState.
+
+    Returns: y [batch, time, heads, dim] in q's dtype, or (y, RetentionState) with return_state.
+    """
+    _check_inputs(q, k, v, log_g, deg)
+    b, t, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"power_retention: scale must be finite and non-zero, got {scale}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(t, d, q.device.type)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"power_retention: chunk_size must be a positive int, got {chunk_size!r}")
+    acc = _acc_dtype(q.dtype)
+    log_g = log_g.to(acc).contiguous() if log_g is not None else None
+    s0 = z0 = None
+    if initial_state is not None:
+        s0, z0 = _check_state(initial_state, q, k, acc)
+    y, S, z = torch.ops.llmtrain.power_retention_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size)
+    return (y, RetentionState(S, z)) if return_state else y
+
+
+def power_retention_step(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *,
+    state: Optional[RetentionState] = None, deg: int = 2, scale: Optional[float] = None, inplace: bool = False,
+) -> tuple[Tensor, RetentionState]:
+    """Advance a recurrent state by the given tokens (usually one) and return (y, new_state).
+
+    The inference path of generation: cost per token is independent of the context length.
+    With ``inplace=True`` the given state tensors are updated in place (a decoding cache).
+    When gradients are required this runs the chunked op from ``state`` instead.
+    """
+    _check_inputs(q, k, v, log_g, deg)
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if state is None:
+        D = reference.feature_dim(d, deg)
+        state = RetentionState(q.new_zeros(b, hk, D, d, dtype=acc), q.new_zeros(b, hk, D, dtype=acc))
+        inplace = True
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, log_g, *state))
+    if needs_grad:
+        return power_retention(q, k, v, log_g, deg=deg, scale=scale, chunk_size=max(t, 1),
+                               initial_state=state, return_state=True)
+    S, z = _check_state(state, q, k, acc)
+    if inplace and (S.data_ptr() != state.state.data_ptr() or z.data_ptr() != state.sum_of_keys.data_ptr()):
+        raise ValueError("power_retention_step: inplace=True needs contiguous state tensors in the "
+                         f"accumulation dtype {acc}")
+    if not inplace:
+        S, z = S.clone(), z.clone()
+    log_g = log_g.to(acc).contiguous() if log_g is not None else None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if not _native.supports(q):
+        y, (S2, z2) = reference.recurrent(q, k, v, log_g, deg=deg, scale=scale, initial_state=(S, z), dtype=acc)
+        S.copy_(S2)
+        z.copy_(z2)
+        return y.to(q.dtype), RetentionState(S, z)
+    y = torch.empty_like(q)
+    bad = _native.native().power_retention_step(
+        _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(S), _native.dl(z),
+        _native.dl(y), deg, scale, _native.stream_of(q))
+    if bad > 0:
+        raise FloatingPointError(f"power_retention_step: {bad} non-finite outputs (inputs overflow {acc})")
+    return y, RetentionState(S, z)

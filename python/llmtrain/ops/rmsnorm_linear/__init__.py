@@ -1,0 +1,5 @@
+"""Fused RMSNorm + Linear."""
+
+from llmtrain.ops.rmsnorm_linear.op import rmsnorm_linear
+
+__all__ = ["rmsnorm_linear"]
