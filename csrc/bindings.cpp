@@ -142,15 +142,20 @@ int64_t retention_fwd(py::handle q_, py::handle k_, py::handle v_, py::handle lo
   auto q = own.arg("q", q_), k = own.arg("k", k_), v = own.arg("v", v_);
   auto log_g = own.arg("log_g", log_g_, true), s0 = own.arg("initial_state", s0_, true),
        z0 = own.arg("initial_sum_of_keys", z0_, true);
-  auto y = own.arg("y", y_), s_out = own.arg("state_out", s_out_), z_out = own.arg("sum_of_keys_out", z_out_);
+  auto y = own.arg("y", y_), s_out = own.arg("state_out", s_out_, true),
+       z_out = own.arg("sum_of_keys_out", z_out_, true);
   RetentionDims m = retention_dims(q, k, v, log_g, s0, z0, deg, scale, chunk);
   const DType acc = acc_dtype(m.dtype);
   expect_output(y, q, {m.b, m.t, m.hq, m.d}, m.dtype);
-  expect_output(s_out, q, {m.b, m.hk, m.D, m.d}, acc);
-  expect_output(z_out, q, {m.b, m.hk, m.D}, acc);
+  if (s_out.present() != z_out.present()) fail("state_out: give both state outputs, or neither");
+  if (s_out.present()) {
+    expect_output(s_out, q, {m.b, m.hk, m.D, m.d}, acc);
+    expect_output(z_out, q, {m.b, m.hk, m.D}, acc);
+  }
   RetentionFwdArgs a{m, q.raw(), k.raw(), v.raw(), log_g.present() ? log_g.raw() : nullptr,
                      s0.present() ? s0.raw() : nullptr, z0.present() ? z0.raw() : nullptr,
-                     y.raw(), s_out.raw(), z_out.raw(), stream_ptr(stream)};
+                     y.raw(), s_out.present() ? s_out.raw() : nullptr, z_out.present() ? z_out.raw() : nullptr,
+                     stream_ptr(stream)};
   const bool cuda = is_cuda(q);
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
@@ -326,8 +331,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("initial_state"), py::arg("initial_sum_of_keys"), py::arg("y"), py::arg("state_out"),
         py::arg("sum_of_keys_out"), py::arg("deg"), py::arg("scale"), py::arg("chunk_size"),
         py::arg("stream") = 0,
-        "Chunked power retention forward. Writes y and the final state; returns the number of non-finite "
-        "outputs (-1 when the device kernel does not count them).");
+        "Chunked power retention forward. Writes y, and the final state when state_out/sum_of_keys_out are "
+        "given; returns the number of non-finite outputs (-1 when the device kernel does not count them).");
   m.def("power_retention_bwd", &retention_bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_g"),
         py::arg("initial_state"), py::arg("initial_sum_of_keys"), py::arg("grad_y"), py::arg("grad_state"),
         py::arg("grad_sum_of_keys"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),

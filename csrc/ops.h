@@ -29,7 +29,7 @@ struct RetentionFwdArgs {
   const void* log_g;            // optional
   const void *s0, *z0;          // optional initial state
   void* y;
-  void *s_out, *z_out;          // final state (always written)
+  void *s_out, *z_out;          // optional final state (skipped when null)
   void* stream;                 // cudaStream_t for CUDA, unused on CPU
 };
 

@@ -56,11 +56,28 @@ template <typename A> void sym_features_backward(A* dx, const A* u, const A* x, 
 // Per-task scratch for one chunk of one KV head and its r query heads.
 template <typename A> struct ChunkBuffers {
   int64_t r, C, d, D, e;
-  std::vector<A> q, k, vhat, g, phi_q, phi_k, tmp;
+  std::vector<A> q, k, kT, vhat, vhatT, g, phi_q, phi_k, tmp;
+  std::vector<A> score, decay, w, dw;  // one row of the intra-chunk attention
   ChunkBuffers(int64_t r_, int64_t C_, int64_t d_, int64_t D_)
       : r(r_), C(C_), d(d_), D(D_), e(d_ + 1),
-        q(r_ * C_ * d_), k(C_ * d_), vhat(C_ * (d_ + 1)), g(C_), phi_q(r_ * C_ * D_),
-        phi_k(C_ * D_), tmp(std::max(C_ * D_, r_ * C_ * D_)) {}
+        q(r_ * C_ * d_), k(C_ * d_), kT(d_ * C_), vhat(C_ * (d_ + 1)), vhatT((d_ + 1) * C_), g(C_),
+        phi_q(r_ * C_ * D_), phi_k(C_ * D_), tmp(std::max(C_ * D_, r_ * C_ * D_)),
+        score(C_), decay(C_), w(C_), dw(C_) {}
+
+  // score[j] = q_i . k_j and decay[j] = exp(g_i - g_j) for j <= i (axpy form: vectorises).
+  void attention_row(const A* qi, int64_t i, bool gated) {
+    const int64_t n = i + 1;
+    std::fill(score.begin(), score.begin() + n, A(0));
+    for (int64_t x = 0; x < d; ++x) {
+      const A qx = qi[x];
+      const A* kx = kT.data() + x * C;
+      for (int64_t j = 0; j < n; ++j) score[j] += qx * kx[j];
+    }
+    if (gated)
+      for (int64_t j = 0; j < n; ++j) decay[j] = std::exp(g[i] - g[j]);
+    else
+      std::fill(decay.begin(), decay.begin() + n, A(1));
+  }
 };
 
 template <typename A> struct Layout {
@@ -94,6 +111,10 @@ void load_chunk(ChunkBuffers<A>& B, const RetentionDims& m, const T* q, const T*
       for (int64_t x = 0; x < d; ++x) qd[x] = scale * load<A>(qp + x);
     }
   }
+  for (int64_t x = 0; x < d; ++x)
+    for (int64_t j = 0; j < c; ++j) B.kT[x * B.C + j] = B.k[j * d + x];
+  for (int64_t x = 0; x < e; ++x)
+    for (int64_t j = 0; j < c; ++j) B.vhatT[x * B.C + j] = B.vhat[j * e + x];
   A run = 0;
   for (int64_t j = 0; j < c; ++j) {
     if (log_g) run += log_g[L.g_off(bi, t0 + j, h)];
@@ -102,27 +123,29 @@ void load_chunk(ChunkBuffers<A>& B, const RetentionDims& m, const T* q, const T*
 }
 
 // Intra-chunk numerator/denominator plus the state query, for all r*c queries: acc [r*C][e].
+// With S == nullptr (no state yet: first chunk, no initial state) the state query is skipped.
 template <typename A>
-void chunk_outputs(ChunkBuffers<A>& B, const A* S, int64_t c, std::vector<A>& acc) {
+void chunk_outputs(ChunkBuffers<A>& B, const A* S, int64_t c, bool gated, std::vector<A>& acc) {
   const int64_t d = B.d, e = B.e, D = B.D;
   std::fill(acc.begin(), acc.end(), A(0));
   for (int64_t rr = 0; rr < B.r; ++rr) {
     for (int64_t i = 0; i < c; ++i) {
       const A* qi = B.q.data() + (rr * B.C + i) * d;
       A* out = acc.data() + (rr * B.C + i) * e;
+      B.attention_row(qi, i, gated);
       for (int64_t j = 0; j <= i; ++j) {
-        const A a = dot(qi, B.k.data() + j * d, d);
-        const A w = a * a * std::exp(B.g[i] - B.g[j]);
+        const A w = B.score[j] * B.score[j] * B.decay[j];
         const A* vj = B.vhat.data() + j * e;
         for (int64_t x = 0; x < e; ++x) out[x] += w * vj[x];
       }
+      if (!S) continue;
       A* pq = B.phi_q.data() + (rr * B.C + i) * D;
       sym_features(pq, qi, d);
       const A eg = std::exp(B.g[i]);
       for (int64_t x = 0; x < D; ++x) pq[x] *= eg;
     }
     // rows rr*C .. rr*C+c of phi_q (already gated) times S
-    gemm_acc(acc.data() + rr * B.C * e, B.phi_q.data() + rr * B.C * D, S, c, D, e);
+    if (S) gemm_acc(acc.data() + rr * B.C * e, B.phi_q.data() + rr * B.C * D, S, c, D, e);
   }
 }
 
@@ -167,6 +190,7 @@ template <typename T, typename A> int64_t forward(const RetentionFwdArgs& a) {
   const int64_t C = std::max<int64_t>(1, std::min<int64_t>(m.chunk, std::max<int64_t>(m.t, 1)));
   const T *q = static_cast<const T*>(a.q), *k = static_cast<const T*>(a.k), *v = static_cast<const T*>(a.v);
   const A* log_g = static_cast<const A*>(a.log_g);
+  const bool want_state = a.s_out != nullptr;
   T* y = static_cast<T*>(a.y);
   int64_t nonfinite = 0;
   const int64_t tasks = m.b * m.hk;
@@ -176,12 +200,13 @@ template <typename T, typename A> int64_t forward(const RetentionFwdArgs& a) {
     ChunkBuffers<A> B(r, C, d, D);
     std::vector<A> S(D * e), acc(r * C * e);
     const int64_t soff = (bi * m.hk + h) * D;
+    bool have_state = a.s0 != nullptr;  // S is all zeros until the first update otherwise
     load_state(S.data(), a.s0 ? static_cast<const A*>(a.s0) + soff * d : nullptr,
                a.z0 ? static_cast<const A*>(a.z0) + soff : nullptr, D, d);
     for (int64_t t0 = 0; t0 < m.t; t0 += C) {
       const int64_t c = std::min(C, m.t - t0);
       load_chunk(B, m, q, k, v, log_g, bi, h, t0, c);
-      chunk_outputs(B, S.data(), c, acc);
+      chunk_outputs(B, have_state ? S.data() : nullptr, c, log_g != nullptr, acc);
       for (int64_t rr = 0; rr < r; ++rr)
         for (int64_t i = 0; i < c; ++i) {
           const A* o = acc.data() + (rr * C + i) * e;
@@ -193,9 +218,14 @@ template <typename T, typename A> int64_t forward(const RetentionFwdArgs& a) {
             store(yp + x, val);
           }
         }
-      chunk_update_state(B, S.data(), c);
+      // the state after the last chunk is only needed when the caller asked for it
+      if (t0 + c < m.t || want_state) {
+        chunk_update_state(B, S.data(), c);
+        have_state = true;
+      }
     }
-    save_state(static_cast<A*>(a.s_out) + soff * d, static_cast<A*>(a.z_out) + soff, S.data(), D, d);
+    if (want_state)
+      save_state(static_cast<A*>(a.s_out) + soff * d, static_cast<A*>(a.z_out) + soff, S.data(), D, d);
   }
   return nonfinite;
 }
@@ -209,20 +239,25 @@ template <typename T, typename A> void backward(const RetentionBwdArgs& a) {
   const T *q = static_cast<const T*>(a.q), *k = static_cast<const T*>(a.k), *v = static_cast<const T*>(a.v);
   const T* dy = static_cast<const T*>(a.dy);
   const A* log_g = static_cast<const A*>(a.log_g);
+  const bool gated = log_g != nullptr;
   T *dq = static_cast<T*>(a.dq), *dk = static_cast<T*>(a.dk), *dv = static_cast<T*>(a.dv);
   A* dlog_g = static_cast<A*>(a.dlog_g);
   const A scale = A(m.scale);
+  const bool grad_final = a.ds_out != nullptr || a.dz_out != nullptr;
+  const bool grad_initial = a.ds0 != nullptr;
   const int64_t tasks = m.b * m.hk;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t bi = task / m.hk, h = task % m.hk;
     const int64_t soff = (bi * m.hk + h) * D;
     ChunkBuffers<A> B(r, C, d, D);
-    // Pass 1: the state entering each chunk, and the final state.
-    std::vector<A> states((nchunks + 1) * D * e);
-    load_state(states.data(), a.s0 ? static_cast<const A*>(a.s0) + soff * d : nullptr,
-               a.z0 ? static_cast<const A*>(a.z0) + soff : nullptr, D, d);
-    for (int64_t n = 0; n < nchunks; ++n) {
+    // Pass 1: the state entering each chunk (and the final one when its gradient is given).
+    const int64_t nstates = grad_final ? nchunks + 1 : nchunks;
+    std::vector<A> states(std::max<int64_t>(nstates, 1) * D * e);
+    const bool initial = a.s0 != nullptr;
+    load_state(states.data(), initial ? static_cast<const A*>(a.s0) + soff * d : nullptr,
+               initial ? static_cast<const A*>(a.z0) + soff : nullptr, D, d);
+    for (int64_t n = 0; n + 1 < nstates; ++n) {
       const int64_t t0 = n * C, c = std::min(C, m.t - t0);
       std::copy(states.begin() + n * D * e, states.begin() + (n + 1) * D * e, states.begin() + (n + 1) * D * e);
       load_chunk(B, m, q, k, v, log_g, bi, h, t0, c);
@@ -231,17 +266,19 @@ template <typename T, typename A> void backward(const RetentionBwdArgs& a) {
     // Pass 2: reverse over chunks carrying dS = dLoss/d(state leaving the chunk).
     std::vector<A> dS(D * e), dST(e * D), ST(e * D), acc(r * C * e), ghat(r * C * e);
     std::vector<A> dqs(r * C * d), dkc(C * d), dvhat(C * e), u(C * D), dG(m.t, A(0));
-    {
+    bool dS_zero = !grad_final;
+    if (grad_final) {
       const A* ds_out = a.ds_out ? static_cast<const A*>(a.ds_out) + soff * d : nullptr;
       const A* dz_out = a.dz_out ? static_cast<const A*>(a.dz_out) + soff : nullptr;
       load_state(dS.data(), ds_out, dz_out, D, d);
-      if (m.t > 0 && log_g) dG[m.t - 1] += dot(dS.data(), states.data() + nchunks * D * e, D * e);
+      if (m.t > 0 && gated) dG[m.t - 1] += dot(dS.data(), states.data() + nchunks * D * e, D * e);
     }
     for (int64_t n = nchunks - 1; n >= 0; --n) {
       const int64_t t0 = n * C, c = std::min(C, m.t - t0);
-      const A* Sprev = states.data() + n * D * e;
+      const bool has_prev = n > 0 || initial;  // a non-zero state enters this chunk
+      const A* Sprev = has_prev ? states.data() + n * D * e : nullptr;
       load_chunk(B, m, q, k, v, log_g, bi, h, t0, c);
-      chunk_outputs(B, Sprev, c, acc);  // also fills phi_q (gated by exp(g_i))
+      chunk_outputs(B, Sprev, c, gated, acc);  // with a state, also fills phi_q (gated by exp(g_i))
       // ghat_i = [dy_i / den_i, -(dy_i . y_i) / den_i]
       for (int64_t rr = 0; rr < r; ++rr)
         for (int64_t i = 0; i < c; ++i) {
@@ -260,43 +297,55 @@ template <typename T, typename A> void backward(const RetentionBwdArgs& a) {
       std::fill(dqs.begin(), dqs.end(), A(0));
       std::fill(dkc.begin(), dkc.end(), A(0));
       std::fill(dvhat.begin(), dvhat.end(), A(0));
-      // Intra-chunk gradients.
+      // Intra-chunk gradients, one query row at a time: w_j = a_j^2 e_j, dw_j = ghat_i . v_hat_j.
       for (int64_t rr = 0; rr < r; ++rr)
         for (int64_t i = 0; i < c; ++i) {
           const A* qi = B.q.data() + (rr * C + i) * d;
           const A* gh = ghat.data() + (rr * C + i) * e;
           A* dqi = dqs.data() + (rr * C + i) * d;
-          for (int64_t j = 0; j <= i; ++j) {
+          B.attention_row(qi, i, gated);
+          const int64_t nj = i + 1;
+          std::fill(B.dw.begin(), B.dw.begin() + nj, A(0));
+          for (int64_t x = 0; x < e; ++x) {
+            const A gx = gh[x];
+            const A* vx = B.vhatT.data() + x * C;
+            for (int64_t j = 0; j < nj; ++j) B.dw[j] += gx * vx[j];
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const A aij = B.score[j], ex = B.decay[j];
+            B.w[j] = aij * aij * ex;
+            B.dw[j] = A(2) * aij * ex * B.dw[j];  // now dLoss/d(q_i . k_j)
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const A da = B.dw[j];
             const A* kj = B.k.data() + j * d;
-            const A aij = dot(qi, kj, d);
-            const A ex = std::exp(B.g[i] - B.g[j]);
-            const A w = aij * aij * ex;
-            const A dw = dot(gh, B.vhat.data() + j * e, e);
-            const A da = A(2) * aij * ex * dw;
             A* dkj = dkc.data() + j * d;
             for (int64_t x = 0; x < d; ++x) {
               dqi[x] += da * kj[x];
               dkj[x] += da * qi[x];
             }
+            const A wj = B.w[j];
             A* dvj = dvhat.data() + j * e;
-            for (int64_t x = 0; x < e; ++x) dvj[x] += w * gh[x];
+            for (int64_t x = 0; x < e; ++x) dvj[x] += wj * gh[x];
           }
         }
       // State query: u_i = exp(g_i) S_prev ghat_i; dq_i += J_phi^T u_i.
-      transpose(ST.data(), Sprev, D, e);
-      for (int64_t rr = 0; rr < r; ++rr) {
-        std::fill(u.begin(), u.begin() + c * D, A(0));
-        gemm_acc(u.data(), ghat.data() + rr * C * e, ST.data(), c, e, D);
-        for (int64_t i = 0; i < c; ++i) {
-          const A eg = std::exp(B.g[i]);
-          A* ui = u.data() + i * D;
-          for (int64_t x = 0; x < D; ++x) ui[x] *= eg;
-          sym_features_backward(dqs.data() + (rr * C + i) * d, ui, B.q.data() + (rr * C + i) * d, d);
+      if (has_prev) {
+        transpose(ST.data(), Sprev, D, e);
+        for (int64_t rr = 0; rr < r; ++rr) {
+          std::fill(u.begin(), u.begin() + c * D, A(0));
+          gemm_acc(u.data(), ghat.data() + rr * C * e, ST.data(), c, e, D);
+          for (int64_t i = 0; i < c; ++i) {
+            const A eg = std::exp(B.g[i]);
+            A* ui = u.data() + i * D;
+            for (int64_t x = 0; x < D; ++x) ui[x] *= eg;
+            sym_features_backward(dqs.data() + (rr * C + i) * d, ui, B.q.data() + (rr * C + i) * d, d);
+          }
         }
       }
+      const A Gt = B.g[c - 1];
       // State update: dphi_k_j = c_j dS v_hat_j, dv_hat_j += c_j phi(k_j)^T dS (c_j = exp(Gt - g_j)).
-      {
-        const A Gt = B.g[c - 1];
+      if (!dS_zero) {
         for (int64_t j = 0; j < c; ++j) {
           A* pk = B.phi_k.data() + j * D;
           sym_features(pk, B.k.data() + j * d, d);
@@ -313,13 +362,27 @@ template <typename T, typename A> void backward(const RetentionBwdArgs& a) {
           for (int64_t x = 0; x < D; ++x) uj[x] *= w;
           sym_features_backward(dkc.data() + j * d, uj, B.k.data() + j * d, d);
         }
-        // dS_prev = exp(Gt) dS + sum_i exp(g_i) phi(q_i) ghat_i^T
+      }
+      // dS_prev = exp(Gt) dS + sum_i exp(g_i) phi(q_i) ghat_i^T, needed by earlier chunks or the
+      // initial-state gradient.
+      if (n > 0 || grad_initial) {
+        if (!has_prev)  // phi_q was not filled by chunk_outputs
+          for (int64_t rr = 0; rr < r; ++rr)
+            for (int64_t i = 0; i < c; ++i) {
+              A* pq = B.phi_q.data() + (rr * C + i) * D;
+              sym_features(pq, B.q.data() + (rr * C + i) * d, d);
+              const A eg = std::exp(B.g[i]);
+              for (int64_t x = 0; x < D; ++x) pq[x] *= eg;
+            }
         const A eG = std::exp(Gt);
-        for (int64_t x = 0; x < D * e; ++x) dS[x] *= eG;
+        if (dS_zero) std::fill(dS.begin(), dS.end(), A(0));
+        else
+          for (int64_t x = 0; x < D * e; ++x) dS[x] *= eG;
         for (int64_t rr = 0; rr < r; ++rr) {
           transpose(B.tmp.data(), B.phi_q.data() + rr * C * D, c, D);
           gemm_acc(dS.data(), B.tmp.data(), ghat.data() + rr * C * e, D, c, e);
         }
+        dS_zero = false;
       }
       // Write gradients; dG_i from homogeneity (degree 2 in q_i and in k_i).
       for (int64_t i = 0; i < c; ++i) {
@@ -340,16 +403,17 @@ template <typename T, typename A> void backward(const RetentionBwdArgs& a) {
         dG[t0 + i] += (gq - dot(dki, B.k.data() + i * d, d)) / A(2);
       }
     }
-    if (log_g) {
+    if (gated) {
       A run = 0;
       for (int64_t ti = m.t - 1; ti >= 0; --ti) {
         run += dG[ti];
         dlog_g[L.g_off(bi, ti, h)] = run;
       }
     }
-    if (a.ds0 || a.dz0)
-      save_state(a.ds0 ? static_cast<A*>(a.ds0) + soff * d : nullptr,
-                 a.dz0 ? static_cast<A*>(a.dz0) + soff : nullptr, dS.data(), D, d);
+    if (grad_initial) {
+      if (dS_zero) std::fill(dS.begin(), dS.end(), A(0));  // t == 0 and no final-state gradient
+      save_state(static_cast<A*>(a.ds0) + soff * d, static_cast<A*>(a.dz0) + soff, dS.data(), D, d);
+    }
   }
 }
 

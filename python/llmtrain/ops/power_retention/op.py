@@ -33,10 +33,15 @@ class RetentionState(NamedTuple):
 
 
 def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
-    """Chunk size per sequence length and head dim (the result does not depend on it)."""
+    """Chunk size per sequence length and head dim (the result does not depend on it).
+
+    Within a chunk a token costs ~chunk*d multiply-adds (quadratic form); crossing chunks costs
+    ~2*D*(d+1) per token (state update and query). On the CPU, where both run at the same rate,
+    a whole short sequence in one chunk is cheapest; long ones use 512-token chunks.
+    """
     if device_type == "cuda":
         return 64 if d >= 128 else 128
-    return 64 if t <= 4096 else 128
+    return max(1, t) if t <= 1024 else 512
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,20 +60,24 @@ def _empty() -> Tensor:
 @torch.library.custom_op("llmtrain::power_retention_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
-    deg: int, scale: float, chunk_size: int,
+    deg: int, scale: float, chunk_size: int, need_state: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, state, sum_of_keys); the state tensors are empty unless need_state."""
     b, t, hq, d = q.shape
     hk = k.shape[2]
     D = reference.feature_dim(d, deg)
     acc = _acc_dtype(q.dtype)
     if not _native.supports(q):
-        return _torch_forward(q, k, v, log_g, s0, z0, deg, scale, chunk_size)
+        y, S, z = _torch_forward(q, k, v, log_g, s0, z0, deg, scale, chunk_size)
+        return (y, S, z) if need_state else (y, q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc))
     y = torch.empty_like(q)
-    S = torch.empty(b, hk, D, d, dtype=acc, device=q.device)
-    z = torch.empty(b, hk, D, dtype=acc, device=q.device)
+    shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
+    S = torch.empty(shape_S, dtype=acc, device=q.device)
+    z = torch.empty(shape_z, dtype=acc, device=q.device)
     bad = _native.native().power_retention_fwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
-        _native.dl(y), _native.dl(S), _native.dl(z), deg, scale, chunk_size, _native.stream_of(q))
+        _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
+        deg, scale, chunk_size, _native.stream_of(q))
     if bad > 0:
         raise FloatingPointError(
             f"power_retention: {bad} non-finite outputs. The inputs overflow {acc} arithmetic: "
@@ -78,12 +87,13 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size):
+def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state):
     b, t, hq, d = q.shape
     hk = k.shape[2]
     D = reference.feature_dim(d, deg)
     acc = _acc_dtype(q.dtype)
-    return (torch.empty_like(q), q.new_empty(b, hk, D, d, dtype=acc), q.new_empty(b, hk, D, dtype=acc))
+    shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
+    return (torch.empty_like(q), q.new_empty(shape_S, dtype=acc), q.new_empty(shape_z, dtype=acc))
 
 
 @torch.library.custom_op("llmtrain::power_retention_bwd", mutates_args=())
@@ -102,34 +112,35 @@ def _bwd_op(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(dy), _native.dl(ds), _native.dl(dz), _native.dl(dq), _native.dl(dk), _native.dl(dv),
         _native.dl(dlog_g), _native.dl(ds0), _native.dl(dz0), deg, scale, chunk_size, _native.stream_of(q))
-    none = q.new_empty(0)
-    return (dq, dk, dv, dlog_g if dlog_g is not None else none, ds0 if ds0 is not None else none,
-            dz0 if dz0 is not None else none)
+    # absent gradients are distinct empty tensors (custom op outputs may not alias)
+    return (dq, dk, dv, dlog_g if dlog_g is not None else q.new_empty(0),
+            ds0 if ds0 is not None else q.new_empty(0), dz0 if dz0 is not None else q.new_empty(0))
 
 
 @_bwd_op.register_fake
 def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
-    none = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(log_g) if log_g is not None else none,
-            torch.empty_like(s0) if s0 is not None else none,
+            torch.empty_like(log_g) if log_g is not None else q.new_empty(0),
+            torch.empty_like(s0) if s0 is not None else q.new_empty(0),
             torch.empty_like(z0) if z0 is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_g, s0, z0, deg, scale, chunk_size = inputs
+    q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state = inputs
     ctx.save_for_backward(q, k, v, log_g, s0, z0)
-    ctx.deg, ctx.scale, ctx.chunk_size = deg, scale, chunk_size
+    ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
 
 
 def _backward(ctx, dy, ds, dz):
     q, k, v, log_g, s0, z0 = ctx.saved_tensors
+    if not ctx.need_state:
+        ds = dz = None
     dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
         q, k, v, log_g, s0, z0, dy.contiguous(),
         ds.contiguous() if ds is not None else None, dz.contiguous() if dz is not None else None,
         ctx.deg, ctx.scale, ctx.chunk_size)
     return (dq, dk, dv, dlog_g if log_g is not None else None, ds0 if s0 is not None else None,
-            dz0 if z0 is not None else None, None, None, None)
+            dz0 if z0 is not None else None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -159,11 +170,10 @@ def _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
                 grads.append(g)
         wrt = [x for x in inputs if x is not None]
         got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-    none = q.new_empty(0)
     res = []
     for x in inputs:
         if x is None:
-            res.append(none)
+            res.append(q.new_empty(0))
         else:
             g = next(got)
             res.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
@@ -252,7 +262,7 @@ def power_retention(
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, q, k, acc)
     y, S, z = torch.ops.llmtrain.power_retention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size)
+        q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state)
     return (y, RetentionState(S, z)) if return_state else y
 
 
