@@ -1,0 +1,250 @@
+// Fused RMSNorm + Linear on CUDA: y = (x * rstd * g) W^T + bias, rstd = 1/sqrt(mean(x^2) + eps).
+//
+// Portable reference path (any sm_80+ GPU, fp32/bf16/fp16): an rstd row reduction and SIMT tiled
+// GEMMs with the row scale and bias applied in the epilogue; the backward runs dxn = dy W and
+// dW = dy^T xn as tiled GEMMs and finishes dx, dg and dbias with row/column reductions.
+// Accumulation is fp32 throughout. Every launch runs on the caller's stream and every CUDA call is
+// checked; failures become std::runtime_error.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../ops.h"
+#include "rmsnorm_linear_common.cuh"
+
+namespace llmtrain {
+namespace rmslin {
+namespace {
+
+// ---- rstd: one block per row ----
+template <typename T>
+__global__ void rstd_kernel(const T* __restrict__ x, float* __restrict__ rstd, int64_t n, int64_t k, float eps) {
+  const int64_t row = blockIdx.x;
+  if (row >= n) return;
+  const T* xr = x + row * k;
+  float ss = 0.f;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) {
+    const float v = to_f(xr[c]);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  if (threadIdx.x == 0) rstd[row] = 1.f / sqrtf(ss / (float)k + eps);
+}
+
+// ---- SIMT tiled GEMM: C(i, j) = sum_l A(i, l) B(l, j), epilogue ep(i, j, acc) ----
+constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4, NT = 256;
+
+template <class LA, class LB, class EP>
+__global__ void __launch_bounds__(NT) gemm_simt(int64_t M, int64_t N, int64_t K, LA la, LB lb, EP ep) {
+  __shared__ float As[BK][BM + 4];
+  __shared__ float Bs[BK][BN + 4];
+  const int tid = threadIdx.x;
+  const int64_t i0 = (int64_t)blockIdx.x * BM, j0 = (int64_t)blockIdx.y * BN;
+  const int ty = tid / (BN / TN), tx = tid % (BN / TN);
+  float acc[TM][TN] = {};
+  for (int64_t l0 = 0; l0 < K; l0 += BK) {
+#pragma unroll
+    for (int r = 0; r < (BM * BK) / NT; ++r) {
+      const int e = tid + r * NT;
+      const int ii = e / BK, ll = e % BK;
+      const int64_t i = i0 + ii, l = l0 + ll;
+      As[ll][ii] = (i < M && l < K) ? la(i, l) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < (BN * BK) / NT; ++r) {
+      const int e = tid + r * NT;
+      const int jj = e / BK, ll = e % BK;
+      const int64_t j = j0 + jj, l = l0 + ll;
+      Bs[ll][jj] = (j < N && l < K) ? lb(l, j) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ll = 0; ll < BK; ++ll) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int u = 0; u < TM; ++u) a[u] = As[ll][ty * TM + u];
+#pragma unroll
+      for (int v = 0; v < TN; ++v) b[v] = Bs[ll][tx * TN + v];
+#pragma unroll
+      for (int u = 0; u < TM; ++u)
+#pragma unroll
+        for (int v = 0; v < TN; ++v) acc[u][v] = fmaf(a[u], b[v], acc[u][v]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < TM; ++u)
+#pragma unroll
+    for (int v = 0; v < TN; ++v) {
+      const int64_t i = i0 + ty * TM + u, j = j0 + tx * TN + v;
+      if (i < M && j < N) ep(i, j, acc[u][v]);
+    }
+}
+
+template <class LA, class LB, class EP>
+void launch_gemm(int64_t M, int64_t N, int64_t K, LA la, LB lb, EP ep, cudaStream_t s) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t gy = (N + BN - 1) / BN;
+  if (gy > 65535) throw std::runtime_error("rmsnorm_linear (CUDA): output dimension too large");
+  dim3 grid((unsigned)((M + BM - 1) / BM), (unsigned)gy);
+  gemm_simt<<<grid, NT, 0, s>>>(M, N, K, la, lb, ep);
+  check_launch("gemm_simt");
+}
+
+// Column sums: out[c] = sum_i f(i, c) for c < cols, i < rows; written through store(c, value).
+template <class F, class S>
+__global__ void colsum_kernel(int64_t rows, int64_t cols, F f, S store) {
+  __shared__ float part[8][33];
+  const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (c < cols)
+    for (int64_t i = threadIdx.y; i < rows; i += blockDim.y) s += f(i, c);
+  part[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int r = 1; r < 8; ++r) s += part[r][threadIdx.x];
+    if (c < cols) store(c, s);
+  }
+}
+
+template <class F, class S>
+void launch_colsum(int64_t rows, int64_t cols, F f, S store, cudaStream_t s) {
+  if (cols <= 0) return;
+  colsum_kernel<<<(unsigned)((cols + 31) / 32), dim3(32, 8), 0, s>>>(rows, cols, f, store);
+  check_launch("colsum_kernel");
+}
+
+// dx from dxn (fp32): dx_i = r_i (dxn_i * g) - r_i^3 / k * x_i * sum_c(dxn_ic g_c x_ic). One block per row.
+template <typename T>
+__global__ void dx_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ rstd,
+                          const float* __restrict__ dxn, T* __restrict__ dx, int64_t n, int64_t k) {
+  const int64_t row = blockIdx.x;
+  if (row >= n) return;
+  const T* xr = x + row * k;
+  const float* dr = dxn + row * k;
+  float p = 0.f;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) p += dr[c] * to_f(g[c]) * to_f(xr[c]);
+  p = block_sum(p);
+  const float r = rstd[row];
+  const float coef = r * r * r * p / (float)k;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x)
+    dx[row * k + c] = from_f<T>(r * dr[c] * to_f(g[c]) - coef * to_f(xr[c]));
+}
+
+// Operand loaders and epilogues (functors: the build does not enable extended lambdas).
+template <typename T> struct LoadXG {  // A(i, l) = x[i, l] g[l]
+  const T *x, *g; int64_t k;
+  __device__ float operator()(int64_t i, int64_t l) const { return to_f(x[i * k + l]) * to_f(g[l]); }
+};
+template <typename T> struct LoadRowMajorT {  // B(l, j) = p[j, l] with row length ld
+  const T* p; int64_t ld;
+  __device__ float operator()(int64_t l, int64_t j) const { return to_f(p[j * ld + l]); }
+};
+template <typename T> struct LoadRowMajor {  // A(i, l) = p[i, l] with row length ld
+  const T* p; int64_t ld;
+  __device__ float operator()(int64_t i, int64_t l) const { return to_f(p[i * ld + l]); }
+};
+template <typename T> struct LoadXn {  // B(i, c) = x[i, c] rstd[i] g[c]
+  const T *x, *g; const float* rstd; int64_t k;
+  __device__ float operator()(int64_t i, int64_t c) const { return to_f(x[i * k + c]) * rstd[i] * to_f(g[c]); }
+};
+template <typename T> struct EpFwd {
+  const float* rstd; const T* bias; T* y; int64_t m;
+  __device__ void operator()(int64_t i, int64_t j, float acc) const {
+    float v = acc * rstd[i];
+    if (bias) v += to_f(bias[j]);
+    y[i * m + j] = from_f<T>(v);
+  }
+};
+template <typename T> struct EpStore {
+  T* p; int64_t ld;
+  __device__ void operator()(int64_t i, int64_t j, float acc) const { p[i * ld + j] = from_f<T>(acc); }
+};
+struct Zero {
+  __device__ float operator()(int64_t, int64_t) const { return 0.f; }
+};
+template <typename T> struct DgTerm {  // dxn[i, c] x[i, c] rstd[i]
+  const float* dxn; const T* x; const float* rstd; int64_t k;
+  __device__ float operator()(int64_t i, int64_t c) const { return dxn[i * k + c] * to_f(x[i * k + c]) * rstd[i]; }
+};
+template <typename T> struct StoreVec {
+  T* p;
+  __device__ void operator()(int64_t c, float v) const { p[c] = from_f<T>(v); }
+};
+
+template <typename T> void forward(const RmsLinFwdArgs& a) {
+  const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  const T* x = static_cast<const T*>(a.x);
+  const T* g = static_cast<const T*>(a.g);
+  const T* w = static_cast<const T*>(a.w);
+  const T* bias = static_cast<const T*>(a.bias);
+  float* rstd = static_cast<float*>(a.rstd);
+  T* y = static_cast<T*>(a.y);
+  if (n == 0) return;
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  rstd_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, rstd, n, k, (float)a.dims.eps);
+  check_launch("rstd_kernel");
+  launch_gemm(n, m, k, LoadXG<T>{x, g, k}, LoadRowMajorT<T>{w, k}, EpFwd<T>{rstd, bias, y, m}, s);
+}
+
+template <typename T> void backward(const RmsLinBwdArgs& a) {
+  const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  const T* x = static_cast<const T*>(a.x);
+  const T* g = static_cast<const T*>(a.g);
+  const T* w = static_cast<const T*>(a.w);
+  const T* dy = static_cast<const T*>(a.dy);
+  const float* rstd = static_cast<const float*>(a.rstd);
+  T* dx = static_cast<T*>(a.dx);
+  T* dg = static_cast<T*>(a.dg);
+  T* dw = static_cast<T*>(a.dw);
+  T* db = static_cast<T*>(a.dbias);
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  // dW = dy^T xn: M = m, N = k, reduction over the n rows. A(o, i) = dy[i, o].
+  launch_gemm(m, k, n, LoadRowMajorT<T>{dy, m}, LoadXn<T>{x, g, rstd, k}, EpStore<T>{dw, k}, s);
+  if (db) launch_colsum(n, m, LoadRowMajor<T>{dy, m}, StoreVec<T>{db}, s);
+  if (n == 0) {
+    launch_colsum(0, k, Zero{}, StoreVec<T>{dg}, s);
+    return;
+  }
+  DeviceBuffer<float> dxn(n * k, s);
+  float* dxp = dxn.get();
+  // dxn = dy W: M = n, N = k, reduction over m.
+  launch_gemm(n, k, m, LoadRowMajor<T>{dy, m}, LoadRowMajor<T>{w, k}, EpStore<float>{dxp, k}, s);
+  launch_colsum(n, k, DgTerm<T>{dxp, x, rstd, k}, StoreVec<T>{dg}, s);
+  dx_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, g, rstd, dxp, dx, n, k);
+  check_launch("dx_kernel");
+  dxn.release(s);
+}
+
+template <class Fn> void dispatch(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::F32: fn((float*)nullptr); break;
+    case DType::BF16: fn((__nv_bfloat16*)nullptr); break;
+    case DType::F16: fn((__half*)nullptr); break;
+    default: throw std::runtime_error("rmsnorm_linear (CUDA): unsupported dtype (float32, bfloat16, float16)");
+  }
+}
+
+}  // namespace
+}  // namespace rmslin
+
+void rmsnorm_linear_fwd_cuda(const RmsLinFwdArgs& a) {
+  rmslin::dispatch(a.dims.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rmslin::forward<T>(a);
+  });
+}
+
+void rmsnorm_linear_bwd_cuda(const RmsLinBwdArgs& a) {
+  rmslin::dispatch(a.dims.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rmslin::backward<T>(a);
+  });
+}
+
+}  // namespace llmtrain
