@@ -93,8 +93,8 @@ struct TensorArg {
     for (auto s : shape)
       if (s < 0) fail(name + ": negative dimension in shape " + shape_str(shape));
     dtype = dtype_of(t->dtype);
-    // Row-major contiguity; dimensions of size 1 may carry any stride.
-    if (t->strides) {
+    // Row-major contiguity; dimensions of size 1 (and empty tensors) may carry any stride.
+    if (t->strides && numel() > 0) {
       int64_t expect = 1;
       for (int i = t->ndim - 1; i >= 0; --i) {
         if (shape[i] != 1 && t->strides[i] != expect)

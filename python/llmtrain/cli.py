@@ -1,0 +1,44 @@
+"""The `llmtrain` command line: one entry point, a subcommand per job.
+
+Each subsystem contributes its subcommands through a ``register(subparsers)`` function; a
+subcommand sets ``func`` (taking the parsed args, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules whose register(subparsers) adds subcommands, in the order `llmtrain --help` lists them.
+SUBCOMMAND_MODULES = ["llmtrain.info"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain",
+        description="Train Power Retention and MLA language models with fused native kernels.")
+    from llmtrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"llmtrain {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""torch.library registration: opcheck passes and the ops trace under torch.compile."""
+
+import pytest
+import torch
+
+import llmtrain.ops as ops
+from tests.ops.retention_inputs import make_inputs
+
+
+def test_opcheck_power_retention(rng):
+    q, k, v, log_g, state = make_inputs(2, 19, 4, 2, 8, initial_state=True, gen=rng, requires_grad=True)
+    samples = [
+        (q, k, v, log_g, *state, 2, 0.35, 8, True),
+        (q, k, v, None, None, None, 2, 0.35, 5, False),
+        (q, k, v, log_g, None, None, 2, 0.35, 32, True),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.llmtrain.power_retention_fwd.default, args)
+
+
+def test_opcheck_rmsnorm_linear(rng):
+    x = torch.randn(11, 16, generator=rng, requires_grad=True)
+    g = torch.randn(16, generator=rng, requires_grad=True)
+    w = torch.randn(8, 16, generator=rng, requires_grad=True)
+    b = torch.randn(8, generator=rng, requires_grad=True)
+    torch.library.opcheck(torch.ops.llmtrain.rmsnorm_linear_fwd.default, (x, g, w, b, 1e-6))
+    torch.library.opcheck(torch.ops.llmtrain.rmsnorm_linear_fwd.default, (x, g, w, None, 1e-5))
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks(rng):
+    q, k, v, log_g, _ = make_inputs(1, 12, 2, 1, 8, gen=rng, requires_grad=True)
+    x = torch.randn(3, 12, 8, generator=rng)
+    g, w = torch.ones(8), torch.randn(8, 8, generator=rng)
+
+    def f(q, k, v, log_g, x):
+        h = ops.rmsnorm_linear(x, g, w).reshape(3, 12, 1, 8)
+        return ops.power_retention(q, k, v, log_g, chunk_size=4).sum() + h.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v, log_g, x)
+    torch.testing.assert_close(out, f(q, k, v, log_g, x))
+    out.backward()
+    assert q.grad is not None and log_g.grad is not None

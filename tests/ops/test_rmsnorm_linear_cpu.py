@@ -1,0 +1,70 @@
+"""The CPU RMSNorm+Linear kernels against the float64 reference."""
+
+import pytest
+import torch
+
+import llmtrain.ops as ops
+from llmtrain import _C
+from llmtrain.ops.rmsnorm_linear import reference as R
+from tests.conftest import rel_err
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make(shape, k, m, dtype, gen, bias=True):
+    x = torch.randn(*shape, k, generator=gen, dtype=torch.float64).to(dtype)
+    g = (1 + 0.3 * torch.randn(k, generator=gen, dtype=torch.float64)).to(dtype)
+    w = (torch.randn(m, k, generator=gen, dtype=torch.float64) / k**0.5).to(dtype)
+    b = torch.randn(m, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    return x, g, w, b
+
+
+@pytest.mark.parametrize("shape,k,m", [((1,), 8, 3), ((37,), 64, 96), ((3, 5), 128, 40), ((2, 7, 3), 48, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward(rng, shape, k, m, dtype, bias):
+    x, g, w, b = make(shape, k, m, dtype, rng, bias)
+    y = ops.rmsnorm_linear(x, g, w, b, eps=1e-6)
+    assert y.shape == (*shape, m) and y.dtype == dtype
+    assert rel_err(y, R.rmsnorm_linear(x, g, w, b, 1e-6)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients(rng, dtype, bias):
+    x, g, w, b = make((5, 7), 64, 33, dtype, rng, bias)
+    inputs = [t.requires_grad_(True) for t in (x, g, w, b) if t is not None]
+    cot = torch.randn(5, 7, 33, generator=rng, dtype=torch.float64)
+    got = torch.autograd.grad((ops.rmsnorm_linear(x, g, w, b) * cot.to(dtype)).sum(), inputs)
+    want = torch.autograd.grad((R.rmsnorm_linear(x, g, w, b) * cot).sum(), inputs)
+    tol = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        assert rel_err(a, e) < tol
+
+
+def test_gradcheck_float64(rng):
+    x, g, w, b = make((4,), 6, 5, torch.float64, rng)
+    for t in (x, g, w, b):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: ops.rmsnorm_linear(*a, eps=1e-5), (x, g, w, b))
+
+
+def test_every_output_is_written(rng):
+    x, g, w, b = make((19,), 32, 24, torch.float32, rng)
+    y = torch.full((19, 24), float("nan"))
+    rstd = torch.full((19,), float("nan"))
+    _C.rmsnorm_linear_fwd(x, g, w, b, y, rstd, 1e-6)
+    assert torch.isfinite(y).all() and torch.isfinite(rstd).all()
+    dy = torch.randn(19, 24, generator=rng)
+    grads = [torch.full_like(t, float("nan")) for t in (x, g, w, b)]
+    _C.rmsnorm_linear_bwd(x, g, w, rstd, dy, *grads, 1e-6)
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+def test_mixed_precision_weights(rng):
+    """fp32 master weights with bf16 activations compute in bf16 and return bf16."""
+    x, g, w, b = make((9,), 32, 16, torch.float32, rng)
+    y = ops.rmsnorm_linear(x.bfloat16(), g, w, b)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, R.rmsnorm_linear(x.bfloat16(), g, w, b)) < 2e-2
