@@ -1,0 +1,99 @@
+"""Hugging Face glue shared by both models: weight init, the causal-LM loss, sequence-classification pooling."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+
+from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm
+
+try:  # transformers 5: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - transformers 4
+    from torch.nn import init
+
+
+def init_common_weights(module: nn.Module, config: PretrainedConfig) -> None:
+    """GPT-2 / Llama initialisation: N(0, 0.02) weights, unit norms, residual projections / sqrt(2L)."""
+    std = config.initializer_range
+    if isinstance(module, OutputProjection):
+        init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * config.num_hidden_layers))
+    elif isinstance(module, nn.Linear):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, NormLinear):
+        init.ones_(module.norm_weight)
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, RMSNorm):
+        init.ones_(module.weight)
+
+
+def slice_hidden_for_logits(hidden: Tensor, logits_to_keep) -> Tensor:
+    """Keep the last ``logits_to_keep`` positions (0 keeps all; a tensor gives explicit indices).
+
+    Generation asks for 1, so prefill does not project every prompt position onto the vocabulary.
+    """
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: Optional[int | Tensor] = None,
+                   ignore_index: int = -100) -> Tensor:
+    """Next-token cross entropy in float32: logits[:, i] predicts labels[:, i + 1]; -100 is ignored.
+
+    With ``num_items_in_batch`` (gradient accumulation over micro-batches) the summed loss is divided
+    by that count instead of this micro-batch's own count, as transformers' Trainer expects.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def last_token_indices(input_ids: Optional[Tensor], batch_size: int, seq_len: int,
+                       pad_token_id: Optional[int], device) -> Tensor:
+    """Index of the last non-pad token of each row (HF Llama's rule; works for left or right padding).
+
+    Without input_ids (embeddings given) or without a pad token the last position is used; a batch of
+    several rows with no pad token is ambiguous and raises, as in transformers.
+    """
+    if pad_token_id is None and batch_size != 1:
+        raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's last token")
+    if pad_token_id is None or input_ids is None:
+        return torch.full((batch_size,), seq_len - 1, dtype=torch.long, device=device)
+    non_pad = (input_ids != pad_token_id).to(device=device, dtype=torch.int32)
+    positions = torch.arange(seq_len, device=device, dtype=torch.int32)
+    return (positions * non_pad).argmax(-1)
+
+
+def sequence_classification_loss(logits: Tensor, labels: Tensor, config: PretrainedConfig) -> Tensor:
+    """Regression (MSE) for one label, cross entropy for integer labels, BCE for multi-label, as in HF."""
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    logits = logits.float()
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if num_labels == 1 \
+            else F.mse_loss(logits, labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
