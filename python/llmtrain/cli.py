@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order `llmtrain --help` lists them.
-SUBCOMMAND_MODULES = ["llmtrain.info"]
+SUBCOMMAND_MODULES = ["llmtrain.training.cli", "llmtrain.info"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,313 @@
+"""The pretraining loop: `llmtrain pretrain`.
+
+One process per device; under torchrun each rank reads its own shard of the data. The loop:
+micro-batches with autocast -> backward (gradient accumulation) -> clip -> AdamW step with the
+cosine schedule; periodic evaluation, logging and atomic checkpoints; exact resume; SIGTERM/SIGINT
+save a checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmtrain.training import checkpoint as ckpt
+from llmtrain.training.backends import init_distributed, make_backend, select_backend
+from llmtrain.training.config import TrainConfig, to_dict
+from llmtrain.training.logger import TrainingLogger, compute_perplexity
+from llmtrain.training.schedule import cosine_with_warmup
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "fp32" or (cfg.dtype == "auto" and device.type == "cpu"):
+        return None
+    if cfg.dtype == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; targets are already shifted (-100 is ignored)."""
+    logits = model(input_ids).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def train_step(model, optimizer, batch, *, grad_clip: float = 1.0) -> float:
+    """One optimizer step on one batch (input_ids, targets): the documented single-step API."""
+    model.train()
+    input_ids, targets = batch
+    loss = lm_loss(model, input_ids, targets)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    """6N for the matmuls (forward + backward) plus the token mixer (see docs/perf.md for the formula)."""
+    n = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
+    mixer = getattr(model, "mixer_flops_per_token", None)
+    return 6.0 * (n - emb) + (3.0 * mixer(seq_len) if callable(mixer) else 0.0)
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 5090": 209e12, "RTX 5080": 113e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class _StopFlag:
+    """Turn SIGTERM/SIGINT into a request to checkpoint and exit at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from llmtrain.training.data import build_pretraining_data
+
+        self.cfg = cfg
+        backend_name = select_backend(cfg.backend)
+        if backend_name == "mlx":
+            raise RuntimeError("backend=mlx: use llmtrain.mlx's trainer (llmtrain pretrain --backend mlx on macOS)")
+        probe = torch.device("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.rank, self.world_size, local_rank = init_distributed(probe.type)
+        self.device = resolve_device(cfg, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.out_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed + self.rank)
+
+        self.data = build_pretraining_data(cfg, rank=self.rank, world_size=self.world_size)
+        self.tokenizer = self.data.tokenizer
+        from llmtrain.models import build_model, create_model_config
+
+        overrides = dict(cfg.model_overrides)
+        overrides.setdefault("vocab_size", self.data.vocab_size)
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self.tokenizer, key, None)
+            if value is not None:
+                overrides.setdefault(key, value)
+        self.model_config = create_model_config(cfg.model_size, **overrides)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(self.model_config)
+        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        model.to(self.device)
+        self.backend = make_backend(backend_name, model, cfg, self.device, self.world_size, local_rank)
+        self.model = self.backend.model
+        self.module = self.backend.module
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.total_steps = cfg.total_steps(self.world_size)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
+        self.flops_per_token = model_flops_per_token(self.module, cfg.seq_len)
+        self.peak = peak_flops(self.device)
+        self.step = 0
+        self.epoch = 0
+        if cfg.resume:
+            self._resume(cfg.resume)
+        self.logger = TrainingLogger(self.out_dir, append=bool(cfg.resume)) if self.is_main else None
+        if self.logger and cfg.resume:
+            self.logger.truncate_after(self.step)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _resume(self, which: str) -> None:
+        path = self.out_dir if which == "latest" else Path(which)
+        meta = ckpt.load_checkpoint(self.module, path, "latest" if which == "latest" else which,
+                                    optimizer=self.backend.optimizer_for_checkpoint(), restore_rng=True)
+        if meta.get("model_config") and meta["model_config"].get("model_type") != self.model_config.model_type:
+            raise ckpt.CheckpointError(f"{meta['path']}: a {meta['model_config'].get('model_type')} model, "
+                                       f"not {self.model_config.model_type}")
+        self.step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        self.data.train.load_state_dict(meta["data"])
+        if self.is_main:
+            print(f"resumed from {meta['path']} at step {self.step}")
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        meta = {"config": to_dict(self.cfg), "model_config": self.model_config.to_dict(),
+                "data": self.data.train.state_dict(), "world_size": self.world_size}
+        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=self.backend.optimizer_for_checkpoint(),
+                                    step=self.step, epoch=self.epoch, meta=meta, keep_last=self.cfg.keep_last)
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for i, (x, y) in enumerate(self.data.val_batches(self.cfg.eval_batches)):
+            with self._autocast():
+                losses.append(lm_loss(self.forward, x.to(self.device), y.to(self.device)).item())
+        self.model.train()
+        loss = sum(losses) / max(1, len(losses))
+        if self.world_size > 1:
+            t = torch.tensor([loss], device=self.device)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / self.world_size
+        return loss
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        train_iter = iter(self.data.train)
+        bad_steps = 0
+        last_loss = float("nan")
+        progress = None
+        if self.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
+        t_last, tokens_since = time.time(), 0
+        self.model.train()
+        with _StopFlag() as stop:
+            while self.step < self.total_steps:
+                lr = cosine_with_warmup(self.step, max_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                                        total_steps=self.total_steps, min_lr=cfg.learning_rate * cfg.min_lr_ratio)
+                self.backend.set_lr(lr)
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = next(train_iter)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    with self.backend.no_sync(micro == cfg.grad_accum - 1), self._autocast():
+                        loss = lm_loss(self.forward, x, y)
+                    self.backend.backward(loss)
+                    step_loss += loss.detach().float() / cfg.grad_accum
+                if self.world_size > 1:
+                    torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
+                step_loss = step_loss.item()
+                if not math.isfinite(step_loss):
+                    self.backend.skip_step()
+                    bad_steps += 1
+                    if self.is_main:
+                        print(f"step {self.step}: non-finite loss ({step_loss}); step skipped "
+                              f"({bad_steps}/{cfg.max_bad_steps})")
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise FloatingPointError(
+                            f"{bad_steps} consecutive non-finite losses at step {self.step}: lower the learning "
+                            "rate, check the data, or use fp32/bf16 instead of fp16")
+                    self.step += 1
+                    continue
+                bad_steps = 0
+                grad_norm = self.backend.step()
+                self.step += 1
+                last_loss = step_loss
+                tokens_since += self.tokens_per_step
+                if self.is_main and (self.step % cfg.log_interval == 0 or self.step == self.total_steps):
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    dt = time.time() - t_last
+                    tok_s = tokens_since / max(dt, 1e-9)
+                    metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s}
+                    if self.peak:
+                        metrics["mfu"] = tok_s * self.flops_per_token / (self.peak * self.world_size)
+                    if self.device.type == "cuda":
+                        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.logger.log(self.step, metrics)
+                    if progress:
+                        post = {"loss": f"{step_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+                        if "mfu" in metrics:
+                            post["mfu"] = f"{metrics['mfu']:.1%}"
+                        progress.set_postfix(post, refresh=False)
+                    t_last, tokens_since = time.time(), 0
+                if progress:
+                    progress.update(1)
+                if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                    val = self.evaluate()
+                    if self.is_main:
+                        self.logger.log(self.step, {"val_loss": val, "val_perplexity": compute_perplexity(val)})
+                        if progress:
+                            progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
+                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
+                    self.save()
+                if stop.signal is not None:
+                    self.save()
+                    if self.is_main:
+                        print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with "
+                              f"--resume latest")
+                    break
+        if progress:
+            progress.close()
+        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None}
+        if self.is_main:
+            summary.update(self.logger.get_summary())
+            self.logger.plot()
+            self.logger.close()
+        return summary
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        self.module.eval()
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        torch.manual_seed(self.cfg.seed)
+        with torch.no_grad():
+            out = self.module.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
+                                       top_k=50, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+
+    def export_hf(self, path: Path | None = None) -> Path:
+        path = path or self.out_dir / "hf"
+        self.module.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
