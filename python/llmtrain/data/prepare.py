@@ -36,6 +36,7 @@ class PrepareStats:
     source: str
     phase: str
     out_dir: str
+    num_samples: int | None = None
     docs_read: int = 0
     docs_kept: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
     tokens: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
@@ -125,7 +126,7 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike = "data", *, p
     shards_root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     packers = {s: _ShardPacker(staging / s, s, shard_tokens, vocab, fingerprint) for s in SPLITS}
-    stats = PrepareStats(source=str(source), phase=phase, out_dir=str(final_dir))
+    stats = PrepareStats(source=str(source), phase=phase, out_dir=str(final_dir), num_samples=num_samples)
     kept_total = 0
 
     bar = _progress_bar(progress, f"prepare {phase}")
