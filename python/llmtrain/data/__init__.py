@@ -12,7 +12,7 @@ _EXPORTS = {
     "UnknownDatasetError": "catalog",
     "load_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
     "Shard": "shards", "ShardFormatError": "shards", "write_shard": "shards", "read_header": "shards",
-    "prepare": "prepare", "PrepareStats": "prepare", "EmptyDatasetError": "prepare",
+    "prepare": "pipeline", "PrepareStats": "pipeline", "EmptyDatasetError": "pipeline",
     "DataSourceError": "sources",
     "PackedBinDataset": "loader", "StatefulLoader": "stream", "MixtureDataset": "mixture",
     "DataProcessor": "processor",

@@ -66,7 +66,7 @@ def register(subparsers) -> None:
 
 @_reports_errors
 def _prepare(args) -> int:
-    from llmtrain.data.prepare import prepare
+    from llmtrain.data.pipeline import prepare
 
     threshold = args.near_dup_threshold if args.near_dup_threshold else None
     stats = prepare(args.source, args.out, phase=args.phase, tokenizer=args.tokenizer,

@@ -99,7 +99,7 @@ class PackedBinDataset(ResumableStream):
             starts = np.arange(count, dtype=np.int64) * self.seq_len
             offsets = shard.doc_offsets
             first = np.searchsorted(offsets, starts, side="right") - 1
-            last = np.searchsorted(offsets, starts + self.seq_len, side="right") - 1
+            last = np.searchsorted(offsets, starts + self.seq_len - 1, side="right") - 1
             parts.append(last - first + 1)
         return np.concatenate(parts)
 

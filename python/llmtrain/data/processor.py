@@ -19,7 +19,7 @@ from pathlib import Path
 from llmtrain.data.formats import (PaddingCollator, PreferenceCollator, encode_messages, encode_preference,
                                    oasst_conversations, to_messages, to_preference)
 from llmtrain.data.loader import PackedBinDataset
-from llmtrain.data.prepare import prepare
+from llmtrain.data.pipeline import prepare
 from llmtrain.data.sources import iter_rows, resolve_source
 from llmtrain.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 

@@ -72,8 +72,14 @@ def _load_bundled():
 
 
 def _ensure_special_tokens(tok) -> None:
-    if tok.eos_token is None:
-        raise ValueError("tokenizer has no eos token; packing documents needs one")
+    if tok.eos_token is None:  # a bare tokenizer.json carries no roles: recognise the usual names
+        vocab = tok.get_vocab()
+        known = [t for t in (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>") if t in vocab]
+        if not known:
+            raise ValueError("tokenizer has no eos token; packing documents needs one")
+        tok.eos_token = known[0]
+    if tok.pad_token is None and PAD_TOKEN in tok.get_vocab():
+        tok.pad_token = PAD_TOKEN
     if tok.bos_token is None:
         tok.bos_token = tok.eos_token
     if tok.pad_token is None:
