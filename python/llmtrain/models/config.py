@@ -194,7 +194,7 @@ class MLAConfig(PretrainedConfig):
 # Retention sizes follow GPT-2's widths and depths (tiny is a 256-wide, 12-layer model), heads of 64
 # channels (width / 64 heads), and a SwiGLU MLP of ~8/3 x width so that a block has ~12 x width^2
 # weights like a GPT-2 block. Embeddings are tied except at 7B. Parameter counts with the 50304-token vocab are in
-# docs/models.md and asserted by tests/models/test_presets.py.
+# docs/models.md and asserted by tests/models/test_models_config.py.
 RETENTION_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=704),
     "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),

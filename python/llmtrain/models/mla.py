@@ -101,7 +101,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k = torch.cat((k_nope, k_rope[:, :, None].expand(b, t, h, self.rope_dim)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
-        if attention_mask is None or bool(attention_mask.all()):
+        if attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = allowed_keys(t, attention_mask.shape[1] - t, attention_mask, q.device)[..., -t:]
@@ -197,6 +197,8 @@ class MLAModel(MLAPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, past + new tokens] of 0/1, got shape "
                              f"{tuple(attention_mask.shape)}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the plain causal path (checked once, not per layer)
         all_hidden = (hidden,) if output_hidden_states else None
         for layer in self.layers:
             hidden = layer(hidden, position_ids, attention_mask, past_key_values=cache)

@@ -21,7 +21,7 @@ from llmtrain.models import (
     build_model,
 )
 
-from .configs import EOS, PAD, VOCAB, small_mla, small_retention
+from .configs import PAD, VOCAB, small_mla, small_retention
 
 KINDS = {
     "retention": (small_retention, RetentionLLM, RetentionForSequenceClassification, RetentionModel),
