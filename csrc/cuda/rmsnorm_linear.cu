@@ -1,19 +1,29 @@
 // Fused RMSNorm + Linear on CUDA: y = (x * rstd * g) W^T + bias, rstd = 1/sqrt(mean(x^2) + eps).
 //
-// Portable reference path (any sm_80+ GPU, fp32/bf16/fp16): an rstd row reduction and SIMT tiled
-// GEMMs with the row scale and bias applied in the epilogue; the backward runs dxn = dy W and
-// dW = dy^T xn as tiled GEMMs and finishes dx, dg and dbias with row/column reductions.
-// Accumulation is fp32 throughout. Every launch runs on the caller's stream and every CUDA call is
+// Fast path (sm_90a build on a compute-capability 9.0 GPU, bf16/fp16, k and m multiples of 8):
+//   forward:  one pre-pass writes rstd and wg = W diag(g) (workspace), then a TMA + wgmma GEMM on raw
+//             x whose epilogue computes y = rstd[row] * acc + bias[col];
+//   backward: dgrad GEMM dxn = dy W straight into dx, one row pass that turns dxn into dx, writes
+//             xn = rstd x g (workspace) and per-block dg partials, then the wgrad GEMM dW = dy^T xn;
+//             dbias and dg from deterministic two-level column sums.
+// Portable path (any GPU, also fp32 and odd sizes): an rstd row reduction and SIMT tiled GEMMs with
+// the row scale and bias in the epilogue; the backward runs dxn = dy W and dW = dy^T xn as tiled
+// GEMMs and finishes dx, dg and dbias with row/column reductions.
+// Accumulation is fp32 throughout. Workspaces are stream-ordered (cudaMallocAsync). Every launch runs on the caller's stream and every CUDA call is
 // checked; failures become std::runtime_error.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "../ops.h"
 #include "rmsnorm_linear_common.cuh"
+#include "rmsnorm_linear_fast.cuh"
+#include "rmsnorm_linear_sm90.cuh"
 
 namespace llmtrain {
 namespace rmslin {
@@ -175,6 +185,66 @@ template <typename T> struct StoreVec {
   __device__ void operator()(int64_t c, float v) const { p[c] = from_f<T>(v); }
 };
 
+
+// ---- fast path (16-bit, sm_90a GEMMs) ----
+inline int num_sms() {
+  static int cache[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (!cache[dev]) check(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return cache[dev];
+}
+
+template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
+  const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  const T* w = static_cast<const T*>(a.w);
+  DeviceBuffer<T> wg(m * k, s);
+  const int sms = num_sms();
+  const int row_blocks = (int)std::min<int64_t>((n + 7) / 8, (int64_t)sms * 8);
+  const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
+  fast::prep_fwd<T><<<row_blocks + w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,
+                                                          static_cast<float*>(a.rstd), wg.get(), n, k, m,
+                                                          (float)a.dims.eps, row_blocks);
+  check_launch("prep_fwd");
+  if (m > 0) sm90_gemm_fwd(a.dims.dtype, a.x, wg.get(), static_cast<const float*>(a.rstd), a.bias, a.y, n, k, m, s);
+  wg.release(s);
+}
+
+template <typename T> void backward_fast(const RmsLinBwdArgs& a) {
+  const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  const T* dy = static_cast<const T*>(a.dy);
+  T* dx = static_cast<T*>(a.dx);
+  const int sms = num_sms();
+  // dxn = dy W into dx.
+  sm90_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
+  // Row pass: dx, xn and dg partials.
+  DeviceBuffer<T> xn(n * k, s);
+  const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + 15) / 16, (int64_t)sms * 2));
+  DeviceBuffer<float> part((size_t)nb * (size_t)std::max(k, m), s);
+  const size_t smem = (size_t)k * sizeof(float);
+  if (smem > 48 * 1024)
+    check(cudaFuncSetAttribute(fast::row_bwd<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+          "cudaFuncSetAttribute(row_bwd)");
+  fast::row_bwd<T><<<nb, 512, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
+                                         static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
+  check_launch("row_bwd");
+  fast::reduce_parts<T><<<(unsigned)((k + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dg), nb, k);
+  check_launch("reduce_parts(dg)");
+  // dW = dy^T xn.
+  sm90_gemm_wgrad(a.dims.dtype, a.dy, xn.get(), a.dw, n, k, m, s);
+  xn.release(s);
+  if (a.dbias) {
+    fast::colsum_part<T><<<nb, 256, 0, s>>>(dy, part.get(), n, m);
+    check_launch("colsum_part(dbias)");
+    fast::reduce_parts<T><<<(unsigned)((m + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dbias), nb, m);
+    check_launch("reduce_parts(dbias)");
+  }
+  part.release(s);
+}
+
 template <typename T> void forward(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
@@ -186,6 +256,9 @@ template <typename T> void forward(const RmsLinFwdArgs& a) {
   T* y = static_cast<T*>(a.y);
   if (n == 0) return;
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if constexpr (!std::is_same_v<T, float>) {
+    if (sm90_usable(a.dims.dtype, k, m)) return forward_fast<T>(a);
+  }
   rstd_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, rstd, n, k, (float)a.dims.eps);
   check_launch("rstd_kernel");
   launch_gemm(n, m, k, LoadXG<T>{x, g, k}, LoadRowMajorT<T>{w, k}, EpFwd<T>{rstd, bias, y, m}, s);
@@ -204,6 +277,9 @@ template <typename T> void backward(const RmsLinBwdArgs& a) {
   T* dw = static_cast<T*>(a.dw);
   T* db = static_cast<T*>(a.dbias);
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if constexpr (!std::is_same_v<T, float>) {
+    if (n > 0 && m > 0 && k <= 32768 && sm90_usable(a.dims.dtype, k, m)) return backward_fast<T>(a);
+  }
   // dW = dy^T xn: M = m, N = k, reduction over the n rows. A(o, i) = dy[i, o].
   launch_gemm(m, k, n, LoadRowMajorT<T>{dy, m}, LoadXn<T>{x, g, rstd, k}, EpStore<T>{dw, k}, s);
   if (db) launch_colsum(n, m, LoadRowMajor<T>{dy, m}, StoreVec<T>{db}, s);

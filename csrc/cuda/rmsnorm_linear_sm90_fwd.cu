@@ -1,0 +1,97 @@
+// Forward GEMM on sm_90a: y = rstd[row] * (x . (W diag g)^T) + bias[col], the row scale and the bias
+// applied in the epilogue (CUTLASS epilogue visitor tree), on raw x. Also sm90_usable().
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "rmsnorm_linear_sm90.cuh"
+#include "rmsnorm_linear_common.cuh"
+
+#if defined(LLMTRAIN_WITH_CUTE)
+#include "rmsnorm_linear_sm90_gemm.cuh"
+#endif
+
+namespace llmtrain {
+namespace rmslin {
+
+static bool built_for_sm90a() {
+#if defined(LLMTRAIN_WITH_CUTE) && defined(LLMTRAIN_CUDA_ARCHS)
+  // Look for a "90a" entry in the comma-separated architecture list the extension was built for.
+  const char* a = LLMTRAIN_CUDA_ARCHS;
+  for (const char* p = std::strstr(a, "90a"); p; p = std::strstr(p + 1, "90a"))
+    if ((p == a || p[-1] == ',') && (p[3] == '\0' || p[3] == ',' || p[3] == '-')) return true;
+#endif
+  return false;
+}
+
+bool sm90_usable(DType dtype, int64_t k, int64_t m) {
+  static const bool built = built_for_sm90a();
+  if (!built) return false;
+  if (dtype != DType::BF16 && dtype != DType::F16) return false;
+  if (k % 8 != 0 || m % 8 != 0 || k > 0x7fffffff || m > 0x7fffffff) return false;
+  if (const char* e = std::getenv("LLMTRAIN_RMSLIN_PORTABLE"))
+    if (e[0] && e[0] != '0') return false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  static int cc[64] = {};
+  if (dev < 0 || dev >= 64) return false;
+  if (!cc[dev]) {
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    cc[dev] = major * 10 + minor;
+  }
+  return cc[dev] == 90;
+}
+
+#if defined(LLMTRAIN_WITH_CUTE)
+namespace sm90 {
+
+template <class Element> void fwd(const void* x, const void* wg, const float* rstd, const void* bias, void* y,
+                                  int64_t n, int64_t k, int64_t m, cudaStream_t s) {
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
+  using namespace cutlass::epilogue::fusion;
+  // D = rstd[m-index] * acc + bias[n-index]
+  using Fusion = Sm90EVT<Sm90Compute<cutlass::homogeneous_multiply_add, Element, float, Round>,
+                         Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 4>,
+                         Sm90AccFetch,
+                         Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, 16 / sizeof(Element)>>;
+  using Cfg = GemmCfg<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, TileShape, ClusterShape,
+                      Fusion>;
+  using Gemm = typename Cfg::Gemm;
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {(int)n, (int)m, (int)k, 1},
+      {static_cast<const Element*>(x), ld_stride<typename Cfg::StrideA>(k), static_cast<const Element*>(wg),
+       ld_stride<typename Cfg::StrideB>(k)},
+      {{}, nullptr, ld_stride<typename Cfg::StrideC>(m), static_cast<Element*>(y),
+       ld_stride<typename Cfg::StrideD>(m)},
+      hw_info()};
+  args.epilogue.thread = {
+      {rstd, 0.f, {}},                                   // rstd per row (column broadcast)
+      {},                                                // acc
+      {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
+      {}};
+  run_gemm<Gemm>(args, s, "forward GEMM");
+}
+
+}  // namespace sm90
+#endif
+
+void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd, const void* bias, void* y,
+                   int64_t n, int64_t k, int64_t m, cudaStream_t s) {
+#if defined(LLMTRAIN_WITH_CUTE)
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if (dtype == DType::BF16) return sm90::fwd<cutlass::bfloat16_t>(x, wg, rstd, bias, y, n, k, m, s);
+  if (dtype == DType::F16) return sm90::fwd<cutlass::half_t>(x, wg, rstd, bias, y, n, k, m, s);
+#endif
+  throw std::runtime_error("rmsnorm_linear (CUDA): sm_90a GEMM not built for this dtype");
+}
+
+}  // namespace rmslin
+}  // namespace llmtrain

@@ -1,0 +1,106 @@
+// CUTLASS 3.x GEMM plumbing shared by the rmsnorm_linear_sm90_*.cu files (only included when the
+// build has the CuTe/CUTLASS headers).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/kernel_hardware_info.h"
+
+#include "rmsnorm_linear_common.cuh"
+
+namespace llmtrain {
+namespace rmslin {
+namespace sm90 {
+
+using namespace cute;
+
+// Per-device SM count, cached (cudaDeviceGetAttribute is cheap but not free).
+inline int sm_count(int dev) {
+  static int cache[64] = {};
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (!cache[dev]) {
+    int c = 0;
+    check(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    cache[dev] = c;
+  }
+  return cache[dev];
+}
+
+// Set the one dynamic (leading-dimension) entry among the first two of a packed cute stride.
+template <class Stride> Stride ld_stride(int64_t ld) {
+  Stride s{};
+  if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>, int64_t>)
+    cute::get<0>(s) = ld;
+  else
+    cute::get<1>(s) = ld;
+  return s;
+}
+
+// Run an instantiated GemmUniversalAdapter on the stream; workspace (usually none) is stream-ordered.
+template <class Gemm> void run_gemm(typename Gemm::Arguments& args, cudaStream_t s, const char* what) {
+  Gemm op;
+  if (op.can_implement(args) != cutlass::Status::kSuccess)
+    throw std::runtime_error(std::string("rmsnorm_linear (CUDA): CUTLASS cannot run ") + what + " on this problem");
+  const size_t ws = Gemm::get_workspace_size(args);
+  DeviceBuffer<uint8_t> workspace(ws, s);
+  if (op.initialize(args, workspace.get(), s) != cutlass::Status::kSuccess) {
+    check_launch(what);
+    throw std::runtime_error(std::string("rmsnorm_linear (CUDA): CUTLASS initialize failed for ") + what);
+  }
+  if (op.run(s) != cutlass::Status::kSuccess) {
+    check_launch(what);
+    throw std::runtime_error(std::string("rmsnorm_linear (CUDA): CUTLASS launch failed for ") + what);
+  }
+  check_launch(what);
+  workspace.release(s);
+}
+
+// A TMA warp-specialized cooperative GEMM, fp32 accumulation, D row-major, with fusion Fusion.
+template <class Element, class LayoutA, class LayoutB, class TileShape, class ClusterShape, class Fusion,
+          class KernelSched = cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+          class EpiSched = cutlass::epilogue::TmaWarpSpecializedCooperative>
+struct GemmCfg {
+  static constexpr int Align = 16 / sizeof(Element);
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, Align,
+      Element, cutlass::layout::RowMajor, Align, EpiSched, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, Align, Element, LayoutB, Align, float,
+      TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSched>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::StrideA;
+  using StrideB = typename Kernel::StrideB;
+  using StrideC = typename Kernel::StrideC;
+  using StrideD = typename Kernel::StrideD;
+};
+
+inline cutlass::KernelHardwareInfo hw_info() {
+  cutlass::KernelHardwareInfo hw;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  hw.device_id = dev;
+  hw.sm_count = sm_count(dev);
+  return hw;
+}
+
+}  // namespace sm90
+}  // namespace rmslin
+}  // namespace llmtrain

@@ -1,0 +1,134 @@
+"""CUDA RMSNorm + Linear against the float64 reference: forward and every gradient.
+
+Random inputs (fresh per test), outputs poisoned before each run, odd row counts, with and
+without bias, bf16 / fp16 / fp32. Skips cleanly where torch has no CUDA or the extension was
+built without CUDA kernels.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from llmtrain.ops import _native  # noqa: E402
+from llmtrain.ops.rmsnorm_linear import reference as R  # noqa: E402
+from llmtrain.ops.rmsnorm_linear.op import rmsnorm_linear  # noqa: E402
+
+if not _native.has_cuda_kernels():
+    pytest.skip("llmtrain._C was built without CUDA kernels", allow_module_level=True)
+
+DEV = "cuda"
+# Relative error bounds (‖out − ref‖ / ‖ref‖): fp32 inputs stay exact-ish; half types carry one
+# rounding of the inputs and of the output.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+# (n, k, m): odd row counts, sizes not multiples of any tile, the model hidden sizes.
+SHAPES = [
+    (1, 64, 32),
+    (37, 96, 80),
+    (129, 256, 200),
+    (257, 1024, 1536),
+    (1023, 2048, 2048),
+    (515, 2048, 5632),
+    (300, 768, 1000),
+    (33, 100, 70),  # not a multiple of 8: the portable path
+]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make(n, k, m, dtype, bias, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(n, k, generator=g) * 2 + 0.3).to(DEV, dtype)
+    nw = (1 + 0.3 * torch.randn(k, generator=g)).to(DEV, dtype)
+    w = (torch.randn(m, k, generator=g) / k**0.5).to(DEV, dtype)
+    b = (0.5 * torch.randn(m, generator=g)).to(DEV, dtype) if bias else None
+    dy = torch.randn(n, m, generator=g).to(DEV, dtype)
+    return x, nw, w, b, dy
+
+
+def ref_all(x, nw, w, b, dy, eps):
+    leaves = [t.detach().double().cpu().requires_grad_(True) for t in (x, nw, w)]
+    bb = b.detach().double().cpu().requires_grad_(True) if b is not None else None
+    y = R.rmsnorm_linear(leaves[0], leaves[1], leaves[2], bb, eps)
+    grads = torch.autograd.grad(y, leaves + ([bb] if bb is not None else []), dy.double().cpu())
+    return y.detach(), grads
+
+
+def call_native(x, nw, w, b, dy, eps):
+    """The raw binding with poisoned (NaN) outputs, so any element not written shows up."""
+    n, k = x.shape
+    m = w.shape[0]
+    C = _native.native()
+    s = _native.stream_of(x)
+    y = torch.full((n, m), float("nan"), device=DEV, dtype=x.dtype)
+    rstd = torch.full((n,), float("nan"), device=DEV, dtype=torch.float32)
+    C.rmsnorm_linear_fwd(_native.dl(x), _native.dl(nw), _native.dl(w), _native.dl(b), _native.dl(y),
+                         _native.dl(rstd), eps, s)
+    dx = torch.full_like(x, float("nan"))
+    dg = torch.full_like(nw, float("nan"))
+    dw = torch.full_like(w, float("nan"))
+    db = torch.full((m,), float("nan"), device=DEV, dtype=x.dtype) if b is not None else None
+    C.rmsnorm_linear_bwd(_native.dl(x), _native.dl(nw), _native.dl(w), _native.dl(rstd), _native.dl(dy),
+                         _native.dl(dx), _native.dl(dg), _native.dl(dw), _native.dl(db), eps, s)
+    torch.cuda.synchronize()
+    return y, rstd, dx, dg, dw, db
+
+
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_forward_backward_vs_float64(n, k, m, bias, dtype):
+    eps = 1e-6
+    seed = hash((n, k, m, bias, str(dtype))) % (2**31)
+    x, nw, w, b, dy = make(n, k, m, dtype, bias, seed)
+    y, rstd, dx, dg, dw, db = call_native(x, nw, w, b, dy, eps)
+    y_ref, grads = ref_all(x, nw, w, b, dy, eps)
+    rstd_ref = torch.rsqrt(x.double().cpu().pow(2).mean(-1) + eps)
+    outs = {"y": (y, y_ref), "rstd": (rstd, rstd_ref), "dx": (dx, grads[0]), "dg": (dg, grads[1]),
+            "dW": (dw, grads[2])}
+    if bias:
+        outs["db"] = (db, grads[3])
+    tol = TOL[dtype]
+    for name, (got, ref) in outs.items():
+        assert torch.isfinite(got).all(), f"{name}: non-finite (unwritten) elements"
+        err = rel_err(got.cpu(), ref)
+        bound = 1e-5 if name == "rstd" else tol
+        assert err < bound, f"{name}: rel err {err:.3g} >= {bound:g} ({dtype}, n={n}, k={k}, m={m})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_autograd_any_leading_shape(dtype):
+    eps = 1e-5
+    x, nw, w, b, _ = make(3 * 41, 384, 320, dtype, True, 7)
+    x3 = x.reshape(3, 41, 384).detach().requires_grad_(True)
+    leaves = [nw.detach().requires_grad_(True), w.detach().requires_grad_(True), b.detach().requires_grad_(True)]
+    y = rmsnorm_linear(x3, *leaves[:2], leaves[2], eps=eps)
+    assert y.shape == (3, 41, 320)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, grads = ref_all(x, nw, w, b, dy.reshape(-1, 320), eps)
+    tol = TOL[dtype]
+    assert rel_err(y.reshape(-1, 320).detach().cpu(), y_ref) < tol
+    for got, ref in zip([x3.grad.reshape(-1, 384), *[t.grad for t in leaves]], grads):
+        assert rel_err(got.cpu(), ref) < tol
+
+
+def test_zero_rows_and_stream():
+    x, nw, w, b, dy = make(0, 128, 64, torch.bfloat16, True, 3)
+    y = rmsnorm_linear(x, nw, w, b)
+    assert y.shape == (0, 64)
+    # Work issued on a side stream lands on that stream.
+    s = torch.cuda.Stream()
+    x, nw, w, b, _ = make(333, 512, 256, torch.bfloat16, False, 4)
+    with torch.cuda.stream(s):
+        y = rmsnorm_linear(x, nw, w)
+    s.synchronize()
+    y_ref, _ = ref_all(x, nw, w, None, torch.zeros(333, 256, device=DEV, dtype=torch.bfloat16), 1e-6)
+    assert rel_err(y.cpu(), y_ref) < TOL[torch.bfloat16]
