@@ -5,9 +5,18 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "gemm.h"
 
 namespace llmtrain {
 namespace {
+
+// out += coef * B: the packed micro-kernel for float, the plain tiled loop otherwise.
+inline void gemm(float* out, const float* coef, const float* B, int64_t rows, int64_t K, int64_t n) {
+  cpu::sgemm_acc(out, coef, B, rows, K, n);
+}
+inline void gemm(double* out, const double* coef, const double* B, int64_t rows, int64_t K, int64_t n) {
+  cpu::gemm_acc_tiled(out, coef, B, rows, K, n);
+}
 
 using cpu::load;
 using cpu::store;
@@ -37,7 +46,7 @@ template <typename T, typename A> void forward(const RmsLinFwdArgs& a) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t o = 0; o < m; ++o) out[i * m + o] = load<A>(bias + o);
   }
-  cpu::gemm_acc_tiled(out.data(), xn.data(), wt.data(), n, k, m);
+  gemm(out.data(), xn.data(), wt.data(), n, k, m);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n * m; ++i) store(y + i, out[i]);
 }
@@ -60,8 +69,8 @@ template <typename T, typename A> void backward(const RmsLinBwdArgs& a) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < k; ++c) xn[i * k + c] = load<A>(x + i * k + c) * rstd[i] * load<A>(g + c);
-  cpu::gemm_acc_tiled(dxn.data(), dyA.data(), wA.data(), n, m, k);  // dxn = dy W
-  cpu::gemm_acc_tiled(dW.data(), dyT.data(), xn.data(), m, n, k);   // dW = dy^T xn
+  gemm(dxn.data(), dyA.data(), wA.data(), n, m, k);  // dxn = dy W
+  gemm(dW.data(), dyT.data(), xn.data(), m, n, k);   // dW = dy^T xn
   T* dw = static_cast<T*>(a.dw);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < m * k; ++i) store(dw + i, dW[i]);
