@@ -106,24 +106,30 @@ def parse_signature(msl: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def clang_available() -> str | None:
-    """'clang' (executable), 'libclang' (PyPI wheel) or None."""
-    if shutil.which("clang"):
-        return "clang"
+def clang_tools() -> list[str]:
+    """The front ends present: 'clang' (an executable on PATH, e.g. Debian's clang) and/or
+    'libclang' (the ``libclang`` PyPI wheel: libclang.so with its Python bindings)."""
+    tools = ["clang"] if shutil.which("clang") else []
     try:
         import clang.cindex as ci
 
         ci.Index.create()
-        return "libclang"
+        tools.append("libclang")
     except Exception:
-        return None
+        pass
+    return tools
+
+
+def clang_available() -> str | None:
+    tools = clang_tools()
+    return tools[0] if tools else None
 
 
 def _opencl_text(msl: str) -> str:
     return msl.replace("[[kernel]]", "__kernel")
 
 
-CLANG_ARGS = ["-x", "cl", "-cl-std=clc++2021", "-fsyntax-only", "-Wno-unknown-attributes"]
+CLANG_ARGS = ["-x", "cl", "-cl-std=clc++2021", "-cl-no-stdinc", "-fsyntax-only", "-Wno-unknown-attributes"]
 
 
 def syntax_check(msl: str, tool: str | None = None) -> tuple[bool, str]:

@@ -3,17 +3,22 @@
 // The kernel source MLX generates (signature + body) is compiled as C++ after this header:
 // address-space qualifiers are empty macros (set at the end of this file), `threadgroup` arrays
 // become function statics (the driver runs one threadgroup at a time, so they are shared by
-// exactly the threads of the running threadgroup), `threadgroup_barrier` is a std::barrier over
-// the threadgroup's threads, and simd_* reductions/shuffles exchange values through per-simdgroup
-// slots guarded by a std::barrier over the simdgroup's *active* lanes (a lane that has returned
+// exactly the threads of the running threadgroup), `threadgroup_barrier` is a barrier over the
+// threadgroup's threads, and simd_* reductions/shuffles exchange values through per-simdgroup
+// slots guarded by a barrier over the simdgroup's *active* lanes (a lane that has returned
 // from the kernel drops out of both barriers and is excluded from reductions).
 // Every thread of a threadgroup runs concurrently on its own std::thread, so a missing barrier
 // shows up as a wrong result or, under -fsanitize=thread, as a reported data race.
 #pragma once
 
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
-#include <barrier>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -64,18 +69,60 @@ typedef bfloat16_t bfloat;
 
 namespace msl {
 
+// A barrier whose only synchronisation is its own atomics (a spinlock for arrivals, a
+// generation counter waited on with a raw futex). std::barrier is not used: libstdc++ waits
+// through a global hashed pool of mutexes, which gives ThreadSanitizer happens-before edges
+// between unrelated threads and hides exactly the races this harness is meant to find.
+class Barrier {
+ public:
+  explicit Barrier(int n) : expected_(n) {}
+  void arrive_and_wait() {
+    lock();
+    const unsigned g = gen_.load(std::memory_order_relaxed);
+    if (++arrived_ == expected_) {
+      complete();
+      unlock();
+      return;
+    }
+    unlock();
+    while (gen_.load(std::memory_order_acquire) == g)
+      syscall(SYS_futex, reinterpret_cast<unsigned*>(&gen_), FUTEX_WAIT_PRIVATE, g, nullptr, nullptr, 0);
+  }
+  void arrive_and_drop() {
+    lock();
+    --expected_;
+    if (expected_ > 0 && arrived_ == expected_) complete();
+    unlock();
+  }
+
+ private:
+  void lock() {
+    while (lock_.exchange(1, std::memory_order_acquire)) sched_yield();
+  }
+  void unlock() { lock_.store(0, std::memory_order_release); }
+  void complete() {
+    arrived_ = 0;
+    gen_.fetch_add(1, std::memory_order_release);
+    syscall(SYS_futex, reinterpret_cast<unsigned*>(&gen_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+  std::atomic<int> lock_{0};
+  int expected_;
+  int arrived_ = 0;
+  std::atomic<unsigned> gen_{0};
+};
+
 struct Simd {
   explicit Simd(int lanes) : bar(lanes) {
     for (int i = 0; i < 32; ++i) active[i] = i < lanes;
   }
-  std::barrier<> bar;
+  Barrier bar;
   alignas(16) unsigned char slots[32][16];
   std::atomic<bool> active[32];
 };
 
 struct Group {
   explicit Group(int n) : tg(n) {}
-  std::barrier<> tg;
+  Barrier tg;
   std::vector<std::unique_ptr<Simd>> simds;
 };
 

@@ -11,9 +11,13 @@
 #define threadgroup __local
 #define thread __private
 
+// Self-contained: the checker passes -cl-no-stdinc (the libclang wheel ships no opencl-c-base.h).
+typedef __SIZE_TYPE__ size_t;
+typedef __PTRDIFF_TYPE__ ptrdiff_t;
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
+typedef unsigned long ulong;
 typedef uint uint3 __attribute__((ext_vector_type(3)));
 typedef uint uint2 __attribute__((ext_vector_type(2)));
 typedef float float2 __attribute__((ext_vector_type(2)));
