@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -130,7 +132,16 @@ def test_clang_check_catches_msl_errors(clang_tool, bad, why):
 # ---------------------------------------------------------------------------------------------
 
 
-def _retention_case(inp, cot, chunk, with_state, tol, sanitize=False, grads=True):
+@contextlib.contextmanager
+def _real_metal():
+    K.set_backend("metal")
+    try:
+        yield types.SimpleNamespace(launches=[])
+    finally:
+        K.set_backend(None)
+
+
+def _retention_case(inp, cot, chunk, with_state, tol, sanitize=False, grads=True, device=False):
     names = [n for n in ("q", "k", "v", "lg", "S0", "z0") if inp[n] is not None]
     y_ref, S_ref, z_ref, g_ref = retention_reference(inp, cot, with_state=with_state)
 
@@ -149,7 +160,7 @@ def _retention_case(inp, cot, chunk, with_state, tol, sanitize=False, grads=True
                 + (o[1].sum_of_keys * mx.array(cot["dz"])).sum())
 
     arrays = [mx.array(inp[n]) for n in names]
-    with H.metal_through_harness(sanitize=sanitize) as ex:
+    with (_real_metal() if device else H.metal_through_harness(sanitize=sanitize)) as ex:
         out = run(*arrays)
         mx.eval(out)
         g = mx.grad(loss, argnums=tuple(range(len(names))))(*arrays) if grads else None
@@ -234,6 +245,14 @@ def _rms_case(n, k, m, bias, sanitize=False):
 def test_harness_rmsnorm_linear():
     launches = _rms_case(20, 40, 24, True)  # sizes not multiples of the 16 x 16 tiles
     assert set(launches) == {"rmsnorm_rstd.metal", "rmsnorm_linear_gemm.metal", "rmsnorm_linear_bwd_rows.metal"}
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs an Apple GPU (macOS)")
+@pytest.mark.parametrize("d", [32, 64])
+def test_real_metal_device_matches_reference(d):
+    """On a Mac: the real Metal kernels, end to end, against the float64 reference."""
+    inp = retention_inputs(21, 2, 70, 4, 2, d, True, True)
+    _retention_case(inp, cotangents(21, inp), None, True, 5e-5, device=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@
 // shows up as a wrong result or, under -fsanitize=thread, as a reported data race.
 #pragma once
 
-#include <linux/futex.h>
 #include <sched.h>
+#ifdef __linux__
+#include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -85,8 +87,13 @@ class Barrier {
       return;
     }
     unlock();
-    while (gen_.load(std::memory_order_acquire) == g)
+    while (gen_.load(std::memory_order_acquire) == g) {
+#ifdef __linux__
       syscall(SYS_futex, reinterpret_cast<unsigned*>(&gen_), FUTEX_WAIT_PRIVATE, g, nullptr, nullptr, 0);
+#else
+      sched_yield();
+#endif
+    }
   }
   void arrive_and_drop() {
     lock();
@@ -103,7 +110,9 @@ class Barrier {
   void complete() {
     arrived_ = 0;
     gen_.fetch_add(1, std::memory_order_release);
+#ifdef __linux__
     syscall(SYS_futex, reinterpret_cast<unsigned*>(&gen_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#endif
   }
   std::atomic<int> lock_{0};
   int expected_;
