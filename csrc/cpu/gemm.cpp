@@ -63,10 +63,34 @@ void micro_kernel(float* C, int64_t ldc, const float* A, int64_t lda, const floa
   }
 }
 
+// Few rows (decoding): one dot product per output, no packing; parallel over outputs when large.
+LLMTRAIN_CLONES
+void dot_row(float* c, const float* a, const float* w, int64_t K) {
+  v8f acc0 = v8f{0, 0, 0, 0, 0, 0, 0, 0}, acc1 = acc0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    acc0 += load8(a + k) * load8(w + k);
+    acc1 += load8(a + k + 8) * load8(w + k + 8);
+  }
+  float tmp[8];
+  store8(tmp, acc0 + acc1);
+  float s = ((tmp[0] + tmp[1]) + (tmp[2] + tmp[3])) + ((tmp[4] + tmp[5]) + (tmp[6] + tmp[7]));
+  for (; k < K; ++k) s += a[k] * w[k];
+  *c += s;
+}
+
+void gemv_bt(float* C, const float* A, const float* W, int64_t rows, int64_t K, int64_t n) {
+#pragma omp parallel for schedule(static) if (n * K * rows > (1 << 22))
+  for (int64_t o = 0; o < n; ++o)
+    for (int64_t r = 0; r < rows; ++r) dot_row(C + r * n + o, A + r * K, W + o * K, K);
+}
+
 }  // namespace
 
-void sgemm_acc(float* C, const float* A, const float* B, int64_t rows, int64_t K, int64_t n) {
+void sgemm_acc(float* C, const float* A, const float* B, int64_t rows, int64_t K, int64_t n, bool b_transposed) {
   if (rows <= 0 || K <= 0 || n <= 0) return;
+  if (b_transposed && rows < kMR) return gemv_bt(C, A, B, rows, K, n);
+  const bool parallel = rows * K * n > (1 << 22);  // ~1 ms of work: below that, threads cost more
   const int64_t nc_max = std::min(kNC, (n + kNR - 1) / kNR * kNR);
   std::vector<float> packed(kKC * nc_max);
   for (int64_t n0 = 0; n0 < n; n0 += kNC) {
@@ -75,18 +99,20 @@ void sgemm_acc(float* C, const float* A, const float* B, int64_t rows, int64_t K
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
       // Pack B[k0:k0+kc][n0:n0+nc] into panels [panel][k][16], zero-padded at the right edge.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t p = 0; p < panels; ++p) {
         float* dst = packed.data() + p * kc * kNR;
         const int64_t c0 = n0 + p * kNR, w = std::min(kNR, n0 + nc - c0);
         for (int64_t k = 0; k < kc; ++k) {
-          const float* src = B + (k0 + k) * n + c0;
-          for (int64_t j = 0; j < w; ++j) dst[k * kNR + j] = src[j];
+          if (b_transposed)
+            for (int64_t j = 0; j < w; ++j) dst[k * kNR + j] = B[(c0 + j) * K + k0 + k];
+          else
+            for (int64_t j = 0; j < w; ++j) dst[k * kNR + j] = B[(k0 + k) * n + c0 + j];
           for (int64_t j = w; j < kNR; ++j) dst[k * kNR + j] = 0.f;
         }
       }
       const int64_t row_tiles = (rows + kMR - 1) / kMR;
-#pragma omp parallel for schedule(static) collapse(2)
+#pragma omp parallel for schedule(static) collapse(2) if (parallel)
       for (int64_t rt = 0; rt < row_tiles; ++rt) {
         for (int64_t p = 0; p < panels; ++p) {
           const int64_t r0 = rt * kMR, mr = std::min(kMR, rows - r0);

@@ -8,7 +8,9 @@
 namespace llmtrain {
 namespace cpu {
 
-void sgemm_acc(float* C, const float* A, const float* B, int64_t rows, int64_t K, int64_t n);
+// b_transposed: B is stored as [n][K] (e.g. a Linear weight), so C += A * B^T without a copy.
+void sgemm_acc(float* C, const float* A, const float* B, int64_t rows, int64_t K, int64_t n,
+               bool b_transposed = false);
 
 }  // namespace cpu
 }  // namespace llmtrain

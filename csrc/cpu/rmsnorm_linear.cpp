@@ -1,6 +1,7 @@
 // Fused RMSNorm + Linear on the CPU: y = (x * rstd * g) W^T + bias, rstd = 1/sqrt(mean(x^2) + eps).
 // Forward keeps rstd per row for the backward. Accumulation in float32 (float64 for float64).
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -27,8 +28,9 @@ template <typename T, typename A> void forward(const RmsLinFwdArgs& a) {
   const T* bias = static_cast<const T*>(a.bias);
   A* rstd = static_cast<A*>(a.rstd);
   T* y = static_cast<T*>(a.y);
-  std::vector<A> xn(n * k), wt(k * m), out(n * m);
-#pragma omp parallel for schedule(static)
+  const bool parallel = n * k * m > (1 << 22);  // small calls (decoding) stay on one thread
+  std::vector<A> xn(n * k), out(n * m, A(0));
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t i = 0; i < n; ++i) {
     A ss = 0;
     for (int64_t c = 0; c < k; ++c) {
@@ -39,15 +41,18 @@ template <typename T, typename A> void forward(const RmsLinFwdArgs& a) {
     rstd[i] = r;
     for (int64_t c = 0; c < k; ++c) xn[i * k + c] = load<A>(x + i * k + c) * r * load<A>(g + c);
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < m; ++o)
-    for (int64_t c = 0; c < k; ++c) wt[c * m + o] = load<A>(w + o * k + c);
-  if (bias) {
+  if (bias)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t o = 0; o < m; ++o) out[i * m + o] = load<A>(bias + o);
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::sgemm_acc(out.data(), xn.data(), w, n, k, m, /*b_transposed=*/true);  // W read in place
+  } else {
+    std::vector<A> wt(k * m);
+    for (int64_t o = 0; o < m; ++o)
+      for (int64_t c = 0; c < k; ++c) wt[c * m + o] = load<A>(w + o * k + c);
+    gemm(out.data(), xn.data(), wt.data(), n, k, m);
   }
-  gemm(out.data(), xn.data(), wt.data(), n, k, m);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t i = 0; i < n * m; ++i) store(y + i, out[i]);
 }
 
