@@ -164,3 +164,11 @@ def test_grads_do_not_crash_on_empty_time(rng):
     torch.testing.assert_close(st_.state, state[0])
     (st_.state.sum() + y.sum()).backward()
     torch.testing.assert_close(state[0].grad, torch.ones_like(state[0]))
+
+
+def test_nan_inputs_propagate_without_error():
+    """Only finite inputs with non-finite results are an error; NaN in gives NaN out, as in torch."""
+    q, k, v = qkv()
+    q[0, 1, 0, 0] = float("nan")
+    y = ops.power_retention(q, k, v)
+    assert torch.isnan(y).any()

@@ -116,10 +116,13 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """callbacks: callables(trainer) run after every optimizer step (monitoring, tests, early stops)."""
+
+    def __init__(self, cfg: TrainConfig, callbacks=()):
         from llmtrain.training.data import build_pretraining_data
 
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         backend_name = select_backend(cfg.backend)
         if backend_name == "mlx":
             raise RuntimeError("backend=mlx: use llmtrain.mlx's trainer (llmtrain pretrain --backend mlx on macOS)")
@@ -227,12 +230,18 @@ class Trainer:
                 lr = cosine_with_warmup(self.step, max_lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                                         total_steps=self.total_steps, min_lr=cfg.learning_rate * cfg.min_lr_ratio)
                 self.backend.set_lr(lr)
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=self.device)
                 for micro in range(cfg.grad_accum):
                     x, y = next(train_iter)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    with self.backend.no_sync(micro == cfg.grad_accum - 1), self._autocast():
-                        loss = lm_loss(self.forward, x, y)
+                    try:
+                        with self.backend.no_sync(micro == cfg.grad_accum - 1), self._autocast():
+                            loss = lm_loss(self.forward, x, y)
+                    except FloatingPointError as exc:  # a kernel refused to return overflowed values
+                        if self.is_main:
+                            print(f"step {self.step}: {exc}")
+                        step_loss = step_loss + float("nan")
+                        continue
                     self.backend.backward(loss)
                     step_loss += loss.detach().float() / cfg.grad_accum
                 if self.world_size > 1:
@@ -282,6 +291,8 @@ class Trainer:
                             progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
                 if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
                     self.save()
+                for callback in self.callbacks:
+                    callback(self)
                 if stop.signal is not None:
                     self.save()
                     if self.is_main:

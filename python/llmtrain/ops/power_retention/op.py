@@ -48,8 +48,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _empty() -> Tensor:
-    return torch.empty(0)
+def _all_finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def _fwd_op(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
         deg, scale, chunk_size, _native.stream_of(q))
-    if bad > 0:
+    if bad > 0 and _all_finite(q, k, v, log_g, s0, z0):  # NaN in, NaN out; finite in, NaN out is an error
         raise FloatingPointError(
             f"power_retention: {bad} non-finite outputs. The inputs overflow {acc} arithmetic: "
             "|scale * q.k|^2 too large, or log_g > 0 summing to a huge growth factor. Normalise q/k "
@@ -307,6 +307,6 @@ def power_retention_step(
     bad = _native.native().power_retention_step(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(S), _native.dl(z),
         _native.dl(y), deg, scale, _native.stream_of(q))
-    if bad > 0:
+    if bad > 0 and _all_finite(q, k, v, log_g):  # (the state was updated in place: not checked)
         raise FloatingPointError(f"power_retention_step: {bad} non-finite outputs (inputs overflow {acc})")
     return y, RetentionState(S, z)
