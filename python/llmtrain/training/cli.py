@@ -8,7 +8,13 @@ from llmtrain.training.config import ConfigError, load_config, parse_overrides
 
 
 def run_pretraining(cfg) -> dict:
+    from llmtrain.training.backends import select_backend
     from llmtrain.training.trainer import Trainer
+
+    if select_backend(cfg.backend) == "mlx":  # Apple silicon: the MLX model and loop
+        from llmtrain.mlx.trainer import run_pretraining as run_mlx
+
+        return run_mlx(cfg)
 
     trainer = Trainer(cfg)
     if trainer.is_main:
