@@ -8,6 +8,10 @@ torch parameter names, so either framework loads the other's safetensors:
     ids = generate(model, [1, 2, 3], 20, temperature=0.8, top_k=50)
 """
 
+from llmtrain.mlx.blas import preload_openblas
+
+preload_openblas()  # before mlx.core: OpenBLAS instead of the reference BLAS on Linux
+
 from llmtrain.mlx.models.cache import DecodingCache
 from llmtrain.mlx.models.generate import generate, sample_next_token
 from llmtrain.mlx.models.lm import CausalLM, MLAForCausalLM, MLATransformer, RetentionLLM, build_model
