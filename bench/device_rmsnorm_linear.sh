@@ -25,5 +25,32 @@ python3 -c "import llmtrain._C as C; print(C.build_info())"
 cd - >/dev/null
 python3 -m pytest -q tests/cuda/test_rmsnorm_linear_cuda.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
 LLMTRAIN_RMSLIN_PORTABLE=1 python3 -m pytest -q -x tests/cuda/test_rmsnorm_linear_cuda.py -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/tests_portable.txt"
+# Kernel breakdown (torch profiler) at 16384x2048->2048 and the alternative forward tile.
+python3 - <<'PY' 2>&1 | tee "$OUT/profile.txt"
+import os, sys, torch
+sys.path.insert(0, "bench")
+from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn, gemm_fn, measure
+impls = make_impls()
+x, g, w, dy = inputs(16384, 2048, 2048)
+for name in ("ours", "eager"):
+    for label, fn in (("fwd", fwd_fn(impls[name], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls[name], x, g, w, dy))):
+        for _ in range(3): fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10): fn()
+            torch.cuda.synchronize()
+        print(f"== {name} {label} (10 iters, us total)")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+            print(f"  {e.device_time_total/10:9.1f} us/iter  x{e.count//10:<3d} {e.key[:110]}")
+os.environ["LLMTRAIN_RMSLIN_FWD_CFG"] = "1"
+PY
+LLMTRAIN_RMSLIN_FWD_CFG=1 python3 -c "
+import sys; sys.path.insert(0, 'bench')
+from rmsnorm_linear_table import *
+impls = make_impls()
+for n, k, m in SHAPES:
+    x, g, w, dy = inputs(n, k, m)
+    print(f'alt fwd tile 256x128: {n}x{k}->{m}: ours {measure(fwd_fn(impls[\"ours\"], x, g, w)):.3f} gemm {measure(gemm_fn(x, w)):.3f}')
+" 2>&1 | tail -4 | tee -a "$OUT/profile.txt"
 python3 bench/rmsnorm_linear_table.py --json "$OUT/table.json" 2>"$OUT/table.err" | tee "$OUT/table.md"
 tail -5 "$OUT/table.err"

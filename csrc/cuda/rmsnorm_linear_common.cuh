@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -46,10 +47,30 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sum(t);
 }
 
+// Keep freed blocks in the device's default stream-ordered pool (release threshold: unlimited), so
+// repeated workspaces are reused instead of being mapped and unmapped on every call.
+inline void keep_pool_memory() {
+  static bool done[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return;
+  }
+  if (done[dev]) return;
+  cudaMemPool_t pool;
+  if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+    uint64_t threshold = ~0ull;
+    cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+  }
+  cudaGetLastError();
+  done[dev] = true;
+}
+
 // Stream-ordered device scratch (cudaMallocAsync / cudaFreeAsync on the caller's stream).
 template <typename T> class DeviceBuffer {
  public:
   DeviceBuffer(size_t count, cudaStream_t s) : s_(s) {
+    keep_pool_memory();
     if (count) check(cudaMallocAsync(reinterpret_cast<void**>(&p_), count * sizeof(T), s), "cudaMallocAsync");
   }
   ~DeviceBuffer() {

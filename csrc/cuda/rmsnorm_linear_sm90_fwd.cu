@@ -50,10 +50,9 @@ bool sm90_usable(DType dtype, int64_t k, int64_t m) {
 #if defined(LLMTRAIN_WITH_CUTE)
 namespace sm90 {
 
-template <class Element> void fwd(const void* x, const void* wg, const float* rstd, const void* bias, void* y,
-                                  int64_t n, int64_t k, int64_t m, cudaStream_t s) {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
+template <class Element, class TileShape, class ClusterShape>
+void fwd(const void* x, const void* wg, const float* rstd, const void* bias, void* y, int64_t n, int64_t k, int64_t m,
+         cudaStream_t s) {
   constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
   using namespace cutlass::epilogue::fusion;
   // D = rstd[m-index] * acc + bias[n-index]
@@ -87,8 +86,17 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
                    int64_t n, int64_t k, int64_t m, cudaStream_t s) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  if (dtype == DType::BF16) return sm90::fwd<cutlass::bfloat16_t>(x, wg, rstd, bias, y, n, k, m, s);
-  if (dtype == DType::F16) return sm90::fwd<cutlass::half_t>(x, wg, rstd, bias, y, n, k, m, s);
+  using namespace cute;
+  // Tile 128x256 (cluster 2x1) by default; LLMTRAIN_RMSLIN_FWD_CFG=1 picks 256x128 (cluster 1x2).
+  static const bool alt = [] {
+    const char* e = std::getenv("LLMTRAIN_RMSLIN_FWD_CFG");
+    return e && e[0] == '1';
+  }();
+  if (dtype == DType::BF16) {
+    if (alt) return sm90::fwd<cutlass::bfloat16_t, Shape<_256, _128, _64>, Shape<_1, _2, _1>>(x, wg, rstd, bias, y, n, k, m, s);
+    return sm90::fwd<cutlass::bfloat16_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s);
+  }
+  if (dtype == DType::F16) return sm90::fwd<cutlass::half_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s);
 #endif
   throw std::runtime_error("rmsnorm_linear (CUDA): sm_90a GEMM not built for this dtype");
 }
