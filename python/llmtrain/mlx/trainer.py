@@ -68,7 +68,8 @@ def select_device(cfg: TrainConfig) -> str:
 
             set_backend("mlx")
         return "cpu"
-    if mx.is_available(mx.gpu):
+    gpu = mx.is_available(mx.gpu) if hasattr(mx, "is_available") else mx.metal.is_available()
+    if gpu:
         mx.set_default_device(mx.gpu)
         return "gpu"
     if cfg.device != "auto":
