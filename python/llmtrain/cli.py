@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # Modules whose register(subparsers) adds subcommands, in the order `llmtrain --help` lists them.
-SUBCOMMAND_MODULES = ["llmtrain.training.cli", "llmtrain.models.cli", "llmtrain.data.cli", "llmtrain.info"]
+SUBCOMMAND_MODULES = [
+    "llmtrain.training.cli",
+    "llmtrain.training.posttrain_cli",
+    "llmtrain.models.cli",
+    "llmtrain.data.cli",
+    "llmtrain.info",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
