@@ -82,8 +82,8 @@ def yes_no_policy() -> tuple[Path, dict]:
     from llmtrain.training import finetune
 
     summary = finetune(model_path=str(base_model_dir()), dataset_name=str(yes_no_sft_data()),
-                       output_dir=str(workdir() / "sft"), max_steps=40, batch_size=8, learning_rate=3e-3,
-                       warmup_steps=4, eval_interval=20, save_interval=1000, eval_fraction=0.1, **COMMON)
+                       output_dir=str(workdir() / "sft"), max_steps=24, batch_size=8, learning_rate=1e-2,
+                       warmup_steps=3, eval_interval=8, save_interval=1000, eval_fraction=0.1, **COMMON)
     return Path(summary["model_dir"]), summary
 
 
@@ -93,8 +93,8 @@ def yes_no_reward_model() -> tuple[Path, dict]:
     from llmtrain.training import train_reward_model
 
     summary = train_reward_model(model_path=str(base_model_dir()), dataset_name=str(yes_no_preferences()),
-                                 output_dir=str(workdir() / "reward"), max_steps=40, batch_size=8,
-                                 learning_rate=3e-3, warmup_steps=4, eval_interval=20, save_interval=1000,
+                                 output_dir=str(workdir() / "reward"), max_steps=16, batch_size=8,
+                                 learning_rate=3e-3, warmup_steps=2, eval_interval=8, save_interval=1000,
                                  eval_fraction=0.2, **COMMON)
     return Path(summary["model_dir"]), summary
 

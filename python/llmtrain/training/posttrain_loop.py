@@ -230,7 +230,7 @@ class PostTrainer:
                     self.backend.backward(loss)
                     step_loss += loss.detach().float() / cfg.grad_accum
                     for k, v in metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                        step_metrics[k] = step_metrics.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
                 if self.world_size > 1:
                     torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
                 step_loss = step_loss.item()
