@@ -23,7 +23,7 @@ def run_pretraining(cfg) -> dict:
               f"{trainer.device}; backend {trainer.backend.name}; {trainer.total_steps} steps of "
               f"{trainer.tokens_per_step} tokens")
     summary = trainer.train()
-    if trainer.is_main and not summary["interrupted"]:
+    if trainer.is_main and not (summary["interrupted"] or summary.get("stopped_early")):
         entropy = trainer.data.unigram_entropy
         val = summary.get("val_loss", {}).get("last")
         if val is not None:

@@ -38,6 +38,7 @@ class TrainConfig:
     grad_accum: int = 1
     num_tokens: Optional[str] = None         # total training tokens ("10B", "50M", "2e6"); or max_steps
     max_steps: Optional[int] = None
+    stop_at_step: Optional[int] = None       # save and exit at this step (schedule still spans max_steps)
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"device: must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.max_steps is None and self.num_tokens is None:
             raise ConfigError("num_tokens: set num_tokens (e.g. 10B) or max_steps")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ConfigError(f"stop_at_step: must be >= 1, got {self.stop_at_step}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps: must be >= 1, got {self.max_steps}")
         if self.num_tokens is not None:

@@ -179,7 +179,19 @@ class Trainer:
                                        f"not {self.model_config.model_type}")
         self.step = int(meta["step"])
         self.epoch = int(meta["epoch"])
-        self.data.train.load_state_dict(meta["data"])
+        data_state = meta["data"]
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world != self.world_size:
+            # The stream position counts global steps, so it carries over to another world size as
+            # long as the global batch (world size x per-rank batch) is the same.
+            saved_global = data_state["config"]["batch_size"] * saved_world
+            if saved_global != self.cfg.batch_size * self.world_size:
+                raise ckpt.CheckpointError(
+                    f"{meta['path']}: saved with {saved_world} processes x batch {data_state['config']['batch_size']}"
+                    f"; resuming on {self.world_size} needs batch_size {saved_global // self.world_size} per process "
+                    "to keep the global batch")
+            data_state = dict(data_state, config=self.data.train.state_dict()["config"])
+        self.data.train.load_state_dict(data_state)
         if self.is_main:
             print(f"resumed from {meta['path']} at step {self.step}")
 
@@ -224,6 +236,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
         t_last, tokens_since = time.time(), 0
+        stopped_early = False
         self.model.train()
         with _StopFlag() as stop:
             while self.step < self.total_steps:
@@ -293,6 +306,12 @@ class Trainer:
                     self.save()
                 for callback in self.callbacks:
                     callback(self)
+                if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
+                    self.save()
+                    if self.is_main:
+                        print(f"stop_at_step {cfg.stop_at_step}: saved a checkpoint; resume with --resume latest")
+                    stopped_early = True
+                    break
                 if stop.signal is not None:
                     self.save()
                     if self.is_main:
@@ -301,7 +320,8 @@ class Trainer:
                     break
         if progress:
             progress.close()
-        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None}
+        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None,
+                   "stopped_early": stopped_early}
         if self.is_main:
             summary.update(self.logger.get_summary())
             self.logger.plot()
