@@ -120,3 +120,12 @@ def test_cli(tmp_path, monkeypatch):
                    "--device", "cpu", "--progress", "false"])
     assert rc == 0
     assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "latest.txt").exists()
+
+
+def test_presets_load():
+    from llmtrain.training.posttrain_config import DPOConfig, PPOConfig, RewardConfig
+
+    assert load_posttrain_config(SFTConfig, "sft_dolly").dataset == "databricks-dolly-15k"
+    assert load_posttrain_config(RewardConfig, "rlhf_reward").dataset == "Anthropic/hh-rlhf"
+    assert load_posttrain_config(DPOConfig, "rlhf_dpo").beta == 0.1
+    assert load_posttrain_config(PPOConfig, "rlhf_ppo", {"reward_model": "r"}).ppo_epochs == 4

@@ -34,7 +34,7 @@ def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return sequence_log_probs(logits, labels).chunk(2)
 
 

@@ -90,7 +90,7 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def model_inputs(batch: dict, prefix: str = "") -> dict:
     """The keys of a collated batch the models take (packed rows also carry position_ids)."""
-    out = {"input_ids": batch[f"{prefix}input_ids"]}
+    out = {"input_ids": batch[f"{prefix}input_ids"], "use_cache": False}  # training never decodes
     for key in ("attention_mask", "position_ids"):
         if f"{prefix}{key}" in batch:
             out[key] = batch[f"{prefix}{key}"]
