@@ -99,6 +99,9 @@ class TorchBackend:
     def optimizer_for_checkpoint(self):
         return self.optimizer
 
+    def weights_loaded(self) -> None:
+        """Called after a checkpoint's weights were loaded into the module."""
+
 
 class DeepSpeedBackend:
     """ZeRO-2 (+ CPU Adam offload when the JSON says so) through deepspeed.initialize."""
@@ -170,7 +173,16 @@ class DeepSpeedBackend:
         return self.module.state_dict()
 
     def optimizer_for_checkpoint(self):
-        return self.optimizer
+        # ZeRO wraps the torch optimizer, which steps flat fp32 partitions; its state_dict is the
+        # plain torch one that our checkpoints store.
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def weights_loaded(self) -> None:
+        # ZeRO keeps fp32 master partitions copied from the module at initialisation: refresh them.
+        # (Exact for fp32 training; with bf16 the masters come back rounded to the bf16 weights.)
+        restore = getattr(self.optimizer, "_restore_from_bit16_weights", None)
+        if restore is not None:
+            restore()
 
 
 def _default_ds_config() -> Path:

@@ -222,16 +222,29 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, which: str = "late
         raise CheckpointError(f"{stem}: does not match the model; missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, shape mismatches {wrong[:5]}")
     model.load_state_dict(weights, strict=strict)
+    meta["path"] = str(stem)
     if optimizer is not None or restore_rng:
-        try:
-            extra = load_file(f"{stem}_optim.safetensors")
-        except Exception as exc:
-            raise CheckpointError(f"{stem}_optim.safetensors: missing or corrupt ({exc})") from exc
+        extra = _load_extra(stem)
         if optimizer is not None:
-            if "optimizer" not in meta:
-                raise CheckpointError(f"{stem}: holds no optimizer state")
-            optimizer.load_state_dict(optimizer_state_from_flat(extra, meta["optimizer"]))
+            load_optimizer_state(optimizer, meta, extra)
         if restore_rng:
             set_rng_state(extra, meta["rng"])
-    meta["path"] = str(stem)
     return meta
+
+
+def _load_extra(stem) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(f"{stem}_optim.safetensors")
+    except Exception as exc:
+        raise CheckpointError(f"{stem}_optim.safetensors: missing or corrupt ({exc})") from exc
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, meta: dict, extra: dict | None = None) -> None:
+    """Restore the optimizer saved with the checkpoint that `meta` (from load_checkpoint) describes."""
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{meta.get('path')}: holds no optimizer state")
+    extra = extra if extra is not None else _load_extra(meta["path"])
+    try:
+        optimizer.load_state_dict(optimizer_state_from_flat(extra, meta["optimizer"]))
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{meta.get('path')}: optimizer state does not match ({exc})") from exc

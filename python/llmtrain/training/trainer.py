@@ -172,8 +172,9 @@ class Trainer:
 
     def _resume(self, which: str) -> None:
         path = self.out_dir if which == "latest" else Path(which)
-        meta = ckpt.load_checkpoint(self.module, path, "latest" if which == "latest" else which,
-                                    optimizer=self.backend.optimizer_for_checkpoint(), restore_rng=True)
+        meta = ckpt.load_checkpoint(self.module, path, "latest" if which == "latest" else which, restore_rng=True)
+        self.backend.weights_loaded()  # e.g. DeepSpeed refreshes its fp32 master partitions
+        ckpt.load_optimizer_state(self.backend.optimizer_for_checkpoint(), meta)
         if meta.get("model_config") and meta["model_config"].get("model_type") != self.model_config.model_type:
             raise ckpt.CheckpointError(f"{meta['path']}: a {meta['model_config'].get('model_type')} model, "
                                        f"not {self.model_config.model_type}")
