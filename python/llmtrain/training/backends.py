@@ -113,7 +113,7 @@ class DeepSpeedBackend:
             import deepspeed
         except ImportError as exc:
             raise RuntimeError("backend=deepspeed needs DeepSpeed: pip install 'llmtrain[deepspeed]'") from exc
-        ds_path = Path(cfg.ds_config) if cfg.ds_config else _default_ds_config()
+        ds_path = _resolve_ds_config(cfg.ds_config)
         try:
             ds_config = json.loads(ds_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -185,10 +185,17 @@ class DeepSpeedBackend:
             restore()
 
 
-def _default_ds_config() -> Path:
+def _resolve_ds_config(name: str | None) -> Path:
+    """A path as given, else the same name among the packaged presets (configs/ds_config.json)."""
     from llmtrain.training.config import configs_dir
 
-    return configs_dir() / "ds_config.json"
+    if not name:
+        return configs_dir() / "ds_config.json"
+    path = Path(name)
+    if path.exists():
+        return path
+    packaged = configs_dir() / path.name
+    return packaged if packaged.exists() else path
 
 
 def make_backend(name: str, model, cfg, device, world_size, local_rank):
