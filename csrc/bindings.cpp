@@ -135,13 +135,22 @@ void expect_output(const TensorArg& out, const TensorArg& ref, const std::vector
 
 void* stream_ptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
+// Optional caller-allocated scratch for the CUDA kernels (a byte tensor on the inputs' device).
+template <typename Args> void attach_workspace(Args& a, const TensorArg& ws, const TensorArg& ref) {
+  if (!ws.present()) return;
+  ref.expect_same_device(ws);
+  a.workspace = ws.raw();
+  a.workspace_bytes = ws.numel() * (ws.t->dtype.bits / 8);
+}
+
 int64_t retention_fwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g_, py::handle s0_,
                       py::handle z0_, py::handle y_, py::handle s_out_, py::handle z_out_, int deg, double scale,
-                      int64_t chunk, uintptr_t stream) {
+                      int64_t chunk, uintptr_t stream, py::handle ws_) {
   Borrowed own;
   auto q = own.arg("q", q_), k = own.arg("k", k_), v = own.arg("v", v_);
   auto log_g = own.arg("log_g", log_g_, true), s0 = own.arg("initial_state", s0_, true),
        z0 = own.arg("initial_sum_of_keys", z0_, true);
+  auto ws = own.arg("workspace", ws_, true);
   auto y = own.arg("y", y_), s_out = own.arg("state_out", s_out_, true),
        z_out = own.arg("sum_of_keys_out", z_out_, true);
   RetentionDims m = retention_dims(q, k, v, log_g, s0, z0, deg, scale, chunk);
@@ -156,6 +165,7 @@ int64_t retention_fwd(py::handle q_, py::handle k_, py::handle v_, py::handle lo
                      s0.present() ? s0.raw() : nullptr, z0.present() ? z0.raw() : nullptr,
                      y.raw(), s_out.present() ? s_out.raw() : nullptr, z_out.present() ? z_out.raw() : nullptr,
                      stream_ptr(stream)};
+  attach_workspace(a, ws, q);
   const bool cuda = is_cuda(q);
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
@@ -168,7 +178,7 @@ int64_t retention_fwd(py::handle q_, py::handle k_, py::handle v_, py::handle lo
 void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g_, py::handle s0_, py::handle z0_,
                    py::handle dy_, py::handle ds_out_, py::handle dz_out_, py::handle dq_, py::handle dk_,
                    py::handle dv_, py::handle dlog_g_, py::handle ds0_, py::handle dz0_, int deg, double scale,
-                   int64_t chunk, uintptr_t stream) {
+                   int64_t chunk, uintptr_t stream, py::handle ws_) {
   Borrowed own;
   auto q = own.arg("q", q_), k = own.arg("k", k_), v = own.arg("v", v_);
   auto log_g = own.arg("log_g", log_g_, true), s0 = own.arg("initial_state", s0_, true),
@@ -178,6 +188,7 @@ void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g
   auto dq = own.arg("grad_q", dq_), dk = own.arg("grad_k", dk_), dv = own.arg("grad_v", dv_);
   auto dlog_g = own.arg("grad_log_g", dlog_g_, true), ds0 = own.arg("grad_initial_state", ds0_, true),
        dz0 = own.arg("grad_initial_sum_of_keys", dz0_, true);
+  auto ws = own.arg("workspace", ws_, true);
   RetentionDims m = retention_dims(q, k, v, log_g, s0, z0, deg, scale, chunk);
   const DType acc = acc_dtype(m.dtype);
   expect_output(dy, q, {m.b, m.t, m.hq, m.d}, m.dtype);
@@ -199,6 +210,7 @@ void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g
                      ds_out.present() ? ds_out.raw() : nullptr, dz_out.present() ? dz_out.raw() : nullptr,
                      dq.raw(), dk.raw(), dv.raw(), dlog_g.present() ? dlog_g.raw() : nullptr,
                      ds0.present() ? ds0.raw() : nullptr, dz0.present() ? dz0.raw() : nullptr, stream_ptr(stream)};
+  attach_workspace(a, ws, q);
   const bool cuda = is_cuda(q);
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
@@ -209,15 +221,17 @@ void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g
 }
 
 int64_t retention_step(py::handle q_, py::handle k_, py::handle v_, py::handle log_g_, py::handle s_, py::handle z_,
-                       py::handle y_, int deg, double scale, uintptr_t stream) {
+                       py::handle y_, int deg, double scale, uintptr_t stream, py::handle ws_) {
   Borrowed own;
   auto q = own.arg("q", q_), k = own.arg("k", k_), v = own.arg("v", v_);
   auto log_g = own.arg("log_g", log_g_, true), s = own.arg("state", s_), z = own.arg("sum_of_keys", z_);
   auto y = own.arg("y", y_);
+  auto ws = own.arg("workspace", ws_, true);
   RetentionDims m = retention_dims(q, k, v, log_g, s, z, deg, scale, 1);
   expect_output(y, q, {m.b, m.t, m.hq, m.d}, m.dtype);
   RetentionStepArgs a{m, q.raw(), k.raw(), v.raw(), log_g.present() ? log_g.raw() : nullptr, s.raw(), z.raw(),
                       y.raw(), stream_ptr(stream)};
+  attach_workspace(a, ws, q);
   const bool cuda = is_cuda(q);
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
@@ -225,6 +239,20 @@ int64_t retention_step(py::handle q_, py::handle k_, py::handle v_, py::handle l
 #endif
   (void)cuda;
   return power_retention_step_cpu(a);
+}
+
+// Bytes of CUDA workspace the power retention kernels need (0 without CUDA kernels).
+// which: 0 forward, 1 backward, 2 step.
+int64_t retention_workspace_size(int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t d, int64_t chunk, int which) {
+#ifdef LLMTRAIN_WITH_CUDA
+  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 2)
+    fail("power_retention_workspace_size: invalid sizes");
+  RetentionDims m{b, t, hq, hk, d, sym_power_dim(d, 2), 2, 1.0, chunk, DType::BF16};
+  return power_retention_workspace_bytes_cuda(m, which);
+#else
+  (void)b; (void)t; (void)hq; (void)hk; (void)d; (void)chunk; (void)which;
+  return 0;
+#endif
 }
 
 RmsLinDims rmslin_dims(const TensorArg& x, const TensorArg& g, const TensorArg& w, const TensorArg& bias, double eps) {
@@ -330,7 +358,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("power_retention_fwd", &retention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_g"),
         py::arg("initial_state"), py::arg("initial_sum_of_keys"), py::arg("y"), py::arg("state_out"),
         py::arg("sum_of_keys_out"), py::arg("deg"), py::arg("scale"), py::arg("chunk_size"),
-        py::arg("stream") = 0,
+        py::arg("stream") = 0, py::arg("workspace") = py::none(),
         "Chunked power retention forward. Writes y, and the final state when state_out/sum_of_keys_out are "
         "given; returns the number of non-finite outputs (-1 when the device kernel does not count them).");
   m.def("power_retention_bwd", &retention_bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_g"),
@@ -338,11 +366,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_sum_of_keys"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
         py::arg("grad_log_g"), py::arg("grad_initial_state"), py::arg("grad_initial_sum_of_keys"),
         py::arg("deg"), py::arg("scale"), py::arg("chunk_size"), py::arg("stream") = 0,
-        "Chunked power retention backward (recomputes the forward).");
+        py::arg("workspace") = py::none(), "Chunked power retention backward (recomputes the forward).");
   m.def("power_retention_step", &retention_step, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_g"),
         py::arg("state"), py::arg("sum_of_keys"), py::arg("y"), py::arg("deg"), py::arg("scale"),
-        py::arg("stream") = 0,
+        py::arg("stream") = 0, py::arg("workspace") = py::none(),
         "Recurrent decoding: advances (state, sum_of_keys) in place over t tokens and writes y.");
+  m.def("power_retention_workspace_size", &retention_workspace_size, py::arg("b"), py::arg("t"), py::arg("hq"),
+        py::arg("hk"), py::arg("d"), py::arg("chunk_size"), py::arg("which"),
+        "Bytes of device workspace the CUDA power retention kernels need (which: 0 forward, 1 backward, "
+        "2 step); pass a uint8 tensor of that size as `workspace`.");
   m.def("rmsnorm_linear_fwd", &rmslin_fwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),
         py::arg("bias"), py::arg("y"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0);
   m.def("rmsnorm_linear_bwd", &rmslin_bwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),

@@ -3,6 +3,7 @@
 // host pointers; optional ones are null. All tensors are contiguous row-major.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "tensor_view.h"
@@ -31,6 +32,8 @@ struct RetentionFwdArgs {
   void* y;
   void *s_out, *z_out;          // optional final state (skipped when null)
   void* stream;                 // cudaStream_t for CUDA, unused on CPU
+  void* workspace = nullptr;    // CUDA: caller-allocated scratch (power_retention_workspace_bytes)
+  int64_t workspace_bytes = 0;
 };
 
 struct RetentionBwdArgs {
@@ -44,6 +47,8 @@ struct RetentionBwdArgs {
   void* dlog_g;                 // written when log_g is given
   void *ds0, *dz0;              // written when s0 is given
   void* stream;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 // Recurrent step over t tokens: advances (S, z) in place and writes y.
@@ -54,7 +59,16 @@ struct RetentionStepArgs {
   void *s, *z;
   void* y;
   void* stream;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
+
+// Chunk size the CUDA kernels use for a requested one: a multiple of 128 in [128, 1024], and no
+// longer than the sequence (rounded up to 128), so short sequences run as a single chunk.
+inline int64_t retention_cuda_chunk(int64_t t, int64_t chunk) {
+  const int64_t c = std::min<int64_t>(std::max<int64_t>((chunk + 127) / 128 * 128, 128), 1024);
+  return std::min<int64_t>(c, std::max<int64_t>((t + 127) / 128 * 128, 128));
+}
 
 // Return the number of non-finite values written to y (0 on success).
 int64_t power_retention_fwd_cpu(const RetentionFwdArgs& a);
@@ -91,6 +105,8 @@ void rmsnorm_linear_bwd_cpu(const RmsLinBwdArgs& a);
 int64_t power_retention_fwd_cuda(const RetentionFwdArgs& a);
 void power_retention_bwd_cuda(const RetentionBwdArgs& a);
 int64_t power_retention_step_cuda(const RetentionStepArgs& a);
+// Workspace bytes for which = 0 (forward), 1 (backward), 2 (step); m.chunk as requested.
+int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which);
 void rmsnorm_linear_fwd_cuda(const RmsLinFwdArgs& a);
 void rmsnorm_linear_bwd_cuda(const RmsLinBwdArgs& a);
 // Device count and names for `llmtrain info`; never throws (0 devices when no driver).

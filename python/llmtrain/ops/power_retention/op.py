@@ -40,12 +40,24 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
     a whole short sequence in one chunk is cheapest; long ones use 512-token chunks.
     """
     if device_type == "cuda":
-        return 64 if d >= 128 else 128
+        # The CUDA kernels round to a multiple of 128 (at most 1024) and cap it at the sequence:
+        # larger chunks halve the bf16 state traffic, smaller ones the intra-chunk work.
+        return 128 if d <= 32 else (256 if d <= 64 else 512)
     return max(1, t) if t <= 1024 else 512
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
+    """Keyword arguments carrying scratch for the CUDA kernels (bf16 chunk states etc.), allocated
+    from torch's caching allocator; empty for CPU tensors."""
+    if q.device.type != "cuda":
+        return {}
+    b, t, hq, d = q.shape
+    n = _native.native().power_retention_workspace_size(b, t, hq, k.shape[2], d, chunk_size, which)
+    return {"workspace": _native.dl(torch.empty(n, dtype=torch.uint8, device=q.device))} if n > 0 else {}
 
 
 def _all_finite(*tensors) -> bool:
@@ -77,7 +89,7 @@ def _fwd_op(
     bad = _native.native().power_retention_fwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
-        deg, scale, chunk_size, _native.stream_of(q))
+        deg, scale, chunk_size, _native.stream_of(q), **_workspace(q, k, chunk_size, 0))
     if bad > 0 and _all_finite(q, k, v, log_g, s0, z0):  # NaN in, NaN out; finite in, NaN out is an error
         raise FloatingPointError(
             f"power_retention: {bad} non-finite outputs. The inputs overflow {acc} arithmetic: "
@@ -111,7 +123,8 @@ def _bwd_op(
     _native.native().power_retention_bwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(dy), _native.dl(ds), _native.dl(dz), _native.dl(dq), _native.dl(dk), _native.dl(dv),
-        _native.dl(dlog_g), _native.dl(ds0), _native.dl(dz0), deg, scale, chunk_size, _native.stream_of(q))
+        _native.dl(dlog_g), _native.dl(ds0), _native.dl(dz0), deg, scale, chunk_size, _native.stream_of(q),
+        **_workspace(q, k, chunk_size, 1))
     # absent gradients are distinct empty tensors (custom op outputs may not alias)
     return (dq, dk, dv, dlog_g if dlog_g is not None else q.new_empty(0),
             ds0 if ds0 is not None else q.new_empty(0), dz0 if dz0 is not None else q.new_empty(0))
@@ -306,7 +319,7 @@ def power_retention_step(
     y = torch.empty_like(q)
     bad = _native.native().power_retention_step(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(S), _native.dl(z),
-        _native.dl(y), deg, scale, _native.stream_of(q))
+        _native.dl(y), deg, scale, _native.stream_of(q), **_workspace(q, k, max(t, 1), 2))
     if bad > 0 and _all_finite(q, k, v, log_g):  # (the state was updated in place: not checked)
         raise FloatingPointError(f"power_retention_step: {bad} non-finite outputs (inputs overflow {acc})")
     return y, RetentionState(S, z)

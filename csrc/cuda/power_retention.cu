@@ -1,0 +1,330 @@
+// Chunked gated power retention (deg 2) on CUDA: forward, backward and decode step.
+//
+// Tensor cores through mma.sync m16n8k16 (bf16 operands, fp32 accumulation), so one source serves
+// sm_80, sm_90 and sm_120. All inputs are converted to bf16 operands (fp32 and fp16 inputs too);
+// accumulators, gates, the normaliser division and the user-visible states are fp32.
+//
+// Forward (C = chunk size, a multiple of 128; t needs no divisibility):
+//   1. state_scan: per (128 features, b*hk), walk the chunks keeping S (fused [D, d+1]: values and
+//      sum of keys) in registers; store the state entering each chunk to the workspace in bf16.
+//      phi(k)^T is expanded from a transposed bf16 tile of k (one bf16x2 multiply per pair).
+//   2. chunk_out: per (128 rows, q head, batch): phi(e^{g/2} s q) @ S_n (phi expanded in registers
+//      from q, canonical layout, 8-wide b-blocks) plus the intra-chunk power attention; y = num/den.
+// Backward: the forward scan again (states), chunk_out in ghat mode (ghat = dL/d[num, den]), a
+// reverse scan for dS (gradient of the state leaving each chunk), then dq (per q head) and dk/dv
+// (per KV head, summing the GQA heads) with intra-chunk and state parts, and a deterministic
+// reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
+// No atomics anywhere: repeated runs are bit-identical.
+//
+// Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
+//   forward:  bf16 states [b*hk, N, D, d+8]
+//   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
+//             q.dq [b, t, hq] and k.dk [b, t, hk] fp32, <dS_T, S_T> partials.
+//   step:     per-tile partial outputs [b, t, hq, ceil(D/64), d+1] fp32.
+#include <algorithm>
+#include <type_traits>
+
+#include "../ops.h"
+#include "power_retention_kernels.cuh"
+
+namespace llmtrain {
+namespace pr {
+namespace {
+
+constexpr int kScanFeat = 128;  // features per scan block
+
+int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
+int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  int64_t b, t, hq, hk, d, D, E;
+  int C, N, tpad, ntiles;
+};
+
+Plan make_plan(const RetentionDims& m) {
+  Plan p{};
+  p.b = m.b; p.t = m.t; p.hq = m.hq; p.hk = m.hk; p.d = m.d; p.D = m.D; p.E = m.d + 8;
+  p.C = (int)retention_cuda_chunk(m.t, m.chunk);
+  p.N = (int)std::max<int64_t>(1, div_up(m.t, p.C));
+  p.tpad = (int)(div_up(std::max<int64_t>(m.t, 1), kBM) * kBM);
+  p.ntiles = (int)div_up(p.D, kScanFeat);
+  return p;
+}
+
+// Carves the workspace; throws when it is missing or too small.
+struct Carver {
+  char* base;
+  int64_t size, used = 0;
+  template <typename X> X* take(int64_t count) {
+    X* p = reinterpret_cast<X*>(base + used);
+    used += align256(count * (int64_t)sizeof(X));
+    if (used > size)
+      throw std::runtime_error("power_retention (CUDA): workspace too small (" + std::to_string(size) +
+                               " bytes given, at least " + std::to_string(used) + " needed)");
+    return p;
+  }
+};
+
+template <typename K> void set_smem(K kernel, size_t bytes) {
+  PR_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+void check_launch(const char* what) { check(cudaGetLastError(), what); }
+
+void check_aligned(const void* p, const char* name) {
+  if (p && (reinterpret_cast<uintptr_t>(p) % 16) != 0)
+    throw std::invalid_argument(std::string("power_retention (CUDA): ") + name +
+                                " must be 16-byte aligned (pass a freshly allocated contiguous tensor)");
+}
+
+template <typename F> void dispatch(DType dt, int64_t d, F&& f) {
+  auto with_d = [&](auto tag) {
+    switch (d) {
+      case 32: f(tag, std::integral_constant<int, 32>{}); break;
+      case 64: f(tag, std::integral_constant<int, 64>{}); break;
+      case 128: f(tag, std::integral_constant<int, 128>{}); break;
+      default: throw std::invalid_argument("power_retention (CUDA): head dim must be 32, 64 or 128");
+    }
+  };
+  switch (dt) {
+    case DType::BF16: with_d((bf16*)nullptr); break;
+    case DType::F16: with_d((__half*)nullptr); break;
+    case DType::F32: with_d((float*)nullptr); break;
+    default: throw std::invalid_argument("power_retention (CUDA): dtype must be float32, bfloat16 or float16");
+  }
+}
+
+template <int d> struct Tune {
+  static constexpr int OUT_G = d == 32 ? 4 : 2, OUT_NBUF = 2;
+  static constexpr int DQ_G = 1, DQ_NBUF = 2;
+  static constexpr int DKV_G = 2, DKV_NBUF = d == 128 ? 1 : 2;
+};
+
+template <int d, typename T, bool REV>
+void launch_scan(const ScanArgs& a, const Plan& P, cudaStream_t st) {
+  auto kern = state_scan_kernel<d, T, REV>;
+  const size_t sm = scan_smem<d>(P.C);
+  set_smem(kern, sm);
+  kern<<<dim3(P.ntiles, (unsigned)(P.b * P.hk)), kThreads, sm, st>>>(a);
+  check_launch("state_scan_kernel");
+}
+
+template <int d, typename T, bool GHAT>
+void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
+  using TU = Tune<d>;
+  auto kern = chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>;
+  const size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(P.C);
+  set_smem(kern, sm);
+  kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(a);
+  check_launch("chunk_out_kernel");
+}
+
+template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
+  const RetentionDims& m = A.dims;
+  const Plan P = make_plan(m);
+  cudaStream_t st = static_cast<cudaStream_t>(A.stream);
+  const bool need_scan = P.N > 1 || A.s0 || A.s_out;
+  Carver ws{static_cast<char*>(A.workspace), A.workspace_bytes};
+  bf16* Sws = need_scan ? ws.take<bf16>(P.b * P.hk * P.N * P.D * P.E) : nullptr;
+  if (need_scan) {
+    ScanArgs s{};
+    s.x = A.k; s.yv = A.v; s.log_g = static_cast<const float*>(A.log_g);
+    s.s_init = static_cast<const float*>(A.s0); s.z_init = static_cast<const float*>(A.z0);
+    s.s_fin = static_cast<float*>(A.s_out); s.z_fin = static_cast<float*>(A.z_out);
+    s.ws = Sws;
+    s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
+    s.scale = (float)m.scale; s.need_final = A.s_out != nullptr;
+    launch_scan<d, T, false>(s, P, st);
+  }
+  OutArgs o{};
+  o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
+  o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
+  o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
+  launch_out<d, T, false>(o, P, st);
+  return -1;
+}
+
+template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
+  using TU = Tune<d>;
+  const RetentionDims& m = A.dims;
+  const Plan P = make_plan(m);
+  cudaStream_t st = static_cast<cudaStream_t>(A.stream);
+  const bool gated = A.log_g != nullptr;
+  const bool grad_final = A.ds_out || A.dz_out;
+  const bool need_dot = gated && grad_final;
+  const bool need_S = P.N > 1 || A.s0 || need_dot;
+  const bool grad_initial = A.ds0 != nullptr;
+  const bool need_dS = P.N > 1 || grad_final || grad_initial;
+  Carver ws{static_cast<char*>(A.workspace), A.workspace_bytes};
+  const int64_t nstate = P.b * P.hk * P.N * P.D * P.E;
+  bf16* Sws = need_S ? ws.take<bf16>(nstate) : nullptr;
+  bf16* dSws = need_dS ? ws.take<bf16>(nstate) : nullptr;
+  bf16* ghat = ws.take<bf16>(P.b * P.hq * P.tpad * P.E);
+  float2* rowstat = ws.take<float2>(P.b * P.hq * P.tpad);
+  float* dGq = gated ? ws.take<float>(P.b * P.t * P.hq) : nullptr;
+  float* dGk = gated ? ws.take<float>(P.b * P.t * P.hk) : nullptr;
+  float* dot = need_dot ? ws.take<float>(P.b * P.hk * P.ntiles) : nullptr;
+  const float* log_g = static_cast<const float*>(A.log_g);
+
+  if (need_S) {
+    ScanArgs s{};
+    s.x = A.k; s.yv = A.v; s.log_g = log_g;
+    s.s_init = static_cast<const float*>(A.s0); s.z_init = static_cast<const float*>(A.z0);
+    s.dot_s = need_dot ? static_cast<const float*>(A.ds_out) : nullptr;
+    s.dot_z = need_dot ? static_cast<const float*>(A.dz_out) : nullptr;
+    s.dot_out = dot; s.ws = Sws;
+    s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
+    s.scale = (float)m.scale; s.need_final = need_dot;
+    launch_scan<d, T, false>(s, P, st);
+  }
+  OutArgs o{};
+  o.q = A.q; o.k = A.k; o.v = A.v; o.dy = A.dy; o.log_g = log_g; o.Sws = Sws; o.ghat = ghat; o.rowstat = rowstat;
+  o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
+  o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
+  launch_out<d, T, true>(o, P, st);
+  if (need_dS) {
+    ScanArgs s{};
+    s.x = A.q; s.ghat = ghat; s.log_g = log_g;
+    s.s_init = static_cast<const float*>(A.ds_out); s.z_init = static_cast<const float*>(A.dz_out);
+    s.s_fin = static_cast<float*>(A.ds0); s.z_fin = static_cast<float*>(A.dz0);
+    s.ws = dSws;
+    s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
+    s.scale = (float)m.scale; s.need_final = grad_initial;
+    launch_scan<d, T, true>(s, P, st);
+  }
+  GradArgs g{};
+  g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
+  g.dq = A.dq; g.dk = A.dk; g.dv = A.dv;
+  g.b = P.b; g.t = P.t; g.hq = P.hq; g.hk = P.hk; g.C = P.C; g.N = P.N; g.tpad = P.tpad;
+  g.scale = (float)m.scale;
+  {
+    GradArgs gq = g;
+    gq.Sws = Sws; gq.dG = dGq; gq.has_s0 = A.s0 != nullptr;
+    auto kern = dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>;
+    const size_t sm = dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C);
+    set_smem(kern, sm);
+    kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
+    check_launch("dq_kernel");
+  }
+  {
+    GradArgs gk = g;
+    gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
+    auto kern = dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>;
+    const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(P.C);
+    set_smem(kern, sm);
+    kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
+    check_launch("dkv_kernel");
+  }
+  if (gated) {
+    dlogg_kernel<<<(unsigned)(P.b * P.hk), kScanThreads, 0, st>>>(dGq, dGk, dot, P.ntiles,
+                                                                   static_cast<float*>(A.dlog_g), P.t, P.hq, P.hk);
+    check_launch("dlogg_kernel");
+  }
+}
+
+template <typename T, int d> int64_t step_impl(const RetentionStepArgs& A) {
+  const RetentionDims& m = A.dims;
+  cudaStream_t st = static_cast<cudaStream_t>(A.stream);
+  const int64_t D = m.D, r = m.hq / m.hk;
+  const int nft = (int)div_up(D, kStepFT);
+  Carver ws{static_cast<char*>(A.workspace), A.workspace_bytes};
+  float* part = ws.take<float>(m.b * m.t * m.hq * nft * (m.d + 1));
+  StepArgs s{};
+  s.q = A.q; s.k = A.k; s.v = A.v; s.log_g = static_cast<const float*>(A.log_g);
+  s.S = static_cast<float*>(A.s); s.z = static_cast<float*>(A.z); s.part = part; s.y = A.y;
+  s.b = m.b; s.t = m.t; s.hq = m.hq; s.hk = m.hk; s.scale = (float)m.scale; s.nft = nft;
+  constexpr int RP = kThreads / (d / 4);
+  const size_t sm = ((2 + r) * d + kStepFT + r * kStepFT + RP * (d + 1)) * 4 + kStepFT * 4;
+  auto kern = step_kernel<d, T>;
+  set_smem(kern, sm);
+  kern<<<dim3(nft, (unsigned)(m.b * m.hk)), kThreads, sm, st>>>(s);
+  check_launch("step_kernel");
+  step_reduce_kernel<d, T><<<(unsigned)(m.b * m.t * m.hq), ((d + 1 + 31) / 32) * 32, 0, st>>>(
+      part, nft, static_cast<T*>(A.y));
+  check_launch("step_reduce_kernel");
+  return -1;
+}
+
+}  // namespace
+}  // namespace pr
+
+int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) {
+  using namespace pr;
+  const Plan P = make_plan(m);
+  const int64_t nstate = align256(P.b * P.hk * P.N * P.D * P.E * 2);
+  if (which == 0) return nstate;
+  if (which == 1)
+    return 2 * nstate + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
+           align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4);
+  const int64_t nft = div_up(P.D, kStepFT);
+  return align256(P.b * P.t * P.hq * nft * (P.d + 1) * 4);
+}
+
+int64_t power_retention_fwd_cuda(const RetentionFwdArgs& a) {
+  using namespace pr;
+  const RetentionDims& m = a.dims;
+  cudaStream_t st = static_cast<cudaStream_t>(a.stream);
+  for (auto [p, n] : {std::pair<const void*, const char*>{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.y, "y"}})
+    check_aligned(p, n);
+  if (m.b == 0) return 0;
+  if (m.t == 0) {  // no tokens: the final state is the initial one
+    const int64_t ns = m.b * m.hk * m.D * m.d * 4, nz = m.b * m.hk * m.D * 4;
+    if (a.s_out) {
+      if (a.s0) {
+        PR_CHECK(cudaMemcpyAsync(a.s_out, a.s0, ns, cudaMemcpyDeviceToDevice, st));
+        PR_CHECK(cudaMemcpyAsync(a.z_out, a.z0, nz, cudaMemcpyDeviceToDevice, st));
+      } else {
+        PR_CHECK(cudaMemsetAsync(a.s_out, 0, ns, st));
+        PR_CHECK(cudaMemsetAsync(a.z_out, 0, nz, st));
+      }
+    }
+    return 0;
+  }
+  int64_t res = -1;
+  dispatch(m.dtype, m.d, [&](auto tag, auto dd) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    res = forward_impl<T, decltype(dd)::value>(a);
+  });
+  return res;
+}
+
+void power_retention_bwd_cuda(const RetentionBwdArgs& a) {
+  using namespace pr;
+  const RetentionDims& m = a.dims;
+  cudaStream_t st = static_cast<cudaStream_t>(a.stream);
+  for (auto [p, n] : {std::pair<const void*, const char*>{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.dy, "grad_y"},
+                      {a.dq, "grad_q"}, {a.dk, "grad_k"}, {a.dv, "grad_v"}})
+    check_aligned(p, n);
+  if (m.b == 0) return;
+  if (m.t == 0) {
+    const int64_t ns = m.b * m.hk * m.D * m.d * 4, nz = m.b * m.hk * m.D * 4;
+    if (a.ds0) {
+      if (a.ds_out) PR_CHECK(cudaMemcpyAsync(a.ds0, a.ds_out, ns, cudaMemcpyDeviceToDevice, st));
+      else PR_CHECK(cudaMemsetAsync(a.ds0, 0, ns, st));
+      if (a.dz_out) PR_CHECK(cudaMemcpyAsync(a.dz0, a.dz_out, nz, cudaMemcpyDeviceToDevice, st));
+      else PR_CHECK(cudaMemsetAsync(a.dz0, 0, nz, st));
+    }
+    return;
+  }
+  dispatch(m.dtype, m.d, [&](auto tag, auto dd) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_impl<T, decltype(dd)::value>(a);
+  });
+}
+
+int64_t power_retention_step_cuda(const RetentionStepArgs& a) {
+  using namespace pr;
+  const RetentionDims& m = a.dims;
+  for (auto [p, n] : {std::pair<const void*, const char*>{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.y, "y"},
+                      {a.s, "state"}})
+    check_aligned(p, n);
+  if (m.b == 0 || m.t == 0) return 0;
+  int64_t res = -1;
+  dispatch(m.dtype, m.d, [&](auto tag, auto dd) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    res = step_impl<T, decltype(dd)::value>(a);
+  });
+  return res;
+}
+
+}  // namespace llmtrain

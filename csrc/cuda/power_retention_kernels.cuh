@@ -1,0 +1,1192 @@
+// Kernels of the chunked power retention (deg 2) on CUDA. See power_retention.cu for the plan.
+//
+// Notation (per KV head h, chunk n of C tokens, local row j, q pre-scaled by `scale`):
+//   g_j   inclusive cumsum of log_g inside the chunk, Gt = g at the chunk's last token
+//   S_n   fused state [D, d+1] entering chunk n (last column: sum of keys), canonical layout
+//   o_i   = sum_{j<=i} (q_i.k_j)^2 e^{g_i-g_j} [v_j, 1] + e^{g_i} phi(q_i)^T S_n ;  y_i = o_i[:d] / o_i[d]
+//   S_n+1 = e^{Gt} S_n + sum_j e^{Gt-g_j} phi(k_j) [v_j, 1]^T
+// Workspace states are bf16 [D][E] (E = d + 8; columns d+1.. are zero). phi is never stored: the
+// GEMM operands are expanded from q / k in registers (state query, dv) or from a transposed
+// bf16 tile (state update). The u-GEMMs of the backward (u = S ghat) use feature n-tiles of
+// 8 consecutive b for a fixed a so that J_phi^T u contracts in registers without atomics.
+#pragma once
+
+#include "power_retention_common.cuh"
+
+namespace llmtrain {
+namespace pr {
+
+// ------------------------------------------------------------------------------------------------
+// State scan: one block per (128 features, b * hk); walks the chunks in order (forward: states
+// entering each chunk) or in reverse (backward: gradients of the state leaving each chunk),
+// keeping its rows of the state in registers (fp32) and storing each chunk's value in bf16.
+// ------------------------------------------------------------------------------------------------
+struct ScanArgs {
+  const void* x;        // forward: k; reverse: q
+  const void* yv;       // forward: v
+  const bf16* ghat;     // reverse: [b, hq, tpad, E]
+  const float* log_g;   // [b, t, hk] or null
+  const float* s_init;  // [b, hk, D, d] or null (forward: s0; reverse: grad of the final state)
+  const float* z_init;  // [b, hk, D] or null
+  float* s_fin;         // final value (forward: state out; reverse: grad of the initial state) or null
+  float* z_fin;
+  const float* dot_s;   // forward in the backward: <dS_T, S_T> partials against these
+  const float* dot_z;
+  float* dot_out;       // [b * hk, gridDim.x] or null
+  bf16* ws;             // [b * hk, N, D, E]
+  int64_t b, t, hq, hk;
+  int C, N, tpad;
+  float scale;
+  int need_final;
+};
+
+constexpr int kSB = 128;  // rows of one scan sub-block
+
+template <int d> constexpr size_t scan_smem(int C) {
+  return (size_t)(d + 1) * (kSB + 8) * 2 + (size_t)kSB * Cfg<d>::E * 2 + (size_t)C * 4;
+}
+
+template <int d, typename T, bool REV>
+__global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) {
+  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, XL = kSB + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* XT = reinterpret_cast<bf16*>(smem_raw);  // [d + 1][XL], row d zero
+  bf16* Ys = XT + (d + 1) * XL;                  // [kSB][E]
+  float* gs = reinterpret_cast<float*>(Ys + kSB * E);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t bh = blockIdx.y, bi = bh / p.hk, h = bh % p.hk;
+  const int r = (int)(p.hq / p.hk);
+  const int fw = blockIdx.x * 128 + warp * 16;
+
+  int fa[2], fb[2];
+  float fwt[2];
+  bool fv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int f = fw + g + 8 * i;
+    fv[i] = f < D;
+    fa[i] = d;
+    fb[i] = d;
+    fwt[i] = 0.f;
+    if (fv[i]) {
+      int a = 0;
+      while (row_start(a + 1, d) <= f) ++a;
+      fa[i] = a;
+      fb[i] = a + f - row_start(a, d);
+      fwt[i] = fa[i] == fb[i] ? 1.f : kSqrt2;
+    }
+  }
+  // acc holds S / w (w = sqrt 2 off the diagonal), so the expanded operand needs no weight.
+  float acc[NT][4];
+  const int64_t sbase = bh * D;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e >> 1, col = nt * 8 + 2 * tq + (e & 1);
+      float v = 0.f;
+      if (fv[i]) {
+        const int64_t f = fw + g + 8 * i;
+        if (col < d) {
+          if (p.s_init) v = p.s_init[(sbase + f) * d + col];
+        } else if (col == d) {
+          if (p.z_init) v = p.z_init[sbase + f];
+        }
+        v /= fwt[i];
+      }
+      acc[nt][e] = v;
+    }
+  for (int j = tid; j < XL; j += blockDim.x) XT[d * XL + j] = __float2bfloat16(0.f);
+
+  const T* X = static_cast<const T*>(p.x);
+  const T* V = static_cast<const T*>(p.yv);
+  for (int step = 0; step < p.N; ++step) {
+    const int n = REV ? p.N - 1 - step : step;
+    bf16* slot = p.ws + (bh * p.N + n) * (int64_t)D * E;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (fv[i]) {
+        bf16* row = slot + (int64_t)(fw + g + 8 * i) * E + 2 * tq;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          *reinterpret_cast<uint32_t*>(row + nt * 8) =
+              pack_bf16(acc[nt][2 * i] * fwt[i], acc[nt][2 * i + 1] * fwt[i]);
+      }
+    if (!p.need_final && (REV ? n == 0 : n == p.N - 1)) return;
+    const int64_t cs = (int64_t)n * p.C;
+    const int cnt = (int)min((int64_t)p.C, p.t - cs);
+    __syncthreads();
+    chunk_cumsum(gs, p.log_g ? p.log_g + (bi * p.t + cs) * p.hk + h : nullptr, p.hk, cnt);
+    const float Gt = gs[cnt - 1];
+    const float dec = expf(Gt);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= dec;
+    const int nsub = (cnt + kSB - 1) / kSB;
+    const int nsrc = REV ? r : 1;
+    for (int src = 0; src < nsrc; ++src)
+      for (int sb = 0; sb < nsub; ++sb) {
+        const int j0 = sb * kSB, jc = min(kSB, cnt - j0);
+        __syncthreads();
+        for (int idx = tid; idx < kSB * (d / 8); idx += blockDim.x) {
+          const int j = idx / (d / 8), c8 = (idx % (d / 8)) * 8;
+          float xv[8];
+          if (j < jc) {
+            const int64_t tok = bi * p.t + cs + j0 + j;
+            const T* sp = REV ? X + (tok * p.hq + h * r + src) * d + c8 : X + (tok * p.hk + h) * d + c8;
+            IO<T>::load8(sp, xv);
+          } else {
+#pragma unroll
+            for (int u = 0; u < 8; ++u) xv[u] = 0.f;
+          }
+#pragma unroll
+          for (int u = 0; u < 8; ++u) XT[(c8 + u) * XL + j] = __float2bfloat16(xv[u]);
+        }
+        for (int idx = tid; idx < kSB * (E / 8); idx += blockDim.x) {
+          const int j = idx / (E / 8), c8 = (idx % (E / 8)) * 8;
+          float yv[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) yv[u] = 0.f;
+          if (j < jc) {
+            const int jl = j0 + j;
+            if (REV) {
+              const float w = p.scale * p.scale * expf(gs[jl]);
+              IO<bf16>::load8(p.ghat + ((bi * p.hq + h * r + src) * p.tpad + cs + jl) * (int64_t)E + c8, yv);
+#pragma unroll
+              for (int u = 0; u < 8; ++u) yv[u] *= w;
+            } else {
+              const float w = expf(Gt - gs[jl]);
+              if (c8 < d) {
+                IO<T>::load8(V + ((bi * p.t + cs + jl) * p.hk + h) * d + c8, yv);
+#pragma unroll
+                for (int u = 0; u < 8; ++u) yv[u] *= w;
+              } else {
+                yv[0] = w;
+              }
+            }
+          }
+          st8_bf16(Ys + j * E + c8, yv);
+        }
+        __syncthreads();
+        const int ksteps = (jc + 15) >> 4;
+        for (int ks = 0; ks < ksteps; ++ks) {
+          const int jj = ks * 16 + 2 * tq;
+          uint32_t A[4];
+          A[0] = hmul2_bf16(ld32(XT + fa[0] * XL + jj), ld32(XT + fb[0] * XL + jj));
+          A[1] = hmul2_bf16(ld32(XT + fa[1] * XL + jj), ld32(XT + fb[1] * XL + jj));
+          A[2] = hmul2_bf16(ld32(XT + fa[0] * XL + jj + 8), ld32(XT + fb[0] * XL + jj + 8));
+          A[3] = hmul2_bf16(ld32(XT + fa[1] * XL + jj + 8), ld32(XT + fb[1] * XL + jj + 8));
+          const bf16* bp = Ys + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * E + (lane >> 4) * 8;
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {
+            uint32_t b[4];
+            ldsm4t(b, bp + np * 16);
+            mma(acc[2 * np], A, b[0], b[1]);
+            mma(acc[2 * np + 1], A, b[2], b[3]);
+          }
+          uint32_t b2[2];
+          ldsm2t(b2, bp + (NT - 1) * 8);
+          mma(acc[NT - 1], A, b2[0], b2[1]);
+        }
+      }
+  }
+  // final value
+  float dot = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e >> 1, col = nt * 8 + 2 * tq + (e & 1);
+      if (!fv[i] || col > d) continue;
+      const int64_t f = fw + g + 8 * i;
+      const float v = acc[nt][e] * fwt[i];
+      if (col < d) {
+        if (p.s_fin) p.s_fin[(sbase + f) * d + col] = v;
+        if (p.dot_s) dot += v * p.dot_s[(sbase + f) * d + col];
+      } else {
+        if (p.z_fin) p.z_fin[sbase + f] = v;
+        if (p.dot_z) dot += v * p.dot_z[sbase + f];
+      }
+    }
+  if (p.dot_out) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    __syncthreads();
+    if (lane == 0) gs[warp] = dot;
+    __syncthreads();
+    if (tid == 0) {
+      float s = 0.f;
+      for (int w = 0; w < kThreads / 32; ++w) s += gs[w];
+      p.dot_out[bh * gridDim.x + blockIdx.x] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared pieces of the chunk kernels (blocks of 128 rows inside one chunk).
+// ------------------------------------------------------------------------------------------------
+
+// acc[16 x N] += phi(x_rows) @ S over the features of triangle rows a, a+1 (a even), for the
+// n-tiles [0, NTILES) of the slab rows. xs: [128][LD] bf16 holding x (any per-row scaling
+// already applied); sl: slab whose row (f - base) holds feature f; zero row at index zrow.
+template <int d, int NTILES, int STRIDE>
+__device__ __forceinline__ void phi_pair_gemm(float (&acc)[NTILES][4], const bf16* xs, const bf16* sl, int base,
+                                              int zrow, int a, int wr0, int lane) {
+  constexpr int LD = Cfg<d>::LD;
+  const int tq = lane & 3;
+  const int wr1 = wr0 + 8;
+  const float xa0 = bf2f(xs[wr0 * LD + a]) * kSqrt2, xa1 = bf2f(xs[wr1 * LD + a]) * kSqrt2;
+  const float xn0 = bf2f(xs[wr0 * LD + a + 1]) * kSqrt2, xn1 = bf2f(xs[wr1 * LD + a + 1]) * kSqrt2;
+  const int Bd = a >> 3;
+  const int arow = ((lane >> 3) & 1) ? a + 1 : a;
+  const int rsa = row_start(arow, d) - base;
+#pragma unroll
+  for (int B = 0; B < d / 8; ++B) {
+    if (B < Bd) continue;
+    const int bc = 8 * B + 2 * tq;
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    float w00 = 1.f, w01 = 1.f, w10 = 1.f, w11 = 1.f;
+    if (B == Bd) {
+      w00 = bc > a ? 1.f : (bc == a ? kInvSqrt2 : 0.f);
+      w01 = bc + 1 > a ? 1.f : (bc + 1 == a ? kInvSqrt2 : 0.f);
+      w10 = bc > a + 1 ? 1.f : (bc == a + 1 ? kInvSqrt2 : 0.f);
+      w11 = bc + 1 > a + 1 ? 1.f : (bc + 1 == a + 1 ? kInvSqrt2 : 0.f);
+    }
+    uint32_t A[4];
+    A[0] = pack_bf16(xa0 * w00 * xb0.x, xa0 * w01 * xb0.y);
+    A[1] = pack_bf16(xa1 * w00 * xb1.x, xa1 * w01 * xb1.y);
+    A[2] = pack_bf16(xn0 * w10 * xb0.x, xn0 * w11 * xb0.y);
+    A[3] = pack_bf16(xn1 * w10 * xb1.x, xn1 * w11 * xb1.y);
+    const int brow = 8 * B + (lane & 7);
+    const int srow = brow >= arow ? rsa + brow - arow : zrow;
+    const bf16* bp = sl + srow * STRIDE + (lane >> 4) * 8;
+#pragma unroll
+    for (int np = 0; np < NTILES / 2; ++np) {
+      uint32_t b[4];
+      ldsm4t(b, bp + np * 16);
+      mma(acc[2 * np], A, b[0], b[1]);
+      mma(acc[2 * np + 1], A, b[2], b[3]);
+    }
+    if constexpr (NTILES % 2 == 1) {
+      uint32_t b2[2];
+      ldsm2t(b2, bp + (NTILES - 1) * 8);
+      mma(acc[NTILES - 1], A, b2[0], b2[1]);
+    }
+  }
+}
+
+// u = Y_rows @ S[f(a, .), :d]^T (+ rank-1 zc * z_f) for the n-tiles B >= a/8, contracted at once
+// through J_phi(x)^T: dx[b] += w x_a u_ab (registers, C-fragment layout) and
+// dx[a] += sum_b w x_b u_ab (quad-reduced, written to xa_out[row][a]).
+// Ay: A fragments of Y (d/16 k-steps); us: per-row scale of u; zc: per-row coefficient of z.
+template <int d>
+__device__ __forceinline__ void u_contract(float (&dacc)[d / 8][4], const uint32_t (&Ay)[d / 16][4],
+                                           const bf16* xs, const bf16* sl, int base, int zrow, int a, int wr0,
+                                           int lane, float zc0, float zc1, float us0, float us1, float* xa_out,
+                                           int xa_ld) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  const int tq = lane & 3;
+  const int wr1 = wr0 + 8;
+  const float xa0 = bf2f(xs[wr0 * LD + a]), xa1 = bf2f(xs[wr1 * LD + a]);
+  const int rsa = row_start(a, d) - base;
+  float pa0 = 0.f, pa1 = 0.f;
+#pragma unroll
+  for (int B = 0; B < d / 8; ++B) {
+    if (B < (a >> 3)) continue;
+    float u[4] = {0.f, 0.f, 0.f, 0.f};
+    const int bl = 8 * B + (lane & 7);
+    const int srow = bl >= a ? rsa + bl - a : zrow;
+    const bf16* bp = sl + srow * E + (lane >> 3) * 8;
+#pragma unroll
+    for (int kp = 0; kp < d / 32; ++kp) {
+      uint32_t b[4];
+      ldsm4(b, bp + kp * 32);
+      mma(u, Ay[2 * kp], b[0], b[1]);
+      mma(u, Ay[2 * kp + 1], b[2], b[3]);
+    }
+    const int bc = 8 * B + 2 * tq;
+    const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
+    const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
+    u[0] = (u[0] + z0 * zc0) * us0;
+    u[1] = (u[1] + z1 * zc0) * us0;
+    u[2] = (u[2] + z0 * zc1) * us1;
+    u[3] = (u[3] + z1 * zc1) * us1;
+    const float w0 = bc > a ? kSqrt2 : (bc == a ? 1.f : 0.f);
+    const float w1 = bc + 1 > a ? kSqrt2 : (bc + 1 == a ? 1.f : 0.f);
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    dacc[B][0] += w0 * xa0 * u[0];
+    dacc[B][1] += w1 * xa0 * u[1];
+    dacc[B][2] += w0 * xa1 * u[2];
+    dacc[B][3] += w1 * xa1 * u[3];
+    pa0 += w0 * xb0.x * u[0] + w1 * xb0.y * u[1];
+    pa1 += w0 * xb1.x * u[2] + w1 * xb1.y * u[3];
+  }
+  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 1);
+  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 2);
+  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 1);
+  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 2);
+  if (tq == 0) {
+    xa_out[wr0 * xa_ld + a] = pa0;
+    xa_out[wr1 * xa_ld + a] = pa1;
+  }
+}
+
+// Load rows [lr0, lr0 + nrows) (chunk-local, valid below cnt) of a [b, t, heads, d] tensor into a
+// bf16 [nrows][LD] tile, scaled per row by rs(local row) (zeros past cnt).
+template <int d, typename T, typename RS>
+__device__ __forceinline__ void load_tile(bf16* dst, const T* src, int64_t tok0, int64_t heads, int64_t head,
+                                          int lr0, int nrows, int cnt, RS rs) {
+  constexpr int LD = Cfg<d>::LD;
+  for (int idx = threadIdx.x; idx < nrows * (d / 8); idx += blockDim.x) {
+    const int i = idx / (d / 8), c8 = (idx % (d / 8)) * 8;
+    const int li = lr0 + i;
+    float x[8];
+    if (li < cnt) {
+      IO<T>::load8(src + ((tok0 + li) * heads + head) * d + c8, x);
+      const float s = rs(li);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x[u] *= s;
+    } else {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x[u] = 0.f;
+    }
+    st8_bf16(dst + i * LD + c8, x);
+  }
+}
+
+// [v, 1, 0...] rows (E columns), zeros past cnt.
+template <int d, typename T>
+__device__ __forceinline__ void load_vhat(bf16* dst, const T* v, int64_t tok0, int64_t heads, int64_t head, int lr0,
+                                          int nrows, int cnt) {
+  constexpr int E = Cfg<d>::E;
+  for (int idx = threadIdx.x; idx < nrows * (E / 8); idx += blockDim.x) {
+    const int i = idx / (E / 8), c8 = (idx % (E / 8)) * 8;
+    const int li = lr0 + i;
+    float x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) x[u] = 0.f;
+    if (li < cnt) {
+      if (c8 < d) IO<T>::load8(v + ((tok0 + li) * heads + head) * d + c8, x);
+      else x[0] = 1.f;
+    }
+    st8_bf16(dst + i * E + c8, x);
+  }
+}
+
+// Copy ghat rows (bf16, E columns) into smem, zeros past cnt.
+template <int d>
+__device__ __forceinline__ void load_ghat(bf16* dst, const bf16* src_rows, int lr0, int nrows, int cnt) {
+  constexpr int E = Cfg<d>::E;
+  for (int idx = threadIdx.x; idx < nrows * (E / 8); idx += blockDim.x) {
+    const int i = idx / (E / 8), c8 = (idx % (E / 8)) * 8;
+    const int li = lr0 + i;
+    uint4 u = make_uint4(0, 0, 0, 0);
+    if (li < cnt) u = *reinterpret_cast<const uint4*>(src_rows + (int64_t)li * E + c8);
+    *reinterpret_cast<uint4*>(dst + i * E + c8) = u;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Chunk output: y (forward) or ghat = [dy / den, -(dy . y) / den] (backward), one block per
+// (128 rows, q head, batch). State query first (phi(e^{g/2} q) @ S_n), then the intra-chunk
+// power attention, FlashAttention style with the squared score in place of softmax.
+// ------------------------------------------------------------------------------------------------
+struct OutArgs {
+  const void *q, *k, *v, *dy;
+  const float* log_g;
+  const bf16* Sws;
+  void* y;
+  bf16* ghat;
+  float2* rowstat;  // ghat mode: [b, hq, tpad] (1 / den, dy . y)
+  int64_t b, t, hq, hk;
+  int C, N, tpad;
+  float scale;
+  int has_s0;
+};
+
+template <int d, int G, int NBUF> constexpr size_t out_smem(int C) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  constexpr size_t slab = (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
+  constexpr size_t intra = (size_t)kKB * LD * 2 + (size_t)kKB * E * 2;
+  return (size_t)2 * kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (slab > intra ? slab : intra);
+}
+
+template <int d, typename T, bool GHAT, int G, int NBUF>
+__global__ void __launch_bounds__(kThreads) chunk_out_kernel(const OutArgs p) {
+  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
+  constexpr int SL = slab_rows(d, G) + 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // raw q
+  bf16* xs = qs + kBM * LD;                      // e^{g/2} scale q
+  float* gs = reinterpret_cast<float*>(xs + kBM * LD);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t hqi = blockIdx.y, bi = blockIdx.z;
+  const int r = (int)(p.hq / p.hk);
+  const int64_t h = hqi / r;
+  const int row0 = blockIdx.x * kBM;
+  const int n = row0 / p.C;
+  const int64_t cs = (int64_t)n * p.C;
+  const int cnt = (int)min((int64_t)p.C, p.t - cs);
+  const int lrow0 = row0 - (int)cs;
+  const int nq = min(cnt, lrow0 + kBM);
+  const int64_t tok0 = bi * p.t + cs;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+
+  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, nq);
+  load_tile<d>(qs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
+  const float sc = p.scale;
+  load_tile<d>(xs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [&](int li) { return sc * expf(0.5f * gs[li]); });
+  __syncthreads();
+
+  const int wr0 = warp * 16 + g, wr1 = wr0 + 8;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+
+  if (n > 0 || p.has_s0) {
+    const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
+    bf16* slab = reinterpret_cast<bf16*>(region);
+    for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
+    constexpr int NG = d / G;
+    auto issue = [&](int grp) {
+      const int a0 = grp * G;
+      load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
+      cp_commit();
+    };
+    issue(0);
+    for (int grp = 0; grp < NG; ++grp) {
+      if (NBUF > 1 && grp + 1 < NG) {
+        issue(grp + 1);
+        cp_wait<1>();
+      } else {
+        cp_wait<0>();
+      }
+      __syncthreads();
+      const bf16* sl = slab + (grp % NBUF) * SL * E;
+      const int a0 = grp * G, base = row_start(a0, d);
+#pragma unroll 1
+      for (int ap = 0; ap < G; ap += 2) phi_pair_gemm<d, NT, E>(acc, xs, sl, base, SL - 1, a0 + ap, warp * 16 + g, lane);
+      __syncthreads();
+      if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
+    }
+  }
+
+  // intra-chunk
+  bf16* Ks = reinterpret_cast<bf16*>(region);
+  bf16* Vs = Ks + kKB * LD;
+  const int qi0 = lrow0 + wr0, qi1 = lrow0 + wr1;
+  const float gq0 = gs[min(qi0, nq - 1)], gq1 = gs[min(qi1, nq - 1)];
+  for (int kb0 = 0; kb0 < nq; kb0 += kKB) {
+    __syncthreads();
+    load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+    load_vhat<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt);
+    __syncthreads();
+    if (lrow0 + warp * 16 + 15 < kb0) continue;
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < d / 16; ++ks) {
+      uint32_t Aq[4];
+      ldsm4(Aq, qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm4(b, Ks + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma(s[2 * np], Aq, b[0], b[1]);
+        mma(s[2 * np + 1], Aq, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = e < 2 ? qi0 : qi1;
+        const int kj = kb0 + nt * 8 + 2 * tq + (e & 1);
+        const bool ok = kj <= qi && kj < cnt;
+        const float x = s[nt][e] * p.scale;
+        s[nt][e] = ok ? x * x * __expf((e < 2 ? gq0 : gq1) - gs[ok ? kj : 0]) : 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t A[4];
+      A[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      A[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      A[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      A[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const bf16* bp = Vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * E + (lane >> 4) * 8;
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm4t(b, bp + np * 16);
+        mma(acc[2 * np], A, b[0], b[1]);
+        mma(acc[2 * np + 1], A, b[2], b[3]);
+      }
+      uint32_t b2[2];
+      ldsm2t(b2, bp + (NT - 1) * 8);
+      mma(acc[NT - 1], A, b2[0], b2[1]);
+    }
+  }
+
+  // epilogue
+  const float den0 = __shfl_sync(0xffffffffu, acc[ND][0], lane & ~3);
+  const float den1 = __shfl_sync(0xffffffffu, acc[ND][2], lane & ~3);
+  const float inv0 = 1.f / den0, inv1 = 1.f / den1;
+  const bool v0 = qi0 < cnt, v1 = qi1 < cnt;
+  if constexpr (!GHAT) {
+    T* Y = static_cast<T*>(p.y);
+#pragma unroll
+    for (int nt = 0; nt < ND; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      if (v0) IO<T>::store2(Y + ((tok0 + qi0) * p.hq + hqi) * d + col, acc[nt][0] * inv0, acc[nt][1] * inv0);
+      if (v1) IO<T>::store2(Y + ((tok0 + qi1) * p.hq + hqi) * d + col, acc[nt][2] * inv1, acc[nt][3] * inv1);
+    }
+  } else {
+    const T* DY = static_cast<const T*>(p.dy);
+    bf16* gh0 = p.ghat + ((bi * p.hq + hqi) * p.tpad + cs + qi0) * (int64_t)E;
+    bf16* gh1 = p.ghat + ((bi * p.hq + hqi) * p.tpad + cs + qi1) * (int64_t)E;
+    float dyy0 = 0.f, dyy1 = 0.f;
+    float2 dy0[ND], dy1[ND];
+#pragma unroll
+    for (int nt = 0; nt < ND; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      dy0[nt] = v0 ? IO<T>::load2(DY + ((tok0 + qi0) * p.hq + hqi) * d + col) : make_float2(0.f, 0.f);
+      dy1[nt] = v1 ? IO<T>::load2(DY + ((tok0 + qi1) * p.hq + hqi) * d + col) : make_float2(0.f, 0.f);
+      dyy0 += dy0[nt].x * acc[nt][0] + dy0[nt].y * acc[nt][1];
+      dyy1 += dy1[nt].x * acc[nt][2] + dy1[nt].y * acc[nt][3];
+    }
+    dyy0 += __shfl_xor_sync(0xffffffffu, dyy0, 1);
+    dyy0 += __shfl_xor_sync(0xffffffffu, dyy0, 2);
+    dyy1 += __shfl_xor_sync(0xffffffffu, dyy1, 1);
+    dyy1 += __shfl_xor_sync(0xffffffffu, dyy1, 2);
+    // dyy = dy . num; ghat[d] = -(dy . y) / den = -dyy / den^2
+#pragma unroll
+    for (int nt = 0; nt < ND; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(gh0 + col) = v0 ? pack_bf16(dy0[nt].x * inv0, dy0[nt].y * inv0) : 0u;
+      *reinterpret_cast<uint32_t*>(gh1 + col) = v1 ? pack_bf16(dy1[nt].x * inv1, dy1[nt].y * inv1) : 0u;
+    }
+    const int col = d + 2 * tq;
+    *reinterpret_cast<uint32_t*>(gh0 + col) = (v0 && tq == 0) ? pack_bf16(-dyy0 * inv0 * inv0, 0.f) : 0u;
+    *reinterpret_cast<uint32_t*>(gh1 + col) = (v1 && tq == 0) ? pack_bf16(-dyy1 * inv1 * inv1, 0.f) : 0u;
+    if (tq == 0) {
+      float2* rs = p.rowstat + (bi * p.hq + hqi) * p.tpad + cs;
+      rs[qi0] = v0 ? make_float2(inv0, dyy0 * inv0) : make_float2(0.f, 0.f);
+      rs[qi1] = v1 ? make_float2(inv1, dyy1 * inv1) : make_float2(0.f, 0.f);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dq: one block per (128 query rows, q head, batch). Intra-chunk part first, then the state part
+// u = S_n ghat contracted through J_phi(e^{g} scale q)^T. Also writes q.dq per row for dlog_g.
+// ------------------------------------------------------------------------------------------------
+struct GradArgs {
+  const void *q, *k, *v;
+  const float* log_g;
+  const bf16* Sws;   // dq: states entering each chunk; dkv: gradients of states leaving each chunk
+  const bf16* ghat;  // [b, hq, tpad, E]
+  const void* dy;
+  const float2* rowstat;  // [b, hq, tpad]: (1 / den, dy . y)
+  void *dq, *dk, *dv;
+  float* dG;         // dq: [b, t, hq] (q.dq); dkv: [b, t, hk] (k.dk)
+  int64_t b, t, hq, hk;
+  int C, N, tpad;
+  float scale;
+  int has_s0;        // dq: a state enters chunk 0; dkv: the last chunk has a non-zero dS
+};
+
+template <int d, int G, int NBUF> constexpr size_t dq_smem(int C) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2;
+  constexpr size_t state =
+      (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
+  return (size_t)kBM * E * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
+}
+
+template <int d, typename T, int G, int NBUF>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const GradArgs p) {
+  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
+  constexpr int SL = slab_rows(d, G) + 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* gh = reinterpret_cast<bf16*>(smem_raw);  // [128][E]
+  float* gs = reinterpret_cast<float*>(gh + kBM * E);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t hqi = blockIdx.y, bi = blockIdx.z;
+  const int r = (int)(p.hq / p.hk);
+  const int64_t h = hqi / r;
+  const int row0 = blockIdx.x * kBM;
+  const int n = row0 / p.C;
+  const int64_t cs = (int64_t)n * p.C;
+  const int cnt = (int)min((int64_t)p.C, p.t - cs);
+  const int lrow0 = row0 - (int)cs;
+  const int nq = min(cnt, lrow0 + kBM);
+  const int64_t tok0 = bi * p.t + cs;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+
+  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, nq);
+  load_tile<d>(gh, static_cast<const T*>(p.dy), tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
+  bf16* qs = reinterpret_cast<bf16*>(region);
+  bf16* Ks = qs + kBM * LD;
+  bf16* Vs = Ks + kKB * LD;
+  load_tile<d>(qs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
+  __syncthreads();
+
+  const int wr0 = warp * 16 + g, wr1 = wr0 + 8;
+  uint32_t Ag[d / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < d / 16; ++ks)
+    ldsm4(Ag[ks], gh + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+  // ghat . [v, 1] = (dy . v - dy . y) / den, from the exact dy and fp32 row statistics
+  const float2* rst = p.rowstat + (bi * p.hq + hqi) * p.tpad + cs;
+  const float2 st0 = rst[min(lrow0 + wr0, cnt - 1)], st1 = rst[min(lrow0 + wr1, cnt - 1)];
+  float dacc[ND][4];
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dacc[nt][e] = 0.f;
+
+  const int qi0 = lrow0 + wr0, qi1 = lrow0 + wr1;
+  const float gq0 = gs[min(qi0, nq - 1)], gq1 = gs[min(qi1, nq - 1)];
+  for (int kb0 = 0; kb0 < nq; kb0 += kKB) {
+    __syncthreads();
+    load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+    load_tile<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+    __syncthreads();
+    if (lrow0 + warp * 16 + 15 < kb0) continue;
+    float s[8][4], da[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = da[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < d / 16; ++ks) {
+      uint32_t Aq[4];
+      ldsm4(Aq, qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        const int off = (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8;
+        ldsm4(b, Ks + off);
+        mma(s[2 * np], Aq, b[0], b[1]);
+        mma(s[2 * np + 1], Aq, b[2], b[3]);
+        ldsm4(b, Vs + off);
+        mma(da[2 * np], Ag[ks], b[0], b[1]);
+        mma(da[2 * np + 1], Ag[ks], b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = e < 2 ? qi0 : qi1;
+        const int kj = kb0 + nt * 8 + 2 * tq + (e & 1);
+        const bool ok = kj <= qi && kj < cnt;
+        const float x = s[nt][e] * p.scale;
+        const float ex = __expf((e < 2 ? gq0 : gq1) - gs[ok ? kj : 0]);
+        const float2 st = e < 2 ? st0 : st1;
+        // pre-scaled exactly as in dkv_kernel, so both sides round the same value (telescoping dlog_g)
+        s[nt][e] = ok ? 2.f * x * ex * (da[nt][e] - st.y) * st.x * p.scale : 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t A[4];
+      A[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      A[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      A[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      A[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const bf16* bp = Ks + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+      for (int np = 0; np < ND / 2; ++np) {
+        uint32_t b[4];
+        ldsm4t(b, bp + np * 16);
+        mma(dacc[2 * np], A, b[0], b[1]);
+        mma(dacc[2 * np + 1], A, b[2], b[3]);
+      }
+    }
+  }
+  __syncthreads();
+
+  const bool has_state = n > 0 || p.has_s0;
+  bf16* xs = reinterpret_cast<bf16*>(region);
+  float* dqa = reinterpret_cast<float*>(xs + kBM * LD);
+  bf16* slab = reinterpret_cast<bf16*>(dqa + kBM * (d + 4));
+  if (has_state) {
+    const float sc = p.scale;
+    // e^{g} scale q for J_phi, times scale again: the state part then comes out as dq (not d(scale q))
+    load_tile<d>(xs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [&](int li) { return sc * sc * expf(gs[li]); });
+    for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
+    const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
+    constexpr int NG = d / G;
+    auto issue = [&](int grp) {
+      const int a0 = grp * G;
+      load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
+      cp_commit();
+    };
+    issue(0);
+    for (int grp = 0; grp < NG; ++grp) {
+      if (NBUF > 1 && grp + 1 < NG) {
+        issue(grp + 1);
+        cp_wait<1>();
+      } else {
+        cp_wait<0>();
+      }
+      __syncthreads();
+      const bf16* sl = slab + (grp % NBUF) * SL * E;
+      const int a0 = grp * G, base = row_start(a0, d);
+#pragma unroll 1
+      for (int ai = 0; ai < G; ++ai)
+        u_contract<d>(dacc, Ag, xs, sl, base, SL - 1, a0 + ai, wr0, lane, -st0.y, -st1.y, st0.x, st1.x, dqa, d + 4);
+      __syncthreads();
+      if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
+    }
+  }
+
+  // epilogue: dq = dacc + dqa (both already in units of dq); dG = q . dq
+  T* DQ = static_cast<T*>(p.dq);
+  const bool v0 = qi0 < cnt, v1 = qi1 < cnt;
+  float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    float x0 = dacc[nt][0], x1 = dacc[nt][1], x2 = dacc[nt][2], x3 = dacc[nt][3];
+    if (has_state) {
+      x0 += dqa[wr0 * (d + 4) + col];
+      x1 += dqa[wr0 * (d + 4) + col + 1];
+      x2 += dqa[wr1 * (d + 4) + col];
+      x3 += dqa[wr1 * (d + 4) + col + 1];
+    }
+    if (v0) {
+      T* dst = DQ + ((tok0 + qi0) * p.hq + hqi) * d + col;
+      const float2 qv = IO<T>::load2(Q + ((tok0 + qi0) * p.hq + hqi) * d + col);
+      dot0 += qv.x * x0 + qv.y * x1;
+      IO<T>::store2(dst, x0, x1);
+    }
+    if (v1) {
+      T* dst = DQ + ((tok0 + qi1) * p.hq + hqi) * d + col;
+      const float2 qv = IO<T>::load2(Q + ((tok0 + qi1) * p.hq + hqi) * d + col);
+      dot1 += qv.x * x2 + qv.y * x3;
+      IO<T>::store2(dst, x2, x3);
+    }
+  }
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+  if (tq == 0 && p.dG) {
+    if (v0) p.dG[(tok0 + qi0) * p.hq + hqi] = dot0;
+    if (v1) p.dG[(tok0 + qi1) * p.hq + hqi] = dot1;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dk, dv: one block per (128 key rows, KV head, batch). Intra-chunk part over the r query heads,
+// then the state part from dS (gradient of the state leaving the chunk):
+//   dv_j += e^{Gt-g_j} phi(k_j)^T dS[:, :d];  dk_j += J_phi(k_j)^T (e^{Gt-g_j} dS [v_j, 1]).
+// ------------------------------------------------------------------------------------------------
+template <int d, int G, int NBUF> constexpr size_t dkv_smem(int C) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2 + (size_t)kKB * 8;
+  constexpr size_t state =
+      (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
+  return (size_t)kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
+}
+
+template <int d, typename T, int G, int NBUF>
+__global__ void __launch_bounds__(kThreads) dkv_kernel(const GradArgs p) {
+  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
+  constexpr int SL = slab_rows(d, G) + 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* vs = reinterpret_cast<bf16*>(smem_raw);  // raw v [128][LD]
+  float* gs = reinterpret_cast<float*>(vs + kBM * LD);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t h = blockIdx.y, bi = blockIdx.z;
+  const int r = (int)(p.hq / p.hk);
+  const int row0 = blockIdx.x * kBM;
+  const int n = row0 / p.C;
+  const int64_t cs = (int64_t)n * p.C;
+  const int cnt = (int)min((int64_t)p.C, p.t - cs);
+  const int lrow0 = row0 - (int)cs;
+  const int64_t tok0 = bi * p.t + cs;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+
+  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, cnt);
+  const float Gt = gs[cnt - 1];
+  bf16* ks = reinterpret_cast<bf16*>(region);
+  bf16* Qs = ks + kBM * LD;
+  bf16* DYs = Qs + kKB * LD;                                   // [64][LD] dy of the query tile
+  float2* qst = reinterpret_cast<float2*>(DYs + kKB * LD);      // [64] (1 / den, dy . y)
+  load_tile<d>(vs, V, tok0, p.hk, h, lrow0, kBM, cnt, [](int) { return 1.f; });
+  load_tile<d>(ks, K, tok0, p.hk, h, lrow0, kBM, cnt, [](int) { return 1.f; });
+  __syncthreads();
+
+  const int wr0 = warp * 16 + g, wr1 = wr0 + 8;
+  const int kj0 = lrow0 + wr0, kj1 = lrow0 + wr1;
+  const float gk0 = gs[min(kj0, cnt - 1)], gk1 = gs[min(kj1, cnt - 1)];
+  uint32_t Av[d / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < d / 16; ++kk)
+    ldsm4(Av[kk], vs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+  float dv[ND][4], dk[ND][4];
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dv[nt][e] = dk[nt][e] = 0.f;
+
+  for (int rr = 0; rr < r; ++rr) {
+    const int64_t hq_i = h * r + rr;
+    for (int qb0 = lrow0; qb0 < cnt; qb0 += kKB) {
+      __syncthreads();
+      load_tile<d>(Qs, Q, tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
+      load_tile<d>(DYs, static_cast<const T*>(p.dy), tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
+      if (tid < kKB) {
+        const int qi = qb0 + tid;
+        qst[tid] = qi < cnt ? p.rowstat[(bi * p.hq + hq_i) * p.tpad + cs + qi] : make_float2(0.f, 0.f);
+      }
+      __syncthreads();
+      if (lrow0 + warp * 16 > qb0 + kKB - 1) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int qh0 = qb0 + half * 32;
+        if (lrow0 + warp * 16 > qh0 + 31) continue;
+        float s[4][4], da[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = da[nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < d / 16; ++kk) {
+          uint32_t Ak[4];
+          ldsm4(Ak, ks + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            uint32_t b[4];
+            const int rowi = half * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8, colk = kk * 16 + ((lane >> 3) & 1) * 8;
+            ldsm4(b, Qs + rowi * LD + colk);
+            mma(s[2 * np], Ak, b[0], b[1]);
+            mma(s[2 * np + 1], Ak, b[2], b[3]);
+            ldsm4(b, DYs + rowi * LD + colk);
+            mma(da[2 * np], Av[kk], b[0], b[1]);
+            mma(da[2 * np + 1], Av[kk], b[2], b[3]);
+          }
+        }
+        float w[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int qi = qh0 + nt * 8 + 2 * tq + c;
+            const bool qok = qi < cnt;
+            const float gqi = gs[qok ? qi : 0];
+            const float2 sti = qst[qi - qb0];
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+              const int e = 2 * hr + c;
+              const int kj = hr ? kj1 : kj0;
+              const bool ok = qok && qi >= kj;
+              const float x = s[nt][e] * p.scale;
+              const float ex = __expf(gqi - (hr ? gk1 : gk0));
+              w[nt][e] = ok ? x * x * ex * sti.x : 0.f;  // times 1 / den: dv = sum w dy / den
+              s[nt][e] = ok ? 2.f * x * ex * (da[nt][e] - sti.y) * sti.x * p.scale : 0.f;
+            }
+          }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          uint32_t Aw[4], As[4];
+          Aw[0] = pack_bf16(w[2 * kk][0], w[2 * kk][1]);
+          Aw[1] = pack_bf16(w[2 * kk][2], w[2 * kk][3]);
+          Aw[2] = pack_bf16(w[2 * kk + 1][0], w[2 * kk + 1][1]);
+          Aw[3] = pack_bf16(w[2 * kk + 1][2], w[2 * kk + 1][3]);
+          As[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+          As[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+          As[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          As[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+          const int rowk = half * 32 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, coln = (lane >> 4) * 8;
+#pragma unroll
+          for (int np = 0; np < ND / 2; ++np) {
+            uint32_t b[4];
+            ldsm4t(b, DYs + rowk * LD + coln + np * 16);
+            mma(dv[2 * np], Aw, b[0], b[1]);
+            mma(dv[2 * np + 1], Aw, b[2], b[3]);
+            ldsm4t(b, Qs + rowk * LD + coln + np * 16);
+            mma(dk[2 * np], As, b[0], b[1]);
+            mma(dk[2 * np + 1], As, b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const bool has_dS = n < p.N - 1 || p.has_s0;
+  bf16* xk = reinterpret_cast<bf16*>(region);
+  float* dka = reinterpret_cast<float*>(xk + kBM * LD);
+  bf16* slab = reinterpret_cast<bf16*>(dka + kBM * (d + 4));
+  if (has_dS) {
+    load_tile<d>(xk, K, tok0, p.hk, h, lrow0, kBM, cnt, [&](int li) { return expf(0.5f * (Gt - gs[li])); });
+    for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
+    const float us0 = kj0 < cnt ? expf(0.5f * (Gt - gk0)) : 0.f;
+    const float us1 = kj1 < cnt ? expf(0.5f * (Gt - gk1)) : 0.f;
+    const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
+    constexpr int NG = d / G;
+    auto issue = [&](int grp) {
+      const int a0 = grp * G;
+      load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
+      cp_commit();
+    };
+    issue(0);
+    for (int grp = 0; grp < NG; ++grp) {
+      if (NBUF > 1 && grp + 1 < NG) {
+        issue(grp + 1);
+        cp_wait<1>();
+      } else {
+        cp_wait<0>();
+      }
+      __syncthreads();
+      const bf16* sl = slab + (grp % NBUF) * SL * E;
+      const int a0 = grp * G, base = row_start(a0, d);
+#pragma unroll 1
+      for (int ap = 0; ap < G; ap += 2) {
+        phi_pair_gemm<d, ND, E>(dv, xk, sl, base, SL - 1, a0 + ap, wr0, lane);
+        u_contract<d>(dk, Av, xk, sl, base, SL - 1, a0 + ap, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+        u_contract<d>(dk, Av, xk, sl, base, SL - 1, a0 + ap + 1, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+      }
+      __syncthreads();
+      if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
+    }
+  }
+
+  T* DK = static_cast<T*>(p.dk);
+  T* DV = static_cast<T*>(p.dv);
+  const bool v0 = kj0 < cnt, v1 = kj1 < cnt;
+  float dot0 = 0.f, dot1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    float x0 = dk[nt][0], x1 = dk[nt][1], x2 = dk[nt][2], x3 = dk[nt][3];
+    if (has_dS) {
+      x0 += dka[wr0 * (d + 4) + col];
+      x1 += dka[wr0 * (d + 4) + col + 1];
+      x2 += dka[wr1 * (d + 4) + col];
+      x3 += dka[wr1 * (d + 4) + col + 1];
+    }
+    if (v0) {
+      const int64_t o = ((tok0 + kj0) * p.hk + h) * d + col;
+      const float2 kv = IO<T>::load2(K + o);
+      dot0 += kv.x * x0 + kv.y * x1;
+      IO<T>::store2(DK + o, x0, x1);
+      IO<T>::store2(DV + o, dv[nt][0], dv[nt][1]);
+    }
+    if (v1) {
+      const int64_t o = ((tok0 + kj1) * p.hk + h) * d + col;
+      const float2 kv = IO<T>::load2(K + o);
+      dot1 += kv.x * x2 + kv.y * x3;
+      IO<T>::store2(DK + o, x2, x3);
+      IO<T>::store2(DV + o, dv[nt][2], dv[nt][3]);
+    }
+  }
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 1);
+  dot0 += __shfl_xor_sync(0xffffffffu, dot0, 2);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 1);
+  dot1 += __shfl_xor_sync(0xffffffffu, dot1, 2);
+  if (tq == 0 && p.dG) {
+    if (v0) p.dG[(tok0 + kj0) * p.hk + h] = dot0;
+    if (v1) p.dG[(tok0 + kj1) * p.hk + h] = dot1;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dlog_g: dG_i = (sum_heads q.dq - k.dk) / 2 (+ <dS_T, S_T> at the last token), then a reverse
+// cumulative sum over time. One block per (batch, KV head); deterministic order.
+// ------------------------------------------------------------------------------------------------
+constexpr int kScanThreads = 512;
+__global__ void __launch_bounds__(kScanThreads)
+    dlogg_kernel(const float* dGq, const float* dGk, const float* dot, int ntiles, float* dlog_g, int64_t t,
+                 int64_t hq, int64_t hk) {
+  __shared__ float tot[kScanThreads + 1];
+  __shared__ float dot_total;
+  const int tid = threadIdx.x;
+  const int64_t bh = blockIdx.x, bi = bh / hk, h = bh % hk;
+  const int r = (int)(hq / hk);
+  if (tid == 0) {
+    float s = 0.f;
+    if (dot)
+      for (int i = 0; i < ntiles; ++i) s += dot[bh * ntiles + i];
+    dot_total = s;
+  }
+  __syncthreads();
+  // sum_heads q.dq = 2 sum_heads ghat . o is zero in exact arithmetic (y is invariant to scaling o),
+  // but its computed value shares the rounded intra-chunk terms of k.dk, which then telescope in
+  // the reverse cumsum: keep both sides.
+  auto dG = [&](int64_t i) {
+    float s = 0.f;
+    for (int rr = 0; rr < r; ++rr) s += dGq[(bi * t + i) * hq + h * r + rr];
+    s = 0.5f * (s - dGk[(bi * t + i) * hk + h]);
+    if (i == t - 1) s += dot_total;
+    return s;
+  };
+  const int64_t seg = (t + kScanThreads - 1) / kScanThreads;
+  const int64_t beg = min((int64_t)tid * seg, t), end = min(beg + seg, t);
+  float local = 0.f;
+  for (int64_t i = beg; i < end; ++i) local += dG(i);
+  tot[tid] = local;
+  if (tid == 0) tot[kScanThreads] = 0.f;
+  __syncthreads();
+  for (int off = 1; off < kScanThreads; off <<= 1) {
+    const float v = tid + off < kScanThreads ? tot[tid + off] : 0.f;
+    __syncthreads();
+    tot[tid] += v;
+    __syncthreads();
+  }
+  float run = tot[tid + 1];  // sum of all later segments
+  for (int64_t i = end - 1; i >= beg; --i) {
+    run += dG(i);
+    dlog_g[(bi * t + i) * hk + h] = run;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Decode step: one block per (64 features, b * hk); updates its rows of S and z in place, token
+// by token, and writes per-tile partial [num, den] for each q head; a second kernel reduces.
+// ------------------------------------------------------------------------------------------------
+struct StepArgs {
+  const void *q, *k, *v;
+  const float* log_g;
+  float *S, *z, *part;
+  void* y;
+  int64_t b, t, hq, hk;
+  float scale;
+  int nft;
+};
+constexpr int kStepFT = 64;
+
+template <int d, typename T>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
+  constexpr int D = Cfg<d>::D;
+  constexpr int TPR = d / 4;          // threads per feature row (4 columns each)
+  constexpr int RP = kThreads / TPR;  // rows per pass
+  constexpr int PASSES = kStepFT / RP;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int r = (int)(p.hq / p.hk);
+  float* kv = reinterpret_cast<float*>(smem_raw);  // k [d], v [d]
+  float* qv = kv + 2 * d;                           // [r][d]
+  float* phk = qv + r * d;                          // [kStepFT]
+  float* phq = phk + kStepFT;                       // [r][kStepFT]
+  float* red = phq + r * kStepFT;                   // [RP][d + 1]
+  int* fab = reinterpret_cast<int*>(red + RP * (d + 1));  // [kStepFT] packed a | b << 16
+  const int tid = threadIdx.x;
+  const int64_t bh = blockIdx.y, bi = bh / p.hk, h = bh % p.hk;
+  const int f0 = blockIdx.x * kStepFT;
+  const int nf = min(kStepFT, D - f0);
+  if (tid < kStepFT) {
+    const int f = f0 + tid;
+    int a = 0;
+    if (f < D)
+      while (row_start(a + 1, d) <= f) ++a;
+    const int b = f < D ? a + f - row_start(a, d) : 0;
+    fab[tid] = a | (b << 16);
+  }
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  float* S = p.S + (bh * D + f0) * (int64_t)d;
+  float* z = p.z + bh * D + f0;
+  const int cg = tid % TPR, rg = tid / TPR;
+  for (int64_t i = 0; i < p.t; ++i) {
+    const int64_t tok = bi * p.t + i;
+    __syncthreads();
+    for (int c = tid; c < (2 + r) * d; c += blockDim.x) {
+      const int which = c / d, col = c % d;
+      float x;
+      if (which == 0) x = (float)K[(tok * p.hk + h) * d + col];
+      else if (which == 1) x = (float)V[(tok * p.hk + h) * d + col];
+      else x = p.scale * (float)Q[(tok * p.hq + h * r + which - 2) * d + col];
+      kv[c] = x;
+    }
+    const float decay = p.log_g ? expf(p.log_g[tok * p.hk + h]) : 1.f;
+    __syncthreads();
+    for (int c = tid; c < (1 + r) * kStepFT; c += blockDim.x) {
+      const int which = c / kStepFT, fl = c % kStepFT;
+      const int a = fab[fl] & 0xffff, b = fab[fl] >> 16;
+      const float w = fl < nf ? (a == b ? 1.f : kSqrt2) : 0.f;
+      const float* x = which == 0 ? kv : qv + (which - 1) * d;
+      (which == 0 ? phk : phq + (which - 1) * kStepFT)[fl] = w * x[a] * x[b];
+    }
+    __syncthreads();
+    float sreg[PASSES][4], zreg[PASSES];
+#pragma unroll
+    for (int ps = 0; ps < PASSES; ++ps) {
+      const int fl = rg + ps * RP;
+      sreg[ps][0] = sreg[ps][1] = sreg[ps][2] = sreg[ps][3] = 0.f;
+      zreg[ps] = 0.f;
+      if (fl < nf) {
+        float4* sp = reinterpret_cast<float4*>(S + (int64_t)fl * d + 4 * cg);
+        float4 s4 = *sp;
+        const float pk = phk[fl];
+        s4.x = decay * s4.x + pk * kv[d + 4 * cg];
+        s4.y = decay * s4.y + pk * kv[d + 4 * cg + 1];
+        s4.z = decay * s4.z + pk * kv[d + 4 * cg + 2];
+        s4.w = decay * s4.w + pk * kv[d + 4 * cg + 3];
+        *sp = s4;
+        sreg[ps][0] = s4.x; sreg[ps][1] = s4.y; sreg[ps][2] = s4.z; sreg[ps][3] = s4.w;
+        if (cg == 0) {
+          const float zz = decay * z[fl] + pk;
+          z[fl] = zz;
+          zreg[ps] = zz;
+        }
+      }
+    }
+    for (int rr = 0; rr < r; ++rr) {
+      float num[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
+#pragma unroll
+      for (int ps = 0; ps < PASSES; ++ps) {
+        const int fl = rg + ps * RP;
+        const float pq = fl < nf ? phq[rr * kStepFT + fl] : 0.f;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) num[u] += pq * sreg[ps][u];
+        den += pq * zreg[ps];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < 4; ++u) red[rg * (d + 1) + 4 * cg + u] = num[u];
+      if (cg == 0) red[rg * (d + 1) + d] = den;
+      __syncthreads();
+      for (int c = tid; c <= d; c += blockDim.x) {
+        float s = 0.f;
+        for (int g2 = 0; g2 < RP; ++g2) s += red[g2 * (d + 1) + c];
+        p.part[(((tok * p.hq) + h * r + rr) * p.nft + blockIdx.x) * (d + 1) + c] = s;
+      }
+    }
+  }
+}
+
+template <int d, typename T>
+__global__ void step_reduce_kernel(const float* part, int nft, T* y) {
+  __shared__ float den;
+  const int64_t row = blockIdx.x;  // (b, t, hq) flattened
+  const float* pr = part + row * nft * (d + 1);
+  const int c = threadIdx.x;
+  float s = 0.f;
+  if (c <= d)
+    for (int i = 0; i < nft; ++i) s += pr[i * (d + 1) + c];
+  if (c == d) den = s;
+  __syncthreads();
+  if (c < d) y[row * d + c] = static_cast<T>(s / den);
+}
+
+}  // namespace pr
+}  // namespace llmtrain
