@@ -73,6 +73,10 @@ class SFTTrainer(PostTrainer):
 
 
 def run_sft(cfg: SFTConfig, callbacks=()) -> dict:
+    if cfg.backend == "mlx":  # the MLX models and loop (llmtrain.mlx.sft)
+        from llmtrain.mlx.sft import run_sft as run_mlx_sft
+
+        return run_mlx_sft(cfg, callbacks)
     trainer = SFTTrainer(cfg, callbacks)
     if trainer.is_main:
         n = sum(p.numel() for p in trainer.module.parameters())
