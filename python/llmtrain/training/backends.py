@@ -199,6 +199,8 @@ def _resolve_ds_config(name: str | None) -> Path:
 
 
 def make_backend(name: str, model, cfg, device, world_size, local_rank):
+    if name == "auto":  # a torch model is in hand here: MLX runs were dispatched earlier
+        name = "torch"
     if name == "torch":
         return TorchBackend(model, cfg, device, world_size, local_rank)
     if name == "deepspeed":

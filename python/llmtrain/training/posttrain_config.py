@@ -57,7 +57,7 @@ class PostTrainConfig:
     output_dir: str = "runs/posttrain"
     resume: Optional[str] = None             # "latest" or a checkpoint path
     # systems
-    backend: str = "torch"                   # torch | deepspeed | mlx (sft only)
+    backend: str = "auto"                    # auto | torch | deepspeed | mlx (sft only; auto picks it on macOS)
     ds_config: Optional[str] = None
     device: str = "auto"
     dtype: str = "auto"
@@ -87,7 +87,7 @@ class PostTrainConfig:
                 raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip/weight_decay: must be >= 0")
-        if self.backend not in ("torch", "deepspeed") + (("mlx",) if isinstance(self, SFTConfig) else ()):
+        if self.backend not in ("auto", "torch", "deepspeed") + (("mlx",) if isinstance(self, SFTConfig) else ()):
             raise ConfigError(f"backend: post-training runs on torch or deepspeed (sft also mlx), got {self.backend!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype: must be auto, bf16, fp16 or fp32, got {self.dtype!r}")

@@ -73,7 +73,9 @@ class SFTTrainer(PostTrainer):
 
 
 def run_sft(cfg: SFTConfig, callbacks=()) -> dict:
-    if cfg.backend == "mlx":  # the MLX models and loop (llmtrain.mlx.sft)
+    from llmtrain.training.backends import select_backend
+
+    if select_backend(cfg.backend) == "mlx":  # the MLX models and loop (llmtrain.mlx.sft); auto on macOS
         from llmtrain.mlx.sft import run_sft as run_mlx_sft
 
         return run_mlx_sft(cfg, callbacks)
