@@ -42,3 +42,12 @@ def test_compiles_without_graph_breaks(rng):
     torch.testing.assert_close(out, f(q, k, v, log_g, x))
     out.backward()
     assert q.grad is not None and log_g.grad is not None
+
+
+def test_ops_follow_autocast(rng):
+    q, k, v, log_g, _ = make_inputs(1, 10, 2, 1, 8, gen=rng)
+    x, g, w = torch.randn(3, 8, generator=rng), torch.ones(8), torch.randn(4, 8, generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.power_retention(q, k, v, log_g).dtype == torch.bfloat16
+        assert ops.rmsnorm_linear(x, g, w).dtype == torch.bfloat16
+    assert ops.rmsnorm_linear(x, g, w).dtype == torch.float32

@@ -59,3 +59,11 @@ def supports(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return has_cuda_kernels()
     return False
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for t's device, if any: our ops follow autocast like F.linear does."""
+    device_type = t.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

@@ -261,6 +261,9 @@ def power_retention(
     Returns: y [batch, time, heads, dim] in q's dtype, or (y, RetentionState) with return_state.
     """
     _check_inputs(q, k, v, log_g, deg)
+    cast = _native.autocast_dtype(q)
+    if cast is not None:  # under autocast, compute in its dtype (state and gates stay float32)
+        q, k, v = q.to(cast), k.to(cast), v.to(cast)
     b, t, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale) or scale == 0.0:

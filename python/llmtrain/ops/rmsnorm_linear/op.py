@@ -98,6 +98,9 @@ def rmsnorm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
         raise ValueError(f"rmsnorm_linear: weight must be [out_features, {k}], got {tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)):
         raise ValueError(f"rmsnorm_linear: bias must be [{weight.shape[0]}]")
+    cast = _native.autocast_dtype(x)
+    if cast is not None and x.is_floating_point():
+        x = x.to(cast)
     params = (norm_weight, weight) + ((bias,) if bias is not None else ())
     if any(p.dtype != x.dtype for p in params):
         # Mixed precision (autocast or fp32 master weights with bf16 activations): compute in x's dtype.
