@@ -30,7 +30,7 @@
 #                          machine's CPU, AVX-512 when it has it) or a portable level such as
 #                          x86-64-v3 (AVX2; what the Dockerfile uses so the image runs on any
 #                          Haswell/Zen or newer CPU). Default: native.
-#   EXTRA_PACKAGES         default "tensorboard>=2.16 matplotlib>=3.8 ninja transformers>=4.44 datasets>=2.19"
+#   EXTRA_PACKAGES         default "tensorboard>=2.16 matplotlib>=3.8 ninja transformers>=5.0 datasets>=2.19"
 #   LLMTRAIN_WHEEL_DIR     folder holding llmtrain-*.whl (default: dist)
 #   LLMTRAIN_EXPECT_BACKENDS  backends `check` requires in llmtrain._C (default: cpu), e.g. "cpu cuda"
 set -euo pipefail
@@ -41,7 +41,7 @@ TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0;12.0}
 DS_CPU_ARCH=${DS_CPU_ARCH:-native}
-EXTRA_PACKAGES=${EXTRA_PACKAGES:-tensorboard>=2.16 matplotlib>=3.8 ninja transformers>=4.44 datasets>=2.19}
+EXTRA_PACKAGES=${EXTRA_PACKAGES:-tensorboard>=2.16 matplotlib>=3.8 ninja transformers>=5.0 datasets>=2.19}
 LLMTRAIN_WHEEL_DIR=${LLMTRAIN_WHEEL_DIR:-dist}
 LLMTRAIN_EXPECT_BACKENDS=${LLMTRAIN_EXPECT_BACKENDS:-cpu}
 
