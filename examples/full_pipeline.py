@@ -36,4 +36,4 @@ llmtrain("rlhf", "train-reward", "--model_path", work / "sft" / "hf", "--dataset
          "--epochs", 1, "--batch_size", 4, "--output_dir", work / "reward")
 llmtrain("rlhf", "dpo", "--model_path", work / "sft" / "hf", "--dataset", "hh-rlhf-sample", "--epochs", 1,
          "--batch_size", 4, "--output_dir", work / "dpo")
-llmtrain("generate", "--model", work / "dpo" / "hf", "--prompt", "ROMEO:", "--max_new_tokens", 40)
+llmtrain("generate", "--model", work / "dpo" / "hf", "--prompt", "ROMEO:", "--max-new-tokens", 40)

@@ -19,5 +19,5 @@ overrides = {"output_dir": args.output_dir}
 if args.max_steps is not None:
     overrides["max_steps"] = args.max_steps
 summary = pretrain("quick_start", **overrides)
-print(f"finished at step {summary['step']}: last train loss {summary['loss']:.3f}, "
+print(f"finished at step {summary['step']}: last train loss {summary['loss']['last']:.3f}, "
       f"unigram entropy {summary['unigram_entropy']:.3f}")
