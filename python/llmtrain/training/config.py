@@ -171,15 +171,14 @@ def _coerce(key: str, value: Any, typ) -> Any:
     return value
 
 
-def _fields() -> dict[str, Any]:
-    hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
-
-
-def apply(config: TrainConfig, values: dict, source: str) -> TrainConfig:
-    known = _fields()
+def apply(config, values: dict, source: str):
+    """Set `values` on a copy of a config dataclass, each converted to its field's type; unknown keys
+    raise ConfigError naming the closest known one."""
+    hints = get_type_hints(type(config))
+    known = {f.name: hints[f.name] for f in dataclasses.fields(config)}
     updates = {}
     for key, value in values.items():
+        key = key.replace("-", "_")
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -212,9 +211,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config: {name_or_path!r} is neither a file nor a preset; presets: {known}")
 
 
-def load_config(config: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
-    """Defaults <- YAML file or preset <- overrides; then validated."""
-    cfg = TrainConfig()
+def load_dataclass_config(config_class, config: Optional[str] = None, overrides: Optional[dict] = None):
+    """Defaults of `config_class` <- YAML file or preset <- overrides; then its validate()."""
+    cfg = config_class()
     if config:
         path = resolve_config_path(config)
         try:
@@ -227,6 +226,11 @@ def load_config(config: Optional[str] = None, overrides: Optional[dict] = None) 
     if overrides:
         cfg = apply(cfg, overrides, "command-line overrides")
     return cfg.validate()
+
+
+def load_config(config: Optional[str] = None, overrides: Optional[dict] = None) -> TrainConfig:
+    """The pretraining config: defaults <- YAML file or preset <- overrides; then validated."""
+    return load_dataclass_config(TrainConfig, config, overrides)
 
 
 def parse_overrides(args: list[str]) -> dict:

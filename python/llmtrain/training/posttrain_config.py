@@ -9,15 +9,12 @@ key or a bad value raises ConfigError naming it.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Optional, get_type_hints
+from typing import Optional
 
-import yaml
 
-from llmtrain.training.config import ConfigError, _coerce, resolve_config_path
+from llmtrain.training.config import ConfigError, load_dataclass_config
 
 
 @dataclass
@@ -179,33 +176,6 @@ class PPOConfig(PostTrainConfig):
         return self
 
 
-def apply_values(config, values: dict, source: str):
-    """Set `values` on a copy of `config`, each converted to its field's type; unknown keys raise."""
-    hints = get_type_hints(type(config))
-    known = {f.name: hints[f.name] for f in dataclasses.fields(config)}
-    updates = {}
-    for key, value in values.items():
-        key = key.replace("-", "_")
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}: unknown key in {source}{hint}")
-        updates[key] = _coerce(key, value, known[key])
-    return dataclasses.replace(config, **updates)
-
-
 def load_posttrain_config(config_class, config: Optional[str] = None, overrides: Optional[dict] = None):
     """Defaults <- YAML file or preset (configs/sft_*.yaml, configs/rlhf_*.yaml) <- overrides; validated."""
-    cfg = config_class()
-    if config:
-        path = resolve_config_path(config)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config: {path} is not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of keys to values")
-        cfg = apply_values(cfg, data, str(path))
-    if overrides:
-        cfg = apply_values(cfg, overrides, "overrides")
-    return cfg.validate()
+    return load_dataclass_config(config_class, config, overrides)
