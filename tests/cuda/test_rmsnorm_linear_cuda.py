@@ -4,6 +4,7 @@ Random inputs (fresh per test), outputs poisoned before each run, odd row counts
 without bias, bf16 / fp16 / fp32. Skips cleanly where torch has no CUDA or the extension was
 built without CUDA kernels.
 """
+import zlib
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def call_native(x, nw, w, b, dy, eps):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_forward_backward_vs_float64(n, k, m, bias, dtype):
     eps = 1e-6
-    seed = hash((n, k, m, bias, str(dtype))) % (2**31)
+    seed = zlib.crc32(repr((n, k, m, bias, str(dtype))).encode())
     x, nw, w, b, dy = make(n, k, m, dtype, bias, seed)
     y, rstd, dx, dg, dw, db = call_native(x, nw, w, b, dy, eps)
     y_ref, grads = ref_all(x, nw, w, b, dy, eps)

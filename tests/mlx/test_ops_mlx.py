@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,7 @@ CASES = [
 @pytest.mark.parametrize("with_state", [False, True])
 def test_retention_forward_state_and_gradients(case, with_state):
     b, t, hq, hk, d, gated, init, chunk = case
-    seed = hash(case) % 1000
+    seed = zlib.crc32(repr(case).encode()) % 1000  # hash() of None/str varies per process
     inp = retention_inputs(seed, b, t, hq, hk, d, gated, init)
     cot = cotangents(seed, inp)
     y_ref, S_ref, z_ref, g_ref = retention_reference(inp, cot, with_state=with_state)
@@ -73,7 +75,11 @@ def test_retention_forward_state_and_gradients(case, with_state):
     arrays = [mx.array(inp[n]) for n in names]
     grads = mx.grad(loss, argnums=tuple(range(len(names))))(*arrays)
     for n, g in zip(names, grads):
-        assert_close(g, g_ref[n], 5 * TOL, f"d{n}", floor=0.1)
+        # dlog_g and dz0 reduce over the whole state (D·d terms per head), so fp32 rounding grows with it
+        tol = 2e-4 if n in ("lg", "z0") else 5 * TOL
+        # at t = 1, y = v exactly, so dq, dk, dlog_g through y are zero analytically and what is left is
+        # rounding amplified by 1/(s·q·k)² — bounded on an absolute scale, not relative to ~0
+        assert_close(g, g_ref[n], tol, f"d{n}", floor=1.0 if t == 1 else 0.1)
 
 
 def test_chunk_size_changes_only_rounding():
