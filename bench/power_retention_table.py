@@ -12,7 +12,8 @@ at batch 1 and 64. FLOP counts (printed as achieved TFLOP/s):
   chunk_simple_gla: forward = b h t [4 d d + 2 c (2d)] with c = 64; forward+backward = 3x.
 
 Usage: python bench/power_retention_table.py [--d 64 128] [--t 2048 8192 32768 65536] [--json out.json]
-       [--only ours,retention128,...] [--no-bwd]
+       [--only ours-v1,ours-v2,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
+       [--no-fwd] [--no-decode]. ours-v1 / ours-v2: LLMTRAIN_RETENTION_KERNEL=v1 / v2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -67,7 +69,16 @@ def make_impls(d):
     impls = {}
     from llmtrain.ops.power_retention.op import power_retention
 
-    impls["ours"] = (lambda q, k, v, g: power_retention(q, k, v, g), flops_power)
+    # Both kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
+    # call; set before the forward, it also holds for the backward that follows).
+    def ours(ver):
+        def fn(q, k, v, g):
+            os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
+            return power_retention(q, k, v, g)
+        return fn
+
+    for ver in ("v1", "v2"):
+        impls[f"ours-{ver}"] = (ours(ver), flops_power)
     def sdpa(q, k, v, g):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True).transpose(1, 2)
@@ -133,6 +144,7 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-fwd", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
@@ -159,7 +171,7 @@ def main():
                     rows.append(dict(d=d, mode=mode, t=t, b=b, impl=name, ms=ms, tflops=tf, err=err))
                     print(f"d={d:<4} {mode:<8} t={t:<6} b={b:<3} {name:<16} {ms:9.3f} ms {tf:7.1f} TFLOP/s {err}",
                           flush=True)
-    for d in args.d:
+    for d in ([] if args.no_decode else args.d):
         for b in (1, 64):
             try:
                 ms = decode_latency(b, d)

@@ -16,12 +16,21 @@
 // reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
 // No atomics anywhere: repeated runs are bit-identical.
 //
+// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v1 is the default until measured on a GPU): the sequential
+// scans become (a) state_scan_kernel<LOCAL>, every chunk's own contribution at once (grid: feature
+// tiles x chunks x b*hk), and (b) state_prefix_kernel, an element-wise walk over the chunks in
+// fp32 that turns the contributions into the states in place; same for the reverse dS scan.
+// dlog_g is chunk-local (dlogg_local_kernel): the in-chunk reverse cumsum of dG plus
+// <dS_{n+1}, S_{n+1}> per chunk, computed by the prefix kernels, so errors do not accumulate with t.
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
 //             q.dq [b, t, hq] and k.dk [b, t, hk] fp32, <dS_T, S_T> partials.
 //   step:     per-tile partial outputs [b, t, hq, ceil(D/64), d+1] fp32.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../ops.h"
@@ -34,11 +43,22 @@ namespace {
 constexpr int kScanFeat = 128;  // features per scan block
 
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
+
+// Kernel generation, read per call so that one process can A/B them (bench, tests).
+constexpr int kDefaultVersion = 1;
+int kernel_version() {
+  const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
+  if (!e || !*e) return kDefaultVersion;
+  if (!std::strcmp(e, "v1")) return 1;
+  if (!std::strcmp(e, "v2")) return 2;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 or v2, got '") +
+                              e + "'");
+}
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Plan {
   int64_t b, t, hq, hk, d, D, E;
-  int C, N, tpad, ntiles;
+  int C, N, tpad, ntiles, nprefix;  // nprefix: blocks per b*hk of state_prefix_kernel
 };
 
 Plan make_plan(const RetentionDims& m) {
@@ -48,7 +68,14 @@ Plan make_plan(const RetentionDims& m) {
   p.N = (int)std::max<int64_t>(1, div_up(m.t, p.C));
   p.tpad = (int)(div_up(std::max<int64_t>(m.t, 1), kBM) * kBM);
   p.ntiles = (int)div_up(p.D, kScanFeat);
+  p.nprefix = (int)div_up(p.D * (p.E / 8), kPT);
   return p;
+}
+
+// Extra workspace of v2 (after v1's, so v1's layout is unchanged): fbuf, gtot, dlog_g partials.
+int64_t v2_extra_bytes(const Plan& P) {
+  return align256(P.b * P.hk * P.D * P.E * 4) + align256(P.b * P.hk * P.N * 4) +
+         align256(P.b * P.hk * P.N * P.nprefix * 4);
 }
 
 // Carves the workspace; throws when it is missing or too small.
@@ -102,11 +129,30 @@ template <int d> struct Tune {
 
 template <int d, typename T, bool REV>
 void launch_scan(const ScanArgs& a, const Plan& P, cudaStream_t st) {
-  auto kern = state_scan_kernel<d, T, REV>;
+  auto kern = state_scan_kernel<d, T, REV, false>;
   const size_t sm = scan_smem<d>(P.C);
   set_smem(kern, sm);
   kern<<<dim3(P.ntiles, (unsigned)(P.b * P.hk)), kThreads, sm, st>>>(a);
   check_launch("state_scan_kernel");
+}
+
+template <int d, typename T, bool REV>
+void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
+  auto kern = state_scan_kernel<d, T, REV, true>;
+  const size_t sm = scan_smem<d>(P.C);
+  set_smem(kern, sm);
+  a.nwork = P.b * P.hk * P.N;
+  const int64_t gy = std::min<int64_t>(a.nwork, 65535);
+  kern<<<dim3(P.ntiles, (unsigned)gy, (unsigned)div_up(a.nwork, gy)), kThreads, sm, st>>>(a);
+  check_launch("state_scan_kernel<local>");
+}
+
+template <int d, bool REV>
+void launch_prefix(PrefixArgs a, const Plan& P, cudaStream_t st) {
+  a.N = P.N;
+  a.D = P.D;
+  state_prefix_kernel<d, REV><<<dim3(P.nprefix, (unsigned)(P.b * P.hk)), kPT, 0, st>>>(a);
+  check_launch("state_prefix_kernel");
 }
 
 template <int d, typename T, bool GHAT>
@@ -134,7 +180,19 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
     s.ws = Sws;
     s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
     s.scale = (float)m.scale; s.need_final = A.s_out != nullptr;
-    launch_scan<d, T, false>(s, P, st);
+    if (kernel_version() == 2) {
+      float* fbuf = ws.take<float>(P.b * P.hk * P.D * P.E);
+      float* gtot = ws.take<float>(P.b * P.hk * P.N);
+      s.fbuf = A.s_out ? fbuf : nullptr;
+      s.gtot = gtot;
+      launch_scan_local<d, T, false>(s, P, st);
+      PrefixArgs pa{};
+      pa.ws = Sws; pa.fbuf = s.fbuf; pa.gtot = gtot;
+      pa.s_init = s.s_init; pa.z_init = s.z_init; pa.s_fin = s.s_fin; pa.z_fin = s.z_fin;
+      launch_prefix<d, false>(pa, P, st);
+    } else {
+      launch_scan<d, T, false>(s, P, st);
+    }
   }
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
@@ -165,6 +223,10 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   float* dGk = gated ? ws.take<float>(P.b * P.t * P.hk) : nullptr;
   float* dot = need_dot ? ws.take<float>(P.b * P.hk * P.ntiles) : nullptr;
   const float* log_g = static_cast<const float*>(A.log_g);
+  const bool v2 = kernel_version() == 2;
+  float* fbuf = v2 ? ws.take<float>(P.b * P.hk * P.D * P.E) : nullptr;
+  float* gtot = v2 ? ws.take<float>(P.b * P.hk * P.N) : nullptr;
+  float* part = v2 ? ws.take<float>(P.b * P.hk * P.N * P.nprefix) : nullptr;
 
   if (need_S) {
     ScanArgs s{};
@@ -175,7 +237,17 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     s.dot_out = dot; s.ws = Sws;
     s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
     s.scale = (float)m.scale; s.need_final = need_dot;
-    launch_scan<d, T, false>(s, P, st);
+    if (v2) {
+      s.fbuf = need_dot ? fbuf : nullptr;
+      s.gtot = gtot;
+      launch_scan_local<d, T, false>(s, P, st);
+      PrefixArgs pa{};
+      pa.ws = Sws; pa.fbuf = s.fbuf; pa.gtot = gtot; pa.s_init = s.s_init; pa.z_init = s.z_init;
+      pa.dot_s = s.dot_s; pa.dot_z = s.dot_z; pa.part = part;  // <dS_T, S_T>: the last chunk's dlog_g term
+      launch_prefix<d, false>(pa, P, st);
+    } else {
+      launch_scan<d, T, false>(s, P, st);
+    }
   }
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.dy = A.dy; o.log_g = log_g; o.Sws = Sws; o.ghat = ghat; o.rowstat = rowstat;
@@ -190,7 +262,19 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     s.ws = dSws;
     s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
     s.scale = (float)m.scale; s.need_final = grad_initial;
-    launch_scan<d, T, true>(s, P, st);
+    if (v2) {
+      s.fbuf = grad_initial ? fbuf : nullptr;  // fbuf is free again: the forward walk has finished
+      s.gtot = gtot;
+      launch_scan_local<d, T, true>(s, P, st);
+      PrefixArgs pa{};
+      pa.ws = dSws; pa.fbuf = s.fbuf; pa.gtot = gtot; pa.s_init = s.s_init; pa.z_init = s.z_init;
+      pa.s_fin = s.s_fin; pa.z_fin = s.z_fin;
+      pa.dot_ws = gated && P.N > 1 ? Sws : nullptr;  // <dS_{n+1}, S_{n+1}>, chunks 0..N-2
+      pa.part = part;
+      launch_prefix<d, true>(pa, P, st);
+    } else {
+      launch_scan<d, T, true>(s, P, st);
+    }
   }
   GradArgs g{};
   g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
@@ -215,7 +299,11 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
     check_launch("dkv_kernel");
   }
-  if (gated) {
+  if (gated && v2) {
+    dlogg_local_kernel<<<dim3((unsigned)P.N, (unsigned)(P.b * P.hk)), kPT, 0, st>>>(
+        dGq, dGk, part, P.nprefix, P.N > 1, need_dot, static_cast<float*>(A.dlog_g), P.t, P.hq, P.hk, P.C, P.N);
+    check_launch("dlogg_local_kernel");
+  } else if (gated) {
     dlogg_kernel<<<(unsigned)(P.b * P.hk), kScanThreads, 0, st>>>(dGq, dGk, dot, P.ntiles,
                                                                    static_cast<float*>(A.dlog_g), P.t, P.hq, P.hk);
     check_launch("dlogg_kernel");
@@ -252,9 +340,9 @@ int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) 
   using namespace pr;
   const Plan P = make_plan(m);
   const int64_t nstate = align256(P.b * P.hk * P.N * P.D * P.E * 2);
-  if (which == 0) return nstate;
+  if (which == 0) return nstate + v2_extra_bytes(P);
   if (which == 1)
-    return 2 * nstate + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
+    return 2 * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
            align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4);
   const int64_t nft = div_up(P.D, kStepFT);
   return align256(P.b * P.t * P.hq * nft * (P.d + 1) * 4);

@@ -34,6 +34,9 @@ struct ScanArgs {
   const float* dot_z;
   float* dot_out;       // [b * hk, gridDim.x] or null
   bf16* ws;             // [b * hk, N, D, E]
+  float* fbuf;          // LOCAL: fp32 [b * hk, D, E] delta of the chunk that ends the walk, or null
+  float* gtot;          // LOCAL: [b * hk, N] sum of log_g over each chunk
+  int64_t nwork;        // LOCAL: b * hk * N
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
@@ -46,7 +49,11 @@ template <int d> constexpr size_t scan_smem(int C) {
   return (size_t)(d + 1) * (kSB + 8) * 2 + (size_t)kSB * Cfg<d>::E * 2 + (size_t)C * 4;
 }
 
-template <int d, typename T, bool REV>
+// LOCAL (v2): one block per (128 features, chunk, b * hk) computes only its chunk's contribution
+// from a zero state (forward: sum_j e^{Gt-g_j} phi(k_j) vhat_j^T; reverse: the ghat term), written
+// where state_prefix_kernel expects it: forward chunk n -> slot n + 1, reverse chunk n -> slot
+// n - 1, the chunk that ends the walk (forward N - 1, reverse 0) -> fbuf in fp32; plus gtot.
+template <int d, typename T, bool REV, bool LOCAL>
 __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, XL = kSB + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -54,7 +61,15 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
   bf16* Ys = XT + (d + 1) * XL;                  // [kSB][E]
   float* gs = reinterpret_cast<float*>(Ys + kSB * E);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-  const int64_t bh = blockIdx.y, bi = bh / p.hk, h = bh % p.hk;
+  int64_t bh = blockIdx.y;
+  int nloc = 0;
+  if constexpr (LOCAL) {
+    const int64_t wi = (int64_t)blockIdx.z * gridDim.y + blockIdx.y;
+    if (wi >= p.nwork) return;
+    bh = wi / p.N;
+    nloc = (int)(wi % p.N);
+  }
+  const int64_t bi = bh / p.hk, h = bh % p.hk;
   const int r = (int)(p.hq / p.hk);
   const int fw = blockIdx.x * 128 + warp * 16;
 
@@ -85,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
     for (int e = 0; e < 4; ++e) {
       const int i = e >> 1, col = nt * 8 + 2 * tq + (e & 1);
       float v = 0.f;
-      if (fv[i]) {
+      if (!LOCAL && fv[i]) {
         const int64_t f = fw + g + 8 * i;
         if (col < d) {
           if (p.s_init) v = p.s_init[(sbase + f) * d + col];
@@ -100,29 +115,35 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
 
   const T* X = static_cast<const T*>(p.x);
   const T* V = static_cast<const T*>(p.yv);
-  for (int step = 0; step < p.N; ++step) {
-    const int n = REV ? p.N - 1 - step : step;
-    bf16* slot = p.ws + (bh * p.N + n) * (int64_t)D * E;
+  for (int step = 0; step < (LOCAL ? 1 : p.N); ++step) {
+    const int n = LOCAL ? nloc : (REV ? p.N - 1 - step : step);
+    if constexpr (!LOCAL) {
+      bf16* slot = p.ws + (bh * p.N + n) * (int64_t)D * E;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      if (fv[i]) {
-        bf16* row = slot + (int64_t)(fw + g + 8 * i) * E + 2 * tq;
+      for (int i = 0; i < 2; ++i)
+        if (fv[i]) {
+          bf16* row = slot + (int64_t)(fw + g + 8 * i) * E + 2 * tq;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          *reinterpret_cast<uint32_t*>(row + nt * 8) =
-              pack_bf16(acc[nt][2 * i] * fwt[i], acc[nt][2 * i + 1] * fwt[i]);
-      }
-    if (!p.need_final && (REV ? n == 0 : n == p.N - 1)) return;
+          for (int nt = 0; nt < NT; ++nt)
+            *reinterpret_cast<uint32_t*>(row + nt * 8) =
+                pack_bf16(acc[nt][2 * i] * fwt[i], acc[nt][2 * i + 1] * fwt[i]);
+        }
+      if (!p.need_final && (REV ? n == 0 : n == p.N - 1)) return;
+    }
     const int64_t cs = (int64_t)n * p.C;
     const int cnt = (int)min((int64_t)p.C, p.t - cs);
     __syncthreads();
     chunk_cumsum(gs, p.log_g ? p.log_g + (bi * p.t + cs) * p.hk + h : nullptr, p.hk, cnt);
     const float Gt = gs[cnt - 1];
-    const float dec = expf(Gt);
+    if constexpr (LOCAL) {
+      if (blockIdx.x == 0 && tid == 0) p.gtot[bh * p.N + n] = Gt;
+    } else {
+      const float dec = expf(Gt);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] *= dec;
+        for (int e = 0; e < 4; ++e) acc[nt][e] *= dec;
+    }
     const int nsub = (cnt + kSB - 1) / kSB;
     const int nsrc = REV ? r : 1;
     for (int src = 0; src < nsrc; ++src)
@@ -190,6 +211,33 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
           mma(acc[NT - 1], A, b2[0], b2[1]);
         }
       }
+  }
+  if constexpr (LOCAL) {
+    const bool ends = REV ? nloc == 0 : nloc == p.N - 1;
+    if (ends) {
+      if (!p.fbuf) return;
+      float* dst = p.fbuf + bh * (int64_t)D * E;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (fv[i]) {
+          float* row = dst + (int64_t)(fw + g + 8 * i) * E + 2 * tq;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            *reinterpret_cast<float2*>(row + nt * 8) = make_float2(acc[nt][2 * i] * fwt[i], acc[nt][2 * i + 1] * fwt[i]);
+        }
+    } else {
+      bf16* slot = p.ws + (bh * p.N + (REV ? nloc - 1 : nloc + 1)) * (int64_t)D * E;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (fv[i]) {
+          bf16* row = slot + (int64_t)(fw + g + 8 * i) * E + 2 * tq;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            *reinterpret_cast<uint32_t*>(row + nt * 8) =
+                pack_bf16(acc[nt][2 * i] * fwt[i], acc[nt][2 * i + 1] * fwt[i]);
+        }
+    }
+    return;
   }
   // final value
   float dot = 0.f;
@@ -1056,6 +1104,166 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int64_t i = end - 1; i >= beg; --i) {
     run += dG(i);
     dlog_g[(bi * t + i) * hk + h] = run;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// v2 state combine: after state_scan_kernel<LOCAL> has put each chunk's own contribution into the
+// workspace (see there), walk the chunks once per state element, in place:
+//   forward  slot 0 = S0;         slot m = e^{Gt_{m-1}} slot m-1 + delta_{m-1}   (m = 1 .. N-1)
+//   reverse  slot N-1 = dS_T;     slot m = e^{Gt_{m+1}} slot m+1 + L_{m+1}       (m = N-2 .. 0)
+// and the end value (forward: the final state; reverse: the gradient of the initial state) from
+// fbuf. Each thread owns 8 consecutive elements of one fused row [D][E] and keeps them in fp32, so
+// only the per-chunk contributions are rounded to bf16, never the running sum. Memory bound.
+// dlog_g partials (deterministic, per block): reverse <D_m, S_{m+1}> against the forward states
+// for m <= N-2; forward <dS_T, S_T> (the m = N-1 term). part: [b * hk, N, gridDim.x].
+// ------------------------------------------------------------------------------------------------
+struct PrefixArgs {
+  bf16* ws;              // [b * hk, N, D, E]
+  const float* fbuf;     // [b * hk, D, E] or null (no end value)
+  const float* gtot;     // [b * hk, N]
+  const float* s_init;   // [b * hk, D, d] or null
+  const float* z_init;   // [b * hk, D] or null
+  float* s_fin;          // [b * hk, D, d] or null
+  float* z_fin;          // [b * hk, D] or null
+  const float* dot_s;    // forward: <., S_T> against these (gradient of the final state) or null
+  const float* dot_z;
+  const bf16* dot_ws;    // reverse: forward states for <D_m, S_{m+1}>, or null
+  float* part;           // [b * hk, N, gridDim.x]
+  int64_t N, D;
+};
+constexpr int kPT = 256;
+
+__device__ __forceinline__ void block_sum_to(float v, float* red, float* out) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int w = 0; w < kPT / 32; ++w) s += red[w];
+    *out = s;
+  }
+  __syncthreads();
+}
+
+template <int d, bool REV>
+__global__ void __launch_bounds__(kPT) state_prefix_kernel(const PrefixArgs p) {
+  constexpr int E = Cfg<d>::E, V = E / 8;
+  __shared__ float red[kPT / 32];
+  const int64_t bh = blockIdx.y, N = p.N, SE = p.D * E;
+  const int64_t e8 = (int64_t)blockIdx.x * kPT + threadIdx.x;
+  const bool act = e8 < p.D * V;
+  const int64_t f = act ? e8 / V : 0;
+  const int c0 = act ? (int)(e8 % V) * 8 : 0;
+  bf16* base = p.ws + bh * N * SE + f * E + c0;  // slot m at base + m * SE
+  const float* gt = p.gtot + bh * N;
+  float* part = p.part + bh * N * gridDim.x + blockIdx.x;  // chunk m at part[m * gridDim.x]
+  float X[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int col = c0 + u;
+    float x = 0.f;
+    if (act && col < d && p.s_init) x = p.s_init[(bh * p.D + f) * d + col];
+    if (act && col == d && p.z_init) x = p.z_init[bh * p.D + f];
+    X[u] = x;
+  }
+  if (act && (p.s_init || p.z_init)) st8_bf16(base + (REV ? N - 1 : 0) * SE, X);
+  auto slot_of = [&](int64_t i) { return REV ? N - 1 - i : i; };
+  uint4 nxt = make_uint4(0, 0, 0, 0);
+  if (act && N > 1) nxt = *reinterpret_cast<const uint4*>(base + slot_of(1) * SE);
+  for (int64_t i = 1; i < N; ++i) {
+    const int64_t m = slot_of(i);
+    const uint4 cur = nxt;
+    if (act && i + 1 < N) nxt = *reinterpret_cast<const uint4*>(base + slot_of(i + 1) * SE);
+    const float dec = expf(gt[REV ? m + 1 : m - 1]);
+    const uint32_t w[4] = {cur.x, cur.y, cur.z, cur.w};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 dl = unpack_bf16(w[u]);
+      X[2 * u] = dec * X[2 * u] + dl.x;
+      X[2 * u + 1] = dec * X[2 * u + 1] + dl.y;
+    }
+    if (act) st8_bf16(base + m * SE, X);
+    if (REV && p.dot_ws) {  // m <= N - 2 here
+      float dot = 0.f;
+      if (act) {
+        float sv[8];
+        IO<bf16>::load8(p.dot_ws + (bh * N + m + 1) * SE + f * E + c0, sv);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) dot += X[u] * sv[u];
+      }
+      block_sum_to(dot, red, part + m * gridDim.x);
+    }
+  }
+  if (!p.fbuf) return;
+  const float dec = expf(gt[REV ? 0 : N - 1]);
+  float dot = 0.f;
+  if (act) {
+    const float* fb = p.fbuf + bh * SE + f * E + c0;
+    const float4 a = *reinterpret_cast<const float4*>(fb), b = *reinterpret_cast<const float4*>(fb + 4);
+    const float fv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const float x = dec * X[u] + fv[u];
+      const int col = c0 + u;
+      if (col < d) {
+        if (p.s_fin) p.s_fin[(bh * p.D + f) * d + col] = x;
+        if (p.dot_s) dot += x * p.dot_s[(bh * p.D + f) * d + col];
+      } else if (col == d) {
+        if (p.z_fin) p.z_fin[bh * p.D + f] = x;
+        if (p.dot_z) dot += x * p.dot_z[bh * p.D + f];
+      }
+    }
+  }
+  if (!REV && (p.dot_s || p.dot_z)) block_sum_to(dot, red, part + (N - 1) * gridDim.x);
+}
+
+// v2 dlog_g, chunk-local: for token tau in chunk n,
+//   dlog_g_tau = sum_{i >= tau, i in chunk n} dG_i + <dS_{n+1}, S_{n+1}>,  dG_i = (sum_heads q.dq - k.dk)/2,
+// with S_{n+1} the state leaving chunk n and dS_{n+1} its gradient (for the last chunk: the final
+// state and its given gradient). Exact (every pair (i, j) with j < tau <= i is counted once; see
+// docs/perf.md), and the rounding errors no longer accumulate across chunks. One block per
+// (chunk, b * hk); part as written by state_prefix_kernel (mid: chunks 0..N-2, last: chunk N-1).
+__global__ void __launch_bounds__(kPT)
+    dlogg_local_kernel(const float* dGq, const float* dGk, const float* part, int nparts, int has_mid, int has_last,
+                       float* dlog_g, int64_t t, int64_t hq, int64_t hk, int C, int N) {
+  __shared__ float tot[kPT + 1];
+  __shared__ float kn;
+  const int tid = threadIdx.x;
+  const int n = blockIdx.x;
+  const int64_t bh = blockIdx.y, bi = bh / hk, h = bh % hk;
+  const int r = (int)(hq / hk);
+  if (tid == 0) {
+    float s = 0.f;
+    if (n < N - 1 ? has_mid : has_last)
+      for (int i = 0; i < nparts; ++i) s += part[(bh * N + n) * nparts + i];
+    kn = s;
+  }
+  const int64_t cs = (int64_t)n * C;
+  const int cnt = (int)min((int64_t)C, t - cs);
+  auto dG = [&](int64_t i) {
+    float s = 0.f;
+    for (int rr = 0; rr < r; ++rr) s += dGq[(bi * t + i) * hq + h * r + rr];
+    return 0.5f * (s - dGk[(bi * t + i) * hk + h]);
+  };
+  const int seg = (cnt + kPT - 1) / kPT;
+  const int beg = min(tid * seg, cnt), end = min(beg + seg, cnt);
+  float local = 0.f;
+  for (int i = beg; i < end; ++i) local += dG(cs + i);
+  tot[tid] = local;
+  if (tid == 0) tot[kPT] = 0.f;
+  __syncthreads();
+  for (int off = 1; off < kPT; off <<= 1) {
+    const float v = tid + off < kPT ? tot[tid + off] : 0.f;
+    __syncthreads();
+    tot[tid] += v;
+    __syncthreads();
+  }
+  float run = tot[tid + 1] + kn;  // later segments of this chunk, then the state term
+  for (int i = end - 1; i >= beg; --i) {
+    run += dG(cs + i);
+    dlog_g[(bi * t + cs + i) * hk + h] = run;
   }
 }
 

@@ -34,11 +34,14 @@ DEV = "cuda"
 # ‖out − ref‖ / ‖ref‖. All tensor-core operands are bf16 inside (states, phi, attention weights),
 # so fp16 and fp32 inputs are bounded like bf16 (their inputs carry less rounding).
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
-# KNOWN GAP (issue 4 asks 1e-2): dlog_g comes from (q.dq - k.dk)/2 and a reverse cumsum over the
-# whole sequence, so bf16-level errors of the cross-chunk (state) terms accumulate with t; measured
-# 1e-2 .. 5e-2. The fix (chunk-local form: <dS_n, S_n> per chunk plus in-chunk prefix sums) is the
-# next step in docs/perf.md; until then dlog_g is held to this looser bound.
-TOL_DLOG_G = 6e-2
+# Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1|v2 (read by the extension per call;
+# unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
+DEFAULT_KERNEL = "v1"
+KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
+# dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
+# cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
+# only inside a chunk plus <dS_{n+1}, S_{n+1}> per chunk (docs/perf.md): held to the issue's 1e-2.
+TOL_DLOG_G = 1e-2 if KERNEL == "v2" else 6e-2
 
 
 def rel(out, ref):
@@ -264,3 +267,30 @@ def test_chunk_size_does_not_change_the_function():
     y128 = run_fwd(q, k, v, log_g, None, None, 128, False)[0]
     y1024 = run_fwd(q, k, v, log_g, None, None, 1024, False)[0]
     assert rel(y128, y1024) < 1e-2
+
+
+def test_kernel_generations_agree(monkeypatch):
+    """v1 (sequential scans) and v2 (parallel chunk states + prefix) compute the same function:
+    forward, final state and every gradient within bf16 rounding of each other."""
+    b, t, hq, hk, d = 2, 1300, 8, 2, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    s0, z0 = prefix_state(b, hk, d, gen)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    dS = torch.randn_like(s0) * 1e-2
+    dz = torch.randn_like(z0) * 1e-2
+    res = {}
+    for ver in ("v1", "v2"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        res[ver] = [*run_fwd(q, k, v, log_g, s0, z0, 256, True), *run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, 256)]
+    torch.cuda.synchronize()
+    for nm, a, b_ in zip(("y", "state", "sum_of_keys", "dq", "dk", "dv", "dlog_g", "ds0", "dz0"), res["v1"], res["v2"]):
+        err = rel(a, b_)
+        log_err("v1_vs_v2", nm, err)
+        assert err < (6e-2 if nm == "dlog_g" else 1e-2), f"{nm}: {err:.3e}"
+
+
+def test_bad_kernel_selector(monkeypatch):
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v9")
+    q, k, v, log_g, _ = make(1, 300, 2, 2, 64, torch.bfloat16, True)
+    with pytest.raises(ValueError, match="LLMTRAIN_RETENTION_KERNEL"):
+        run_fwd(q, k, v, log_g, None, None, 128, False)
