@@ -2,6 +2,10 @@
 
 - ``TorchBackend``: plain PyTorch on CPU or one GPU; with several processes (torchrun) the model is
   wrapped in DistributedDataParallel. AdamW is fused on CUDA.
+- ``FSDPBackend`` (``fsdp: true`` with the torch backend): FSDP2 (``fully_shard``) per block and at the
+  root, for models whose weights, gradients and AdamW state do not fit on one GPU. Checkpoints hold
+  the full (unsharded) tensors in the same format as the other backends, so runs resume across world
+  sizes and backends.
 - ``DeepSpeedBackend``: DeepSpeed ZeRO-2 with optional CPU optimizer offload, from a JSON config;
   works in one process without the ``deepspeed`` launcher.
 - The MLX backend lives in ``llmtrain.mlx`` (its own model and loop); ``select_backend`` names it.
@@ -99,8 +103,164 @@ class TorchBackend:
     def optimizer_for_checkpoint(self):
         return self.optimizer
 
+    def checkpoint_state(self):
+        """(weights, optimizer) for save_checkpoint. Called on every rank, since a sharded backend
+        gathers collectively; only rank 0 writes."""
+        return self.model_state(), self.optimizer_for_checkpoint()
+
     def weights_loaded(self) -> None:
         """Called after a checkpoint's weights were loaded into the module."""
+
+    def unsharded_module(self):
+        """The model as one plain module (for sampling and export after training); called on every rank."""
+        return self.module
+
+
+class FSDPBackend(TorchBackend):
+    """FSDP2: every block (the model's ``_no_split_modules``) is its own FSDP unit, the root holds the
+    embeddings, final norm and head. On GPU with bf16 (or fp16) the blocks compute in that dtype while
+    the sharded master weights, the gradient reduce-scatter and AdamW stay fp32. Gradients are
+    reduce-scattered after every micro-batch (no ``no_sync``), which keeps them sharded: memory is the
+    point of this backend."""
+
+    name = "fsdp"
+
+    def __init__(self, model, cfg, device: torch.device, world_size: int, local_rank: int):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():
+            # one process: a 1-rank group (an in-memory store, no port) so the numerics match N ranks
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
+        self.module = self.model = model
+        self.world_size = world_size
+        self.device = device
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+        if cfg.dtype == "auto" and device.type == "cuda":
+            compute = torch.bfloat16
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
+        block_names = set(getattr(model, "_no_split_modules", None) or ())
+        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            raise RuntimeError(f"fsdp: {type(model).__name__} names no blocks to shard (_no_split_modules)")
+        for block in blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        # AdamW on the sharded DTensor parameters: each rank steps its own shard
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                           betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
+        self.grad_clip = cfg.grad_clip
+        self.grad_accum = cfg.grad_accum
+
+    def no_sync(self, last_micro_step: bool):
+        return contextlib.nullcontext()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                              self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(_full(norm))
+
+    def model_state(self) -> dict:
+        return _gather_model_state(self.module)
+
+    def optimizer_for_checkpoint(self):
+        return _FullOptimizer(self.optimizer)
+
+    def checkpoint_state(self):
+        model_state = self.model_state()
+        optimizer = self.optimizer_for_checkpoint()
+        optimizer.gather()
+        return model_state, optimizer
+
+    def unsharded_module(self):
+        """Rank 0 gets a plain copy of the model on the training device (weights only; built on the
+        CPU, where its non-persistent buffers are computed, then moved); the other ranks keep the
+        sharded one."""
+        from llmtrain.models import build_model
+
+        state = _gather_model_state(self.module)
+        if dist.get_rank() != 0:
+            return self.module
+        plain = build_model(self.module.config)
+        plain.load_state_dict(state)
+        return plain.to(self.device).eval()
+
+
+def _full(t):
+    """A DTensor's full value (a collective: every rank calls it); other values unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _gather_model_state(module) -> dict:
+    """The full state dict of an FSDP2 module. Every rank takes part in each all-gather; one tensor is
+    gathered at a time and only rank 0 keeps it, on the CPU, so no rank ever holds more than one
+    extra full tensor on the GPU. Tied parameters stay one tensor (save_checkpoint
+    stores them once)."""
+    keep = dist.get_rank() == 0
+    params = dict(module.named_parameters(remove_duplicate=False))
+    out, done = {}, {}
+    for name, value in module.state_dict().items():
+        pid = id(params[name]) if name in params else None
+        if pid is not None and pid in done:
+            if keep:
+                out[name] = out[done[pid]]
+            continue
+        full = _full(value).detach()
+        if keep:
+            out[name] = full.cpu()
+        if pid is not None:
+            done[pid] = name
+    return out
+
+
+class _FullOptimizer:
+    """What checkpoints see of an AdamW over sharded parameters: the plain torch state_dict (integer
+    parameter ids, full tensors), identical to the one a single-process AdamW would save, so the
+    optimizer state carries over to any world size and to the DDP / single-process backends."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self._state = None
+
+    def gather(self) -> None:
+        """Collective: every rank gathers; rank 0 keeps the full tensors on the CPU."""
+        keep = dist.get_rank() == 0
+        sd = self.optimizer.state_dict()
+        state = {}
+        for pid, entry in sd["state"].items():
+            full = {k: _full(v) for k, v in entry.items()}
+            if keep:
+                state[pid] = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+        self._state = {"state": state, "param_groups": sd["param_groups"]}
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            raise RuntimeError("_FullOptimizer.state_dict before gather() (a collective on every rank)")
+        return self._state
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Full tensors (as a checkpoint holds them, on every rank) -> this rank's shards, then load."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = {}
+        for pid, entry in sd["state"].items():
+            pid = int(pid)
+            if pid >= len(params):
+                raise ValueError(f"state for parameter {pid}, but the optimizer has {len(params)}")
+            p = params[pid]
+            state[pid] = {}
+            for k, v in entry.items():
+                if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                    # every rank holds the full tensor: cut the local shard without communication
+                    v = distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                          src_data_rank=None)
+                state[pid][k] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
 class DeepSpeedBackend:
@@ -172,6 +332,12 @@ class DeepSpeedBackend:
     def model_state(self) -> dict:
         return self.module.state_dict()
 
+    def checkpoint_state(self):
+        return self.model_state(), self.optimizer_for_checkpoint()
+
+    def unsharded_module(self):
+        return self.module
+
     def optimizer_for_checkpoint(self):
         # ZeRO wraps the torch optimizer, which steps flat fp32 partitions; its state_dict is the
         # plain torch one that our checkpoints store.
@@ -202,6 +368,8 @@ def make_backend(name: str, model, cfg, device, world_size, local_rank):
     if name == "auto":  # a torch model is in hand here: MLX runs were dispatched earlier
         name = "torch"
     if name == "torch":
+        if getattr(cfg, "fsdp", False):
+            return FSDPBackend(model, cfg, device, world_size, local_rank)
         return TorchBackend(model, cfg, device, world_size, local_rank)
     if name == "deepspeed":
         return DeepSpeedBackend(model, cfg, device, world_size, local_rank)

@@ -221,6 +221,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, which: str = "late
     if strict and (missing or unexpected or wrong):
         raise CheckpointError(f"{stem}: does not match the model; missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, shape mismatches {wrong[:5]}")
+    _shard_like_model(weights, expected)
     model.load_state_dict(weights, strict=strict)
     meta["path"] = str(stem)
     if optimizer is not None or restore_rng:
@@ -230,6 +231,19 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, which: str = "late
         if restore_rng:
             set_rng_state(extra, meta["rng"])
     return meta
+
+
+def _shard_like_model(weights: dict[str, torch.Tensor], expected: dict) -> None:
+    """FSDP2 holds DTensor shards: cut each full tensor (every rank read the file) into this rank's
+    shard, without communication, so load_state_dict copies shard into shard."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, target in expected.items():
+        if isinstance(target, DTensor) and name in weights:
+            full = weights[name].to(device=target.device_mesh.device_type, dtype=target.dtype)
+            weights[name] = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
 
 
 def _load_extra(stem) -> dict[str, torch.Tensor]:

@@ -58,6 +58,7 @@ class TrainConfig:
     sample_tokens: int = 60
     # systems
     backend: str = "auto"                    # auto | torch | deepspeed | mlx
+    fsdp: bool = False                       # torch backend: shard with FSDP2 (fully_shard) instead of DDP
     ds_config: Optional[str] = None          # DeepSpeed JSON (default: configs/ds_config.json)
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -93,6 +94,9 @@ class TrainConfig:
             raise ConfigError("grad_clip/weight_decay: must be >= 0")
         if self.backend not in ("auto", "torch", "deepspeed", "mlx"):
             raise ConfigError(f"backend: must be auto, torch, deepspeed or mlx, got {self.backend!r}")
+        if self.fsdp and self.backend not in ("auto", "torch"):
+            raise ConfigError(f"fsdp: FSDP2 is an option of the torch backend, not backend={self.backend} "
+                              "(DeepSpeed shards through ZeRO in ds_config)")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype: must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
