@@ -197,11 +197,13 @@ class Trainer:
             print(f"resumed from {meta['path']} at step {self.step}")
 
     def save(self) -> Path | None:
+        # every rank takes part (FSDP gathers its shards collectively); rank 0 writes
+        weights, optimizer = self.backend.checkpoint_state()
         if not self.is_main:
             return None
         meta = {"config": to_dict(self.cfg), "model_config": self.model_config.to_dict(),
                 "data": self.data.train.state_dict(), "world_size": self.world_size}
-        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=self.backend.optimizer_for_checkpoint(),
+        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=optimizer, model_state=weights,
                                     step=self.step, epoch=self.epoch, meta=meta, keep_last=self.cfg.keep_last)
 
     # -- loop -------------------------------------------------------------------------------------
@@ -321,6 +323,8 @@ class Trainer:
                     break
         if progress:
             progress.close()
+        # FSDP: gather the shards (all ranks) into one plain model on rank 0 for sample() and export_hf()
+        self.module = self.backend.unsharded_module()
         summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None,
                    "stopped_early": stopped_early}
         if self.is_main:
