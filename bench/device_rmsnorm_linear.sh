@@ -1,56 +1,70 @@
 #!/usr/bin/env bash
-# Build llmtrain for Hopper on the device machine, run the CUDA RMSNorm+Linear tests and the
-# benchmark table. Usage (repo root, on the GPU machine): bash bench/device_rmsnorm_linear.sh
-# Wheels carried in .whl/ (nvidia-cutlass for the CuTe headers, liger-kernel) are installed first.
-# Logs and the table go to $OUT (or ./out when OUT is unset).
+# CUDA RMSNorm+Linear on the GPU machine: tests (v3 default path and the v2 path behind
+# LLMTRAIN_RMSLIN_LEGACY=1, then the portable path), a kernel breakdown, and the benchmark table
+# (ours v3 / v2 vs eager, torch.compile, Liger, bare GEMM; forward and forward+backward).
+# Usage (repo root): [SKIP_BUILD=1] [BUDGET_S=80] bash bench/device_rmsnorm_linear.sh
+#   SKIP_BUILD=1: llmtrain and the wheels are already installed (the lead's wrapper); otherwise the
+#   carried .whl/ wheels are installed and llmtrain is built for sm_90a first (not counted in BUDGET_S).
+# Results: $OUT/rmsnorm_linear/ (tests.txt, tests_legacy.txt, tests_portable.txt, table.md,
+# table.json, profile.txt). Every step runs under `timeout` within BUDGET_S, most important first.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$OUT/pip.log" 2>&1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+R="$OUT/rmsnorm_linear"
+mkdir -p "$R"
+BUDGET_S=${BUDGET_S:-80}
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$R/pip.log" 2>&1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export TORCH_CUDA_ARCH_LIST=9.0a
+  if ! python3 -m pip install --no-build-isolation --no-deps -q . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a \
+      -Cbuild.verbose=true >"$R/build.log" 2>&1; then
+    tail -60 "$R/build.log"; echo "BUILD FAILED"; exit 1
+  fi
 fi
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-export TORCH_CUDA_ARCH_LIST=9.0a
-t0=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -q . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90a \
-    -Cbuild.verbose=true >"$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
-fi
-echo "build: $(( $(date +%s) - t0 )) s"
-grep -E "registers|spill|stack frame" "$OUT/build.log" | grep -i rmslin | head -20 || true
-cd /tmp  # import the installed package, not the source tree
-python3 -c "import llmtrain._C as C; print(C.build_info())"
-cd - >/dev/null
-python3 -m pytest -q tests/cuda/test_rmsnorm_linear_cuda.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
-LLMTRAIN_RMSLIN_PORTABLE=1 python3 -m pytest -q -x tests/cuda/test_rmsnorm_linear_cuda.py -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/tests_portable.txt"
-# Kernel breakdown (torch profiler) at 16384x2048->2048 and the alternative forward tile.
-python3 - <<'PY' 2>&1 | tee "$OUT/profile.txt"
+T0=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+# step NAME MAX_S CMD...: run under timeout min(MAX_S, budget left - 2); skipped when < 5 s remain.
+step() {
+  local name=$1 max=$2; shift 2
+  local l; l=$(left); l=$(( l - 2 ))
+  (( l < max )) && max=$l
+  if (( max < 5 )); then echo "## $name: skipped (budget)"; return; fi
+  echo "## $name (limit ${max}s)"
+  timeout -k 3 "$max" "$@"
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && echo "## $name: TIMED OUT after ${max}s"
+  return 0
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
+PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
+# 1. Correctness: every test (v3 default + the v2 path via its own tests), then the portable path.
+step tests 30 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+# 2. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
+step table 40 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
+# 3. Whole v2 suite (legacy env for every test) and the portable path, if time remains.
+step tests_legacy 15 bash -c "LLMTRAIN_RMSLIN_LEGACY=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_legacy.txt'"
+step tests_portable 15 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
+# 4. Kernel breakdown at 16384x2048->2048 (torch profiler), v3 then v2.
+step profile 20 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
-from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn, gemm_fn, measure
+from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for name in ("ours", "eager"):
-    for label, fn in (("fwd", fwd_fn(impls[name], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls[name], x, g, w, dy))):
+for legacy in ("0", "1"):
+    os.environ["LLMTRAIN_RMSLIN_LEGACY"] = legacy
+    for label, fn in (("fwd", fwd_fn(impls["ours"], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls["ours"], x, g, w, dy))):
         for _ in range(3): fn()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10): fn()
             torch.cuda.synchronize()
-        print(f"== {name} {label} (10 iters, us total)")
+        print(f"== ours {'v2' if legacy == '1' else 'v3'} {label} (us per iteration)")
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
-            print(f"  {e.device_time_total/10:9.1f} us/iter  x{e.count//10:<3d} {e.key[:110]}")
-os.environ["LLMTRAIN_RMSLIN_FWD_CFG"] = "1"
+            print(f"  {e.device_time_total/10:9.1f}  x{e.count//10:<3d} {e.key[:110]}")
 PY
-LLMTRAIN_RMSLIN_FWD_CFG=1 python3 -c "
-import sys; sys.path.insert(0, 'bench')
-from rmsnorm_linear_table import *
-impls = make_impls()
-for n, k, m in SHAPES:
-    x, g, w, dy = inputs(n, k, m)
-    print(f'alt fwd tile 256x128: {n}x{k}->{m}: ours {measure(fwd_fn(impls[\"ours\"], x, g, w)):.3f} gemm {measure(gemm_fn(x, w)):.3f}')
-" 2>&1 | tail -4 | tee -a "$OUT/profile.txt"
-python3 bench/rmsnorm_linear_table.py --json "$OUT/table.json" 2>"$OUT/table.err" | tee "$OUT/table.md"
-tail -5 "$OUT/table.err"
+tail -3 "$R/table.err" 2>/dev/null
+echo "rmsnorm_linear: $(( $(date +%s) - T0 )) s of ${BUDGET_S} s"

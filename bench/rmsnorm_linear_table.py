@@ -1,13 +1,17 @@
 """One table, one run, one GPU: fused RMSNorm + Linear vs eager, torch.compile, Liger, bare GEMM.
 
 Rows 16384 x hidden 2048 -> out 2048, 5632, 8192 (bf16). Forward and forward+backward medians from
-triton.testing.do_bench. Prints a markdown table; `--json PATH` also writes the numbers.
+triton.testing.do_bench. "ours" is the default (v3) path, "ours_v2" the same op with
+LLMTRAIN_RMSLIN_LEGACY=1 (pre-pass + GEMM forward, v2 row pass), measured in the same process.
+Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
+done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -26,6 +30,7 @@ def make_impls():
 
     impls = {
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
         "compiled": torch.compile(eager),
     }
@@ -82,48 +87,79 @@ def measure(fn, warmup=50, rep=300):
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+# Environment for an implementation while it is measured (read by the extension on every call).
+ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}}
+
+
+def measure_with_env(name, fn):
+    env = ENV.get(name, {})
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        return measure(fn)
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+
+
+def run_shape(impls, n, k, m):
+    x, g, w, dy = inputs(n, k, m)
+    r = {"shape": f"{n}x{k}->{m}", "gemm": measure(gemm_fn(x, w)), "fwd": {}, "fwd_bwd": {}}
+    for name, f in impls.items():
+        r["fwd"][name] = measure_with_env(name, fwd_fn(f, x, g, w))
+        r["fwd_bwd"][name] = measure_with_env(name, fwd_bwd_fn(f, x, g, w, dy))
+    del x, g, w, dy
+    torch.cuda.empty_cache()
+    return r
+
+
 def run_all(shapes=SHAPES):
     impls = make_impls()
-    rows = []
-    for n, k, m in shapes:
-        x, g, w, dy = inputs(n, k, m)
-        r = {"shape": f"{n}x{k}->{m}", "gemm": measure(gemm_fn(x, w)), "fwd": {}, "fwd_bwd": {}}
-        for name, f in impls.items():
-            r["fwd"][name] = measure(fwd_fn(f, x, g, w))
-            r["fwd_bwd"][name] = measure(fwd_bwd_fn(f, x, g, w, dy))
-        rows.append(r)
-        del x, g, w, dy
-        torch.cuda.empty_cache()
-    return rows
+    return [run_shape(impls, *s) for s in shapes]
+
+
+def header(names):
+    ours = [n for n in names if n.startswith("ours")]
+    hdr = "| shape | bare GEMM | " + " | ".join(f"fwd {n}" for n in names) + " | " + \
+        " | ".join(f"{n}/GEMM" for n in ours) + " | " + " | ".join(f"fwd+bwd {n}" for n in names) + " | " + \
+        " | ".join(f"eager/{n} fwd+bwd" for n in ours) + " |"
+    return hdr + "\n|" + "---|" * (hdr.count("|") - 1)
+
+
+def row_line(r):
+    f, fb = r["fwd"], r["fwd_bwd"]
+    names = list(f.keys())
+    ours = [n for n in names if n.startswith("ours")]
+    cells = [r["shape"], f"{r['gemm']:.3f}"] + [f"{f[n]:.3f}" for n in names] + \
+        [f"{f[n] / r['gemm']:.3f}x" for n in ours] + [f"{fb[n]:.3f}" for n in names] + \
+        [f"{fb['eager'] / fb[n]:.3f}x" for n in ours]
+    return "| " + " | ".join(cells) + " |"
 
 
 def table(rows):
-    names = list(rows[0]["fwd"].keys())
-    out = []
-    hdr = "| shape | bare GEMM | " + " | ".join(f"fwd {n}" for n in names) + " | ours/GEMM | " + \
-        " | ".join(f"fwd+bwd {n}" for n in names) + " | eager/ours fwd+bwd |"
-    out.append(hdr)
-    out.append("|" + "---|" * (hdr.count("|") - 1))
-    for r in rows:
-        f, fb = r["fwd"], r["fwd_bwd"]
-        cells = [r["shape"], f"{r['gemm']:.3f}"] + [f"{f[n]:.3f}" for n in names] + \
-            [f"{f['ours'] / r['gemm']:.3f}x"] + [f"{fb[n]:.3f}" for n in names] + \
-            [f"{fb['eager'] / fb['ours']:.3f}x"]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return "\n".join([header(list(rows[0]["fwd"].keys()))] + [row_line(r) for r in rows])
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = run_all()
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    impls = make_impls()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; times in ms (do_bench median)")
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    print(header(list(impls.keys())), flush=True)
+    rows = []
+    for s in shapes:
+        rows.append(run_shape(impls, *s))
+        print(row_line(rows[-1]), flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rmsnorm_linear_table import SHAPES, fwd_bwd_fn, fwd_fn, gemm_fn, inputs, make_impls  # noqa: E402
+from rmsnorm_linear_table import ENV, SHAPES, fwd_bwd_fn, fwd_fn, gemm_fn, inputs, make_impls  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 IMPLS = make_impls()
@@ -35,13 +35,17 @@ def test_gemm_floor(benchmark, shape):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
-def test_forward(benchmark, shape, impl):
+def test_forward(benchmark, shape, impl, monkeypatch):
+    for key, val in ENV.get(impl, {}).items():
+        monkeypatch.setenv(key, val)
     x, g, w, dy = inputs(*shape)
     benchmark.pedantic(_sync(fwd_fn(IMPLS[impl], x, g, w)), rounds=50, warmup_rounds=5)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=lambda s: f"{s[0]}x{s[1]}-{s[2]}")
-def test_forward_backward(benchmark, shape, impl):
+def test_forward_backward(benchmark, shape, impl, monkeypatch):
+    for key, val in ENV.get(impl, {}).items():
+        monkeypatch.setenv(key, val)
     x, g, w, dy = inputs(*shape)
     benchmark.pedantic(_sync(fwd_bwd_fn(IMPLS[impl], x, g, w, dy)), rounds=30, warmup_rounds=5)

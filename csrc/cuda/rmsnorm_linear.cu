@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -196,10 +197,42 @@ inline int num_sms() {
   return cache[dev];
 }
 
+// LLMTRAIN_RMSLIN_LEGACY=1 selects the v2 fast path (pre-pass + GEMM forward, row_bwd) for A/B
+// runs; read on every call so one process can time both.
+inline bool legacy() {
+  const char* e = std::getenv("LLMTRAIN_RMSLIN_LEGACY");
+  return e && e[0] && e[0] != '0';
+}
+
+template <typename T>
+using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t);
+template <typename T> struct RowBwdV3 {
+  RowBwdFn<T> fn = nullptr;
+  int w = 1;
+};
+// W = 1 warp per row up to k = 2048 (J <= 8 chunks per lane, row sum by shuffles); beyond, W = 4 or 8
+// warps with J = 4 (J = 8 with W > 1 spills at 255 registers); k > 8192 keeps the v2 kernel.
+template <typename T> RowBwdV3<T> pick_row_bwd_v3(int64_t k) {
+  const int64_t k8 = k / 8;
+  if (k8 > 1024) return {};
+  if (k8 > 512) return {fast::row_bwd_v3<T, 8, 4>, 8};
+  if (k8 > 256) return {fast::row_bwd_v3<T, 4, 4>, 4};
+  const int64_t j = (k8 + 31) / 32;
+  if (j <= 1) return {fast::row_bwd_v3<T, 1, 1>, 1};
+  if (j <= 2) return {fast::row_bwd_v3<T, 1, 2>, 1};
+  if (j <= 4) return {fast::row_bwd_v3<T, 1, 4>, 1};
+  return {fast::row_bwd_v3<T, 1, 8>, 1};
+}
+
 template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
+  if (!legacy() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 && sm90_fwd_fused_available(a.dims.dtype)) {
+    // v3: one GEMM kernel computes rstd, folds g into the x tiles and scales the rows.
+    return sm90_gemm_fwd_fused(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
+                               (float)a.dims.eps, s);
+  }
   DeviceBuffer<T> wg(m * k, s);
   const int sms = num_sms();
   const int row_blocks = (int)std::min<int64_t>((n + 7) / 8, (int64_t)sms * 8);
@@ -222,15 +255,27 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a) {
   sm90_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
   // Row pass: dx, xn and dg partials.
   DeviceBuffer<T> xn(n * k, s);
-  const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + 15) / 16, (int64_t)sms * 2));
+  const RowBwdV3<T> v3 = legacy() ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
+  const int rows_per_block = v3.fn ? 8 / v3.w : 16;
+  const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + rows_per_block - 1) / rows_per_block, (int64_t)sms * 2));
   DeviceBuffer<float> part((size_t)nb * (size_t)std::max(k, m), s);
-  const size_t smem = (size_t)k * sizeof(float);
-  if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(fast::row_bwd<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-          "cudaFuncSetAttribute(row_bwd)");
-  fast::row_bwd<T><<<nb, 512, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
-                                         static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
-  check_launch("row_bwd");
+  if (v3.fn) {
+    const size_t smem = (size_t)(k + 16) * sizeof(float);
+    if (smem > 48 * 1024)
+      check(cudaFuncSetAttribute(v3.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+            "cudaFuncSetAttribute(row_bwd_v3)");
+    v3.fn<<<nb, 256, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
+                                static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
+    check_launch("row_bwd_v3");
+  } else {
+    const size_t smem = (size_t)k * sizeof(float);
+    if (smem > 48 * 1024)
+      check(cudaFuncSetAttribute(fast::row_bwd<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+            "cudaFuncSetAttribute(row_bwd)");
+    fast::row_bwd<T><<<nb, 512, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
+                                           static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
+    check_launch("row_bwd");
+  }
   fast::reduce_parts<T><<<(unsigned)((k + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dg), nb, k);
   check_launch("reduce_parts(dg)");
   // dW = dy^T xn.

@@ -116,6 +116,109 @@ __global__ void __launch_bounds__(512) row_bwd(const T* __restrict__ x, const T*
   for (int64_t c = threadIdx.x; c < k; c += blockDim.x) part[(int64_t)blockIdx.x * k + c] = dgs[c];
 }
 
+// v3 backward row pass (same outputs as row_bwd, one read of each input, no shared atomics).
+// W warps share a row (W = 1 up to k = 2048, so the row sum is a warp shuffle), and thread tr of
+// the row group owns the 16-byte column chunks c8 = tr + 32 W j, j < J: its g chunks and its dg
+// partial sums (fp32) stay in registers for every row the block visits, the row's dxn and x chunks
+// are loaded once into registers, and the dg partials meet in shared memory only once per block,
+// in a fixed warp order (deterministic). dx may alias nothing but is read before it is written by
+// the same thread.
+template <typename T, int W, int J>
+__global__ void __launch_bounds__(256) row_bwd_v3(const T* __restrict__ x, const T* __restrict__ g,
+                                                  const float* __restrict__ rstd, T* dx, T* __restrict__ xn,
+                                                  float* __restrict__ part, int64_t n, int64_t k) {
+  static_assert(8 % W == 0, "block of 8 warps");
+  constexpr int R = 8 / W, TPR = 32 * W;
+  extern __shared__ float red[];  // [k] block dg sums, then [2][8] row-sum partials (W > 1)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int grp = warp / W, tr = (warp % W) * 32 + lane;
+  const int64_t k8 = k / 8;
+  float* pw = red + k;
+  uint4 gv[J];
+  float acc[J][8];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int64_t c8 = tr + (int64_t)TPR * j;
+    gv[j] = c8 < k8 ? __ldg(reinterpret_cast<const uint4*>(g) + c8) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[j][e] = 0.f;
+  }
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) red[c] = 0.f;
+  int it = 0;
+  for (int64_t base = (int64_t)blockIdx.x * R; base < n; base += (int64_t)gridDim.x * R, ++it) {
+    const int64_t row = base + grp;
+    const bool ok = row < n;
+    uint4 dv[J], xv[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int64_t c8 = tr + (int64_t)TPR * j;
+      if (ok && c8 < k8) {
+        dv[j] = *reinterpret_cast<const uint4*>(dx + row * k + c8 * 8);
+        xv[j] = __ldg(reinterpret_cast<const uint4*>(x + row * k + c8 * 8));
+      } else {
+        dv[j] = make_uint4(0, 0, 0, 0);
+        xv[j] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float p = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const T* d = reinterpret_cast<const T*>(&dv[j]);
+      const T* xx = reinterpret_cast<const T*>(&xv[j]);
+      const T* gg = reinterpret_cast<const T*>(&gv[j]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) p = fmaf(to_f(d[e]) * to_f(gg[e]), to_f(xx[e]), p);
+    }
+    p = warp_sum(p);
+    if constexpr (W > 1) {
+      // Double-buffered by iteration parity: one barrier per iteration suffices.
+      float* buf = pw + (it & 1) * 8;
+      if (lane == 0) buf[warp] = p;
+      __syncthreads();
+      p = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) p += buf[grp * W + w];
+    }
+    if (ok) {
+      const float r = rstd[row];
+      const float coef = r * r * r * p / (float)k;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int64_t c8 = tr + (int64_t)TPR * j;
+        if (c8 >= k8) continue;
+        const T* d = reinterpret_cast<const T*>(&dv[j]);
+        const T* xx = reinterpret_cast<const T*>(&xv[j]);
+        const T* gg = reinterpret_cast<const T*>(&gv[j]);
+        float o[8], q[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float df = to_f(d[e]), xf = to_f(xx[e]), rg = r * to_f(gg[e]);
+          o[e] = rg * df - coef * xf;
+          q[e] = rg * xf;
+          acc[j][e] = fmaf(df * xf, r, acc[j][e]);
+        }
+        store8(dx + row * k + c8 * 8, o);
+        store8(xn + row * k + c8 * 8, q);
+      }
+    }
+  }
+  // Block sum of the dg partials, warp by warp (fixed order).
+  for (int w = 0; w < 8; ++w) {
+    __syncthreads();
+    if (warp == w) {
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int64_t c8 = tr + (int64_t)TPR * j;
+        if (c8 < k8)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) red[c8 * 8 + e] += acc[j][e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) part[(int64_t)blockIdx.x * k + c] = red[c];
+}
+
 // Column partial sums of a row-major [n, cols] matrix: part[b, c] = sum over block b's rows.
 template <typename T>
 __global__ void __launch_bounds__(256) colsum_part(const T* __restrict__ a, float* __restrict__ part, int64_t n,

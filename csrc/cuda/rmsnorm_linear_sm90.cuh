@@ -21,6 +21,11 @@ bool sm90_usable(DType dtype, int64_t k, int64_t m);
 // y[n, m] = rstd[i] * (x[n, k] . wg[m, k]^T) + bias[m]   (bias may be null)
 void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd, const void* bias, void* y,
                    int64_t n, int64_t k, int64_t m, cudaStream_t s);
+// v3 forward in one kernel (bf16): y = (x diag(g) . w^T) * rstd[row] + bias, with rstd computed from
+// the A tiles inside the GEMM mainloop and written to rstd[n]. See rmsnorm_linear_sm90_fused.cu.
+bool sm90_fwd_fused_available(DType dtype);
+void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
+                         void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
                      cudaStream_t s);

@@ -1,0 +1,323 @@
+// Forward of RMSNorm + Linear on sm_90a as ONE GEMM kernel (v3, bf16): no pre-pass.
+//
+// The CUTLASS TMA + wgmma cooperative mainloop is extended: after each A tile (x rows) lands in
+// shared memory, the consumer warps read it once (16-byte vectors, conflict-free under the 128B
+// swizzle), accumulate sum(x^2) per row in fp32, multiply the tile by g in place (so the GEMM sees
+// x diag(g) and W stays untouched: no wg workspace), fence the writes into the async proxy and only
+// then issue the wgmma. After the last k tile, rstd = 1/sqrt(sum/k + eps) per row goes to shared
+// memory and scales the accumulators; a small epilogue visitor node writes rstd to global memory
+// (the consumer only learns the tile coordinate in the epilogue) and the epilogue adds the bias.
+// Each row's sum is recomputed by every N tile of that row: redundant ALU work, no extra DRAM.
+#include <stdexcept>
+
+#include "rmsnorm_linear_sm90.cuh"
+#include "rmsnorm_linear_common.cuh"
+
+#if defined(LLMTRAIN_WITH_CUTE)
+#include "cutlass/arch/barrier.h"
+#include "rmsnorm_linear_sm90_gemm.cuh"
+#endif
+
+namespace llmtrain {
+namespace rmslin {
+
+#if defined(LLMTRAIN_WITH_CUTE)
+namespace sm90 {
+
+// Per-CTA rstd of the current 128-row tile, shared by the mainloop (writer) and the epilogue node.
+CUTLASS_DEVICE float* tile_rstd_smem() {
+  __shared__ float s[128];
+  return s;
+}
+
+CUTLASS_DEVICE uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+CUTLASS_DEVICE void sts128(uint32_t a, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+// x chunk (8 bf16 in u32 pairs) -> adds x^2 to ss, returns x * g rounded to bf16.
+CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
+  const __nv_bfloat162 x2 = *reinterpret_cast<const __nv_bfloat162*>(&xv);
+  const __nv_bfloat162 g2 = *reinterpret_cast<const __nv_bfloat162*>(&gv);
+  const float2 xf = __bfloat1622float2(x2);
+  const float2 gf = __bfloat1622float2(g2);
+  ss = fmaf(xf.x, xf.x, ss);
+  ss = fmaf(xf.y, xf.y, ss);
+  const __nv_bfloat162 o = __floats2bfloat162_rn(xf.x * gf.x, xf.y * gf.y);
+  return *reinterpret_cast<const uint32_t*>(&o);
+}
+
+// The builder's mainloop with the row reduction and the g scaling added to the consumer side.
+template <class Base> struct RmsNormMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::TensorStorage;
+  using typename Base::TileShape;
+  using typename Base::TiledMma;
+
+  static_assert(cute::is_same_v<ElementA, cutlass::bfloat16_t>, "fused forward is bf16 only");
+  static_assert(size<0>(TileShape{}) == 128 && size<2>(TileShape{}) == 64, "row mapping assumes 128x?x64 tiles");
+  static_assert(size(TiledMma{}) == 256, "two consumer warpgroups");
+  static_assert(Base::K_PIPE_MMAS == 1, "release schedule below mirrors K_PIPE_MMAS == 1");
+
+  struct Arguments : Base::Arguments {
+    const cutlass::bfloat16_t* g = nullptr;  // norm weight [K]
+    int k = 0;
+    float eps = 0.f;
+  };
+  struct Params : Base::Params {
+    const cutlass::bfloat16_t* g;
+    int k;
+    float eps;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& ps, Arguments const& args, void* workspace) {
+    Params p;
+    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(ps, args, workspace);
+    p.g = args.g;
+    p.k = args.k;
+    p.eps = args.eps;
+    return p;
+  }
+
+  // Consumer: 256 threads (two warpgroups). Thread t handles tile row t/2, columns 32*(t%2)..+31 of
+  // every A tile (four 16-byte chunks).
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                          int thread_idx, TensorStorage& shared_tensors, Params const& params) {
+    using namespace cute;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M,BLK_K,PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr int MmaWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCsA = thread_mma.partition_A(sA);
+    Tensor tCsB = thread_mma.partition_B(sB);
+    Tensor tCrA = thread_mma.make_fragment_A(tCsA);
+    Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+
+    const int row = thread_idx >> 1, half = thread_idx & 1;
+    // Shared-memory byte address of chunk q (0..3) of this thread's row in stage s: the swizzle
+    // permutes 16-byte chunks only, so 8 consecutive elements stay contiguous.
+    auto chunk_addr = [&](int q, int s) {
+      return static_cast<uint32_t>(__cvta_generic_to_shared(&sA(row, half * 32 + q * 8, s)));
+    };
+    const uint4* g4 = reinterpret_cast<const uint4*>(params.g);
+    const int k8 = params.k / 8;
+    float ss = 0.f;
+    const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
+
+    // Wait for k tile kt (stage of smem_pipe_read), apply the row sums and g in place, publish to wgmma.
+    auto wait_and_transform = [&](int kt) {
+      // g for this tile's columns (issued before the wait so the latency overlaps it).
+      uint4 gv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int c8 = kt * 8 + half * 4 + q;
+        gv[q] = c8 < k8 ? __ldg(g4 + c8) : make_uint4(0, 0, 0, 0);
+      }
+      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, barrier_token);
+      const int stage = smem_pipe_read.index();
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t a = chunk_addr(q, stage);
+        uint4 v = lds128(a);
+        v.x = scale_pair(v.x, gv[q].x, ss);
+        v.y = scale_pair(v.y, gv[q].y, ss);
+        v.z = scale_pair(v.z, gv[q].z, ss);
+        v.w = scale_pair(v.w, gv[q].w, ss);
+        sts128(a, v);
+      }
+      // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
+      // whole tile is rewritten before any wgmma on it is issued.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(256, bar);
+      return stage;
+    };
+
+    // Same schedule as the base mainloop (K_PIPE_MMAS = 1): the first tile peeled (accumulators
+    // zeroed), then one wgmma batch in flight, releasing the previous stage once it completes.
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    {
+      const int read_stage = wait_and_transform(0);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, read_stage), tCrB(_, _, k_block, read_stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      ++smem_pipe_read;
+    }
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    warpgroup_fence_operand(accum);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int kt = 1; kt < k_tile_count; ++kt) {
+      const int read_stage = wait_and_transform(kt);
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
+      warpgroup_commit_batch();
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accum);
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_read;
+      ++smem_pipe_release;
+    }
+    warpgroup_fence_operand(accum);
+    // mma_tail() releases the last stage after its own warpgroup_wait<0>().
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
+
+    ss += __shfl_xor_sync(0xFFFFFFFF, ss, 1);
+    float* srstd = tile_rstd_smem();
+    cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
+    if (half == 0) srstd[row] = 1.f / sqrtf(ss / (float)params.k + params.eps);
+    cutlass::arch::NamedBarrier::sync(256, bar);
+    Tensor cC = make_identity_tensor(take<0, 2>(TileShape{}));
+    Tensor tCcC = tiled_mma.get_slice(thread_idx).partition_C(cC);
+    CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accum); ++i) accum(i) *= srstd[get<0>(tCcC(i))];
+    warpgroup_fence_operand(accum);
+  }
+};
+
+// Epilogue leaf: passes the (already row-scaled) accumulator through and, for the first N tile of
+// each row block, writes that block's rstd (from shared memory) to global memory.
+struct RstdStoreAcc {
+  struct SharedStorage {};
+  struct Arguments {
+    float* rstd = nullptr;
+  };
+  using Params = Arguments;
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& a, void*) {
+    return a;
+  }
+  template <class ProblemShape> static bool can_implement(ProblemShape const&, Arguments const&) { return true; }
+  template <class ProblemShape> static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE RstdStoreAcc() {}
+  CUTLASS_HOST_DEVICE RstdStoreAcc(Params const& p, SharedStorage const&) : params(p) {}
+  Params params;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(cutlass::epilogue::fusion::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<ElementAccumulator, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const& frg_acc, int, int, int) {
+      return frg_acc;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(cutlass::epilogue::fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto [m, n, k, l] = args.tile_coord_mnkl;
+    const int t = args.thread_idx;
+    if (params.rstd && int(n) == 0 && t < 128) {
+      const int r = int(m) * 128 + t;
+      if (r < int(M)) params.rstd[r] = tile_rstd_smem()[t];
+    }
+    return ConsumerStoreCallbacks{};
+  }
+};
+
+void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
+                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+  using Element = cutlass::bfloat16_t;
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
+  using namespace cutlass::epilogue::fusion;
+  // D = acc (already rstd-scaled; the node also stores rstd) + bias[n-index]
+  using Fusion = Sm90EVT<Sm90Compute<cutlass::plus, Element, float, Round>, RstdStoreAcc,
+                         Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, 16 / sizeof(Element)>>;
+  constexpr int Align = 8;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, Align, Element,
+      cutlass::layout::RowMajor, Align, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  // Carve out the epilogue's storage plus 1 KiB for the static per-tile rstd array.
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, Align, Element,
+      cutlass::layout::ColumnMajor, Align, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
+                                                        1024>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = RmsNormMainloop<BaseMainloop>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  typename Mainloop::Arguments ml;
+  ml.ptr_A = static_cast<const Element*>(x);
+  ml.dA = ld_stride<typename Kernel::StrideA>(k);
+  ml.ptr_B = static_cast<const Element*>(w);
+  ml.dB = ld_stride<typename Kernel::StrideB>(k);
+  ml.g = static_cast<const Element*>(g);
+  ml.k = (int)k;
+  ml.eps = eps;
+  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                {(int)n, (int)m, (int)k, 1},
+                                ml,
+                                {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
+                                 ld_stride<typename Kernel::StrideD>(m)},
+                                hw_info()};
+  args.epilogue.thread = {
+      {rstd},                                               // rstd store (acc pass-through)
+      {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
+      {}};
+  run_gemm<Gemm>(args, s, "fused forward GEMM");
+}
+
+}  // namespace sm90
+#endif
+
+bool sm90_fwd_fused_available(DType dtype) {
+#if defined(LLMTRAIN_WITH_CUTE)
+  return dtype == DType::BF16;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
+                         void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s) {
+#if defined(LLMTRAIN_WITH_CUTE)
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if (dtype == DType::BF16) return sm90::fwd_fused_bf16(x, g, w, rstd, bias, y, n, k, m, eps, s);
+#endif
+  (void)dtype; (void)x; (void)g; (void)w; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps; (void)s;
+  throw std::runtime_error("rmsnorm_linear (CUDA): fused sm_90a forward not built for this dtype");
+}
+
+}  // namespace rmslin
+}  // namespace llmtrain
