@@ -7,6 +7,7 @@
 # Within BUDGET_S seconds (hard stops through `timeout`), most important first:
 #   1. tests/cuda/test_power_retention_cuda.py with v2 (+ worst relative error per tensor)
 #   2. table, d = 64, forward+backward then forward: ours-v1, ours-v2, SDPA causal, FLA (fwd)
+#   2b. per-kernel profile of v2 forward+backward at t = 2K and 64K
 #   3. a short v1 test subset (v1 was verified on the whole grid before)
 #   4. d = 128 (same impls), then retention 1.0.7 c1024 forward+backward (slow Triton autotune)
 # Results under $OUT/retention/ (or ./out/retention): tests_v2.txt, errors_v2*.txt, table_d64_fwdbwd.md,
@@ -76,6 +77,9 @@ run_tests v2 "$(cap ${PR_TEST_TIMEOUT:-115} 90)"
 #    same run (FLA's gated backward refuses Hopper with this Triton, so FLA is forward only)
 [ "$(left)" -gt 20 ] && table d64_fwdbwd "$(cap 80 35)" --d 64 --no-fwd --only ours-v1,ours-v2,sdpa-causal
 [ "$(left)" -gt 15 ] && table d64_fwd "$(cap 80 5)" --d 64 --no-bwd --only ours-v1,ours-v2,sdpa-causal,fla-simple-gla
+# 2b. per-kernel breakdown of v2 forward+backward (where the next version's time must come from)
+[ "$(left)" -gt 45 ] && LLMTRAIN_RETENTION_KERNEL=v2 timeout "$(cap 30 15)" python3 bench/power_retention_profile.py \
+  --d 64 --t 2048 65536 2>&1 | tee "$OUT_DIR/profile_v2.md"
 # 3. short v1 subset
 [ "$(left)" -gt 40 ] && run_tests v1 "$(cap 60 5)" -k "t3000 or bit_identical or public_op or agree"
 # 4. d = 128, then retention 1.0.7 c1024 forward+backward
