@@ -32,7 +32,6 @@ def make_impls():
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
-        "compiled": torch.compile(eager),
     }
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -43,6 +42,7 @@ def make_impls():
         impls["liger"] = liger
     except Exception as exc:  # not installed or API moved
         print(f"# liger unavailable: {exc}", file=sys.stderr)
+    impls["compiled"] = torch.compile(eager)  # last: its first call compiles (seconds)
     return impls
 
 
@@ -108,9 +108,12 @@ def measure_with_env(name, fn):
 def run_shape(impls, n, k, m):
     x, g, w, dy = inputs(n, k, m)
     r = {"shape": f"{n}x{k}->{m}", "gemm": measure(gemm_fn(x, w)), "fwd": {}, "fwd_bwd": {}}
+    print(f"# {r['shape']} gemm {r['gemm']:.4f}", flush=True)
     for name, f in impls.items():
         r["fwd"][name] = measure_with_env(name, fwd_fn(f, x, g, w))
         r["fwd_bwd"][name] = measure_with_env(name, fwd_bwd_fn(f, x, g, w, dy))
+        # Progress line per implementation, so a timeout still leaves the numbers measured so far.
+        print(f"# {r['shape']} {name} fwd {r['fwd'][name]:.4f} fwd+bwd {r['fwd_bwd'][name]:.4f}", flush=True)
     del x, g, w, dy
     torch.cuda.empty_cache()
     return r
