@@ -58,3 +58,14 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0
     assert "to keep the global batch" in proc.stdout + proc.stderr
+
+
+def test_deepspeed_launchers_local_rank_argument_is_ignored(monkeypatch):
+    # `deepspeed` appends --local_rank=N unless --no_local_rank; the rank comes from LOCAL_RANK
+    from llmtrain.training.config import ConfigError, load_config, parse_overrides
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="^local_rank: unknown key"):
+        load_config(None, parse_overrides(["--local_rank=1", "--max_steps", "1"]))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert parse_overrides(["--local_rank=1", "--max_steps", "1", "--local_rank", "1"]) == {"max_steps": "1"}

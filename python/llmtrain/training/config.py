@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,8 @@ def parse_overrides(args: list[str]) -> dict:
         else:
             value = "true"
             i += 1
+        if key == "local_rank" and "LOCAL_RANK" in os.environ:
+            continue  # the deepspeed launcher's --local_rank=N: the rank is read from the environment
         out[key] = value
     return out
 
