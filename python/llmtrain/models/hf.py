@@ -46,21 +46,58 @@ def slice_hidden_for_logits(hidden: Tensor, logits_to_keep) -> Tensor:
     return hidden[:, logits_to_keep]
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: Optional[int | Tensor] = None,
-                   ignore_index: int = -100) -> Tensor:
+def causal_lm_loss(logits: Tensor, labels: Optional[Tensor], num_items_in_batch: Optional[int | Tensor] = None,
+                   ignore_index: int = -100, shift_labels: Optional[Tensor] = None) -> Tensor:
     """Next-token cross entropy in float32: logits[:, i] predicts labels[:, i + 1]; -100 is ignored.
 
-    With ``num_items_in_batch`` (gradient accumulation over micro-batches) the summed loss is divided
-    by that count instead of this micro-batch's own count, as transformers' Trainer expects.
+    ``shift_labels`` (transformers' name) are targets already shifted: logits[:, i] predicts
+    shift_labels[:, i]. With ``num_items_in_batch`` (gradient accumulation over micro-batches) the
+    summed loss is divided by that count instead of this micro-batch's own count, as transformers'
+    Trainer expects.
     """
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
+    if shift_labels is not None:
+        logits, targets = logits.float(), shift_labels.to(logits.device)
+    else:
+        logits = logits[:, :-1].float()
+        targets = labels[:, 1:].to(logits.device)
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index, reduction=reduction)
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return loss
+
+
+def fused_cross_entropy_enabled(config: PretrainedConfig) -> bool:
+    """The model config's ``fused_cross_entropy`` switch (default on; ``model_overrides`` can set it)."""
+    value = getattr(config, "fused_cross_entropy", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"fused_cross_entropy must be true or false, got {value!r}")
+    return value
+
+
+def lm_head_and_loss(lm_head: nn.Linear, hidden: Tensor, config: PretrainedConfig, labels: Optional[Tensor],
+                     shift_labels: Optional[Tensor], num_items_in_batch: Optional[int | Tensor] = None):
+    """(logits, loss) of a causal LM head.
+
+    With ``shift_labels`` alone (already-shifted targets, as the pretraining loop passes them) and the
+    config's ``fused_cross_entropy`` on, the loss is computed chunk by chunk from the hidden states
+    (llmtrain.ops.cross_entropy) and logits come back None: the [batch, time, vocab] logits are never
+    built. ``labels`` (HF style) keep the documented contract: logits and loss, both returned.
+    """
+    if shift_labels is not None and labels is None and fused_cross_entropy_enabled(config):
+        from llmtrain.ops.cross_entropy import linear_cross_entropy
+
+        if shift_labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"shift_labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}")
+        targets = shift_labels.to(hidden.device)
+        if num_items_in_batch is None:
+            return None, linear_cross_entropy(hidden, lm_head.weight, targets)
+        return None, linear_cross_entropy(hidden, lm_head.weight, targets, reduction="sum") / num_items_in_batch
+    logits = lm_head(hidden)
+    if labels is None and shift_labels is None:
+        return logits, None
+    return logits, causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
 
 
 def last_token_indices(input_ids: Optional[Tensor], batch_size: int, seq_len: int,

@@ -30,9 +30,9 @@ from transformers.modeling_outputs import (
 
 from llmtrain.models.config import MLAConfig
 from llmtrain.models.hf import (
-    causal_lm_loss,
     init_common_weights,
     last_token_indices,
+    lm_head_and_loss,
     sequence_classification_loss,
     slice_hidden_for_logits,
 )
@@ -212,7 +212,7 @@ class MLAModel(MLAPreTrainedModel):
 
 
 class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
-    """The causal language model. Loss without full logits: ``model.model(...)`` then ``model.lm_head``."""
+    """The causal language model. Loss without full logits: ``model(input_ids, shift_labels=targets)``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -241,14 +241,15 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: int | Tensor = 0,
         num_items_in_batch: Optional[int | Tensor] = None,
+        shift_labels: Optional[Tensor] = None,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.lm_head(slice_hidden_for_logits(out.last_hidden_state, logits_to_keep))
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
+                                        self.config, labels, shift_labels, num_items_in_batch)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()

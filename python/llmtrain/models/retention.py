@@ -30,10 +30,10 @@ from transformers.modeling_outputs import (
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
 from llmtrain.models.hf import (
-    causal_lm_loss,
     init,
     init_common_weights,
     last_token_indices,
+    lm_head_and_loss,
     sequence_classification_loss,
     slice_hidden_for_logits,
 )
@@ -223,9 +223,9 @@ class RetentionModel(RetentionPreTrainedModel):
 class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
     """The causal language model: ``RetentionLLM(create_model_config("small"))``.
 
-    ``model(input_ids, labels=input_ids)`` returns ``.loss`` and ``.logits``. For a loss that never
-    materialises [batch, time, vocab] logits, run ``model.model(input_ids).last_hidden_state`` and
-    project chunks of it with ``model.lm_head``.
+    ``model(input_ids, labels=input_ids)`` returns ``.loss`` and ``.logits``.
+    ``model(input_ids, shift_labels=targets)`` (targets already shifted) returns only ``.loss``, computed
+    chunk by chunk without materialising [batch, time, vocab] logits (config ``fused_cross_entropy``).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -273,6 +273,7 @@ class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: int | Tensor = 0,
         num_items_in_batch: Optional[int | Tensor] = None,
+        shift_labels: Optional[Tensor] = None,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -281,8 +282,8 @@ class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
                          output_hidden_states=output_hidden_states, return_dict=True)
         if out.past_key_values is not None:
             self.recurrent_state = out.past_key_values
-        logits = self.lm_head(slice_hidden_for_logits(out.last_hidden_state, logits_to_keep))
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
+                                        self.config, labels, shift_labels, num_items_in_batch)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()

@@ -54,8 +54,16 @@ def seed_everything(seed: int) -> None:
 
 
 def lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets are already shifted (-100 is ignored)."""
-    logits = model(input_ids).logits
+    """Mean next-token cross-entropy; targets are already shifted (-100 is ignored).
+
+    Our models take ``shift_labels`` and compute the loss chunk by chunk from the hidden states, never
+    building [batch, time, vocab] logits (model config ``fused_cross_entropy: false`` turns that off);
+    a model that returns no loss gets the plain cross-entropy over its logits.
+    """
+    out = model(input_ids, shift_labels=targets)
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    logits = out.logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
