@@ -111,7 +111,7 @@ def test_models_route_shift_labels(rng, preset):
     # the switch: fused_cross_entropy off builds the logits and gives the same loss
     model.config.fused_cross_entropy = False
     plain = model(ids, shift_labels=targets)
-    assert plain.logits is not None and rel_err(plain.loss, want) < 1e-12
+    assert plain.logits is not None and rel_err(plain.loss, want) < 1e-6  # float32 loss
     model.config.fused_cross_entropy = "no"
     with pytest.raises(ValueError, match="fused_cross_entropy must be true or false"):
         model(ids, shift_labels=targets)
