@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "llmtrain.training.posttrain_cli",
     "llmtrain.models.cli",
     "llmtrain.data.cli",
+    "llmtrain.bench.train",
     "llmtrain.info",
 ]
 
