@@ -2,7 +2,8 @@
 
 Rows 16384 x hidden 2048 -> out 2048, 5632, 8192 (bf16). Forward and forward+backward medians from
 triton.testing.do_bench. "ours" is the default (v3) path, "ours_v2" the same op with
-LLMTRAIN_RMSLIN_LEGACY=1 (pre-pass + GEMM forward, v2 row pass), measured in the same process.
+LLMTRAIN_RMSLIN_LEGACY=1 (pre-pass + GEMM forward, v2 row pass), "ours_ro" v3 with
+LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), all in the same process.
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
@@ -31,6 +32,7 @@ def make_impls():
     impls = {
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -88,7 +90,8 @@ def measure(fn, warmup=50, rep=300):
 
 
 # Environment for an implementation while it is measured (read by the extension on every call).
-ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}}
+# ours_ro: the fused forward's read-only variant (W diag(g) pre-pass; the GEMM only sums x^2).
+ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}, "ours_ro": {"LLMTRAIN_RMSLIN_FWD": "ro"}}
 
 
 def measure_with_env(name, fn):

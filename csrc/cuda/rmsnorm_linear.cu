@@ -204,6 +204,12 @@ inline bool legacy() {
   return e && e[0] && e[0] != '0';
 }
 
+// LLMTRAIN_RMSLIN_FWD=ro: the fused forward's read-only variant (W diag(g) pre-pass, no smem writes).
+inline bool fused_read_only() {
+  const char* e = std::getenv("LLMTRAIN_RMSLIN_FWD");
+  return e && e[0] == 'r' && e[1] == 'o';
+}
+
 template <typename T>
 using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t);
 template <typename T> struct RowBwdV3 {
@@ -228,13 +234,26 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
-  if (!legacy() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 && sm90_fwd_fused_available(a.dims.dtype)) {
+  const bool fused = !legacy() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
+                     sm90_fwd_fused_available(a.dims.dtype);
+  if (fused && !fused_read_only()) {
     // v3: one GEMM kernel computes rstd, folds g into the x tiles and scales the rows.
     return sm90_gemm_fwd_fused(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
                                (float)a.dims.eps, s);
   }
   DeviceBuffer<T> wg(m * k, s);
   const int sms = num_sms();
+  if (fused) {
+    // Read-only variant: wg = W diag(g) here, the GEMM mainloop only sums x^2.
+    const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
+    fast::prep_fwd<T><<<w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,
+                                               static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps, 0);
+    check_launch("prep_fwd(wg)");
+    sm90_gemm_fwd_fused(a.dims.dtype, a.x, nullptr, wg.get(), static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
+                        (float)a.dims.eps, s);
+    wg.release(s);
+    return;
+  }
   const int row_blocks = (int)std::min<int64_t>((n + 7) / 8, (int64_t)sms * 8);
   const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
   fast::prep_fwd<T><<<row_blocks + w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,

@@ -23,6 +23,7 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
                    int64_t n, int64_t k, int64_t m, cudaStream_t s);
 // v3 forward in one kernel (bf16): y = (x diag(g) . w^T) * rstd[row] + bias, with rstd computed from
 // the A tiles inside the GEMM mainloop and written to rstd[n]. See rmsnorm_linear_sm90_fused.cu.
+// g == nullptr: w is already W diag(g) and the mainloop only sums x^2 (read-only variant).
 bool sm90_fwd_fused_available(DType dtype);
 void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);

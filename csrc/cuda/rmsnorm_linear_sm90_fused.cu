@@ -52,7 +52,8 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
 }
 
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
-template <class Base> struct RmsNormMainloop : Base {
+// kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing.
+template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -124,7 +125,7 @@ template <class Base> struct RmsNormMainloop : Base {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int c8 = kt * 8 + half * 4 + q;
-        gv[q] = c8 < k8 ? __ldg(g4 + c8) : make_uint4(0, 0, 0, 0);
+        gv[q] = (kScaleA && c8 < k8) ? __ldg(g4 + c8) : make_uint4(0, 0, 0, 0);
       }
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
@@ -137,11 +138,11 @@ template <class Base> struct RmsNormMainloop : Base {
         v.y = scale_pair(v.y, gv[q].y, ss);
         v.z = scale_pair(v.z, gv[q].z, ss);
         v.w = scale_pair(v.w, gv[q].w, ss);
-        sts128(a, v);
+        if constexpr (kScaleA) sts128(a, v);
       }
       // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
       // whole tile is rewritten before any wgmma on it is issued.
-      cutlass::arch::fence_view_async_shared();
+      if constexpr (kScaleA) cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(256, bar);
       return stage;
     };
@@ -249,17 +250,17 @@ struct RstdStoreAcc {
   }
 };
 
-void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
-                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+// Types of the fused forward GEMM (at namespace scope: the host compiler mis-parses the builders
+// inside a function template).
+struct FusedFwdTypes {
   using Element = cutlass::bfloat16_t;
   using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
-  constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
-  using namespace cutlass::epilogue::fusion;
+  static constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
   // D = acc (already rstd-scaled; the node also stores rstd) + bias[n-index]
-  using Fusion = Sm90EVT<Sm90Compute<cutlass::plus, Element, float, Round>, RstdStoreAcc,
-                         Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, 16 / sizeof(Element)>>;
-  constexpr int Align = 8;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Element, float, Round>, RstdStoreAcc,
+                         cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>, 16 / sizeof(Element)>>;
+  static constexpr int Align = 8;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, Align, Element,
@@ -271,7 +272,14 @@ void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, co
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
                                                         1024>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Mainloop = RmsNormMainloop<BaseMainloop>;
+};
+
+template <bool kScaleA>
+void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
+                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+  using Element = FusedFwdTypes::Element;
+  using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kScaleA>;
+  using Epilogue = FusedFwdTypes::Epilogue;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -313,7 +321,10 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  if (dtype == DType::BF16) return sm90::fwd_fused_bf16(x, g, w, rstd, bias, y, n, k, m, eps, s);
+  if (dtype == DType::BF16) {
+    if (g) return sm90::fwd_fused_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    return sm90::fwd_fused_bf16<false>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+  }
 #endif
   (void)dtype; (void)x; (void)g; (void)w; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps; (void)s;
   throw std::runtime_error("rmsnorm_linear (CUDA): fused sm_90a forward not built for this dtype");

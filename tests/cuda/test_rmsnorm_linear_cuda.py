@@ -118,6 +118,12 @@ def test_legacy_fast_path_vs_float64(n, k, m, bias, monkeypatch):
     test_forward_backward_vs_float64(n, k, m, bias, torch.bfloat16)
 
 
+@pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (300, 768, 1000)])
+def test_fused_read_only_variant_vs_float64(n, k, m, monkeypatch):
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "ro")
+    test_forward_backward_vs_float64(n, k, m, True, torch.bfloat16)
+
+
 def test_paths_agree_and_are_deterministic(monkeypatch):
     """v3 and v2 agree to bf16 rounding; v3 repeats bit for bit (fixed reduction order)."""
     x, nw, w, b, dy = make(2049, 2048, 1024, torch.bfloat16, True, 11)
