@@ -49,6 +49,7 @@ def test_bench_train_unfused_loss_and_config_preset(tmp_path):
     (["--memory_cap_gb", "16"], "--memory_cap_gb"),
     (["--model", "huge"], "--model"),
     (["--model_overrides", "[1, 2]"], "--model_overrides"),
+    (["--model_overrides", "{num_hidden_layers:2}"], "is not a field"),
     (["--config", "no_such_preset"], "--config"),
 ])
 def test_bench_train_bad_arguments(args, message, capsys):

@@ -147,6 +147,18 @@ def build_train_config(args):
         if not isinstance(extra, dict):
             raise BenchError(f"--model_overrides: expected a mapping like '{{num_hidden_layers: 4}}', "
                              f"got {args.model_overrides!r}")
+        # PretrainedConfig takes any keyword silently: a typo (or YAML's `{a:1}`, one key "a:1") would be ignored.
+        from llmtrain.models import create_model_config
+
+        size = updates.get("model_size", cfg.model_size)
+        try:
+            known = create_model_config(size)
+        except ValueError as exc:
+            raise BenchError(f"--model: {exc}") from exc
+        unknown = [k for k in extra if not hasattr(known, str(k)) and k != "fused_cross_entropy"]
+        if unknown:
+            raise BenchError(f"--model_overrides: {unknown[0]!r} is not a field of the {size} config "
+                             "(YAML needs a space after each colon: '{num_hidden_layers: 2}')")
         overrides.update(extra)
     if args.fused_ce is not None:
         overrides["fused_cross_entropy"] = args.fused_ce

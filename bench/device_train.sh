@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device call for issue 13 (end-to-end training): `llmtrain bench train` rows, most important first.
+# Usage (repo root, llmtrain and the carried wheels already installed by the lead's wrapper):
+#   BUDGET_S=150 bash bench/device_train.sh
+# Nothing is installed or built here. Each row is its own process under `timeout` (min(row cap, time
+# left)); rows that do not fit the budget are skipped with a line saying so.
+#   a. retention small (125M) at 2K, eager, vs the torch.compile'd GPT-2-124M SDPA baseline (same process)
+#   b. retention 1B-class (2048 x 20, 32 heads) at 2K      c. MLA 1B at 2K
+#   d. pretrain_5080 (MLA 1B, ZeRO-2 + CPU offload) under a 16 GiB allocator cap: fits? peak memory
+#   then, while time remains: longctx_5090 under the cap, retention small / 1B and MLA 1B at 16K,
+#   retention small at 64K, the Llama baseline at 2K.
+# CPU dry run: BUDGET_S=60 BENCH_EXTRA_ARGS="--device cpu --seq_len 16 ..." bash bench/device_train.sh
+# Results under $OUT/train/: <row>.json (llmtrain bench train --json), <row>.log, table.md and
+# results.json (all rows, bench/train_table.py).
+set -uo pipefail
+OUT_DIR=${OUT:-$PWD/out}/train
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+T_END=$(( $(date +%s) + ${BUDGET_S:-150} ))
+left() { echo $(( T_END - $(date +%s) )); }
+HAVE_DS=0
+python3 -c "import deepspeed" >/dev/null 2>&1 && HAVE_DS=1
+
+# row NAME CAP_S MIN_S args...: run `llmtrain bench train args` if at least MIN_S seconds are left.
+row() {
+  local name=$1 cap=$2 min=$3; shift 3
+  local l; l=$(left)
+  if [ "$l" -lt "$min" ]; then
+    echo "== $name: SKIPPED (${l}s left, needs ${min}s)" | tee "$OUT_DIR/$name.log"; return
+  fi
+  [ "$l" -lt "$cap" ] && cap=$l
+  echo "== $name (timeout ${cap}s): llmtrain bench train $*"
+  # BENCH_EXTRA_ARGS (appended, so they win): for a CPU dry run of this script at tiny sizes
+  # shellcheck disable=SC2086
+  timeout -k 5 "$cap" python3 -m llmtrain bench train "$@" ${BENCH_EXTRA_ARGS:-} --json "$OUT_DIR/$name.json" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "TIMEOUT after ${cap}s" >>"$OUT_DIR/$name.log"
+  grep -E "tok/s|OOM|ERROR|Error|TIMEOUT|x tokens/s" "$OUT_DIR/$name.log" | tail -4
+  echo "   rc=$rc"
+}
+ds_row() {  # DeepSpeed rows need the deepspeed package (only there if carried)
+  if [ "$HAVE_DS" = 1 ]; then row "$@"; else
+    echo "== $1: SKIPPED (deepspeed is not importable here)" | tee "$OUT_DIR/$1.log"; fi
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
+
+row a_small_2k_vs_gpt2 80 45 --model small --seq_len 2048 --batch_size 16 --steps 8 --warmup 3 --baseline gpt2
+row b_retention1b_2k 40 25 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
+row c_mla1b_2k 40 25 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  ds_row d_pretrain_5080_16gb 60 35 --config pretrain_5080 --memory_cap_gb 16 --steps 2 --warmup 1
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  ds_row e_longctx_5090_16gb 60 35 --config longctx_5090 --memory_cap_gb 16 --grad_accum 2 --steps 2 --warmup 1
+row f_small_16k 35 20 --model small --seq_len 16384 --batch_size 2 --steps 5 --warmup 2
+row g_retention1b_16k 40 25 --model retention-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
+row h_mla1b_16k 40 25 --model mla-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
+row i_small_64k 35 20 --model small --seq_len 65536 --batch_size 1 --steps 4 --warmup 2
+row j_mla1b_2k_vs_llama 80 50 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
+
+python3 bench/train_table.py "$OUT_DIR" | tee "$OUT_DIR/table.md"
+echo "results in $OUT_DIR ($(left)s of the budget left)"
