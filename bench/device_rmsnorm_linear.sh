@@ -41,7 +41,7 @@ step() {
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v3 default + the v2 path via its own tests), then the portable path.
-step tests 35 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+step tests 40 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
 # 2. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
 step table 40 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
 # 3. Whole v2 suite (legacy env for every test) and the portable path, if time remains.

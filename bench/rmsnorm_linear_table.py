@@ -33,6 +33,7 @@ def make_impls():
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -91,7 +92,9 @@ def measure(fn, warmup=50, rep=300):
 
 # Environment for an implementation while it is measured (read by the extension on every call).
 # ours_ro: the fused forward's read-only variant (W diag(g) pre-pass; the GEMM only sums x^2).
-ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}, "ours_ro": {"LLMTRAIN_RMSLIN_FWD": "ro"}}
+# ours_sm80: the portable mma.sync path (what sm_80 / sm_120 run), forced on this GPU.
+ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}, "ours_ro": {"LLMTRAIN_RMSLIN_FWD": "ro"},
+       "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"}}
 
 
 def measure_with_env(name, fn):

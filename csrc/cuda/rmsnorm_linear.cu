@@ -24,6 +24,7 @@
 #include "../ops.h"
 #include "rmsnorm_linear_common.cuh"
 #include "rmsnorm_linear_fast.cuh"
+#include "rmsnorm_linear_sm80.cuh"
 #include "rmsnorm_linear_sm90.cuh"
 
 namespace llmtrain {
@@ -264,14 +265,35 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   wg.release(s);
 }
 
-template <typename T> void backward_fast(const RmsLinBwdArgs& a) {
+// LLMTRAIN_RMSLIN_SM80=1: take the portable tensor-core path even where the sm_90a one could run (A/B, tests).
+inline bool force_sm80() {
+  const char* e = std::getenv("LLMTRAIN_RMSLIN_SM80");
+  return e && e[0] && e[0] != '0';
+}
+
+// Portable tensor-core forward: rstd + xn pre-pass, then an mma.sync GEMM with the bias as a
+// broadcast C operand.
+template <typename T> void forward_tc(const RmsLinFwdArgs& a) {
+  const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  DeviceBuffer<T> xn(n * k, s);
+  const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>((n + 7) / 8, (int64_t)num_sms() * 8));
+  fast::prep_xn<T><<<blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
+                                          static_cast<float*>(a.rstd), xn.get(), n, k, (float)a.dims.eps);
+  check_launch("prep_xn");
+  if (m > 0) sm80_gemm_fwd(a.dims.dtype, xn.get(), a.w, a.bias, a.y, n, k, m, s);
+  xn.release(s);
+}
+
+// sm80 = true: the same schedule with the portable mma.sync GEMMs instead of the sm_90a ones.
+template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = false) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* dy = static_cast<const T*>(a.dy);
   T* dx = static_cast<T*>(a.dx);
   const int sms = num_sms();
   // dxn = dy W into dx.
-  sm90_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
+  (sm80 ? sm80_gemm_dgrad : sm90_gemm_dgrad)(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
   // Row pass: dx, xn and dg partials.
   DeviceBuffer<T> xn(n * k, s);
   const RowBwdV3<T> v3 = legacy() ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
@@ -298,7 +320,7 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a) {
   fast::reduce_parts<T><<<(unsigned)((k + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dg), nb, k);
   check_launch("reduce_parts(dg)");
   // dW = dy^T xn.
-  sm90_gemm_wgrad(a.dims.dtype, a.dy, xn.get(), a.dw, n, k, m, s);
+  (sm80 ? sm80_gemm_wgrad : sm90_gemm_wgrad)(a.dims.dtype, a.dy, xn.get(), a.dw, n, k, m, s);
   xn.release(s);
   if (a.dbias) {
     fast::colsum_part<T><<<nb, 256, 0, s>>>(dy, part.get(), n, m);
@@ -321,7 +343,8 @@ template <typename T> void forward(const RmsLinFwdArgs& a) {
   if (n == 0) return;
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if constexpr (!std::is_same_v<T, float>) {
-    if (sm90_usable(a.dims.dtype, k, m)) return forward_fast<T>(a);
+    if (!force_sm80() && sm90_usable(a.dims.dtype, k, m)) return forward_fast<T>(a);
+    if (sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.bias, a.y})) return forward_tc<T>(a);
   }
   rstd_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, rstd, n, k, (float)a.dims.eps);
   check_launch("rstd_kernel");
@@ -342,7 +365,9 @@ template <typename T> void backward(const RmsLinBwdArgs& a) {
   T* db = static_cast<T*>(a.dbias);
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if constexpr (!std::is_same_v<T, float>) {
-    if (n > 0 && m > 0 && k <= 32768 && sm90_usable(a.dims.dtype, k, m)) return backward_fast<T>(a);
+    if (n > 0 && m > 0 && k <= 32768 && !force_sm80() && sm90_usable(a.dims.dtype, k, m)) return backward_fast<T>(a);
+    if (n > 0 && m > 0 && k <= 32768 && sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}))
+      return backward_fast<T>(a, true);
   }
   // dW = dy^T xn: M = m, N = k, reduction over the n rows. A(o, i) = dy[i, o].
   launch_gemm(m, k, n, LoadRowMajorT<T>{dy, m}, LoadXn<T>{x, g, rstd, k}, EpStore<T>{dw, k}, s);

@@ -69,6 +69,37 @@ __global__ void __launch_bounds__(256) prep_fwd(const T* __restrict__ x, const T
   }
 }
 
+// Forward pre-pass of the portable tensor-core path: rstd and xn = rstd x g (a warp per row; the
+// second read of the row comes from L1/L2), so the GEMM is a plain y = xn W^T + bias.
+template <typename T>
+__global__ void __launch_bounds__(256) prep_xn(const T* __restrict__ x, const T* __restrict__ g,
+                                               float* __restrict__ rstd, T* __restrict__ xn, int64_t n, int64_t k,
+                                               float eps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t k8 = k / 8;
+  for (int64_t row = (int64_t)blockIdx.x * 8 + warp; row < n; row += (int64_t)gridDim.x * 8) {
+    const T* xr = x + row * k;
+    float ss = 0.f;
+    for (int64_t c = lane; c < k8; c += 32) {
+      float f[8];
+      load8(xr + c * 8, f);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+    }
+    ss = warp_sum(ss);
+    const float r = 1.f / sqrtf(ss / (float)k + eps);
+    if (lane == 0) rstd[row] = r;
+    for (int64_t c = lane; c < k8; c += 32) {
+      float f[8], gv[8];
+      load8(xr + c * 8, f);
+      load8(g + c * 8, gv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] *= r * gv[j];
+      store8(xn + row * k + c * 8, f);
+    }
+  }
+}
+
 // Backward row pass. dx holds dxn = dy W on entry (from the dgrad GEMM) and is overwritten row by
 // row (each warp reads its whole row before writing it):
 //   proj_i = sum_c dxn_ic g_c x_ic;  dx_i = r_i g dxn_i - r_i^3 / k proj_i x_i;  xn_i = r_i g x_i

@@ -124,6 +124,16 @@ def test_fused_read_only_variant_vs_float64(n, k, m, monkeypatch):
     test_forward_backward_vs_float64(n, k, m, True, torch.bfloat16)
 
 
+@pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (515, 2048, 5632), (45, 4096, 136)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_portable_tensor_core_path_vs_float64(n, k, m, dtype, monkeypatch):
+    """The mma.sync path (sm_80 / sm_120; forced here with LLMTRAIN_RMSLIN_SM80=1 on any GPU >= 8.0)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync bf16 needs compute capability 8.0")
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_SM80", "1")
+    test_forward_backward_vs_float64(n, k, m, True, dtype)
+
+
 def test_paths_agree_and_are_deterministic(monkeypatch):
     """v3 and v2 agree to bf16 rounding; v3 repeats bit for bit (fixed reduction order)."""
     x, nw, w, b, dy = make(2049, 2048, 1024, torch.bfloat16, True, 11)
