@@ -2,8 +2,8 @@
 
 The tokens are processed in chunks of rows: each chunk's logits are formed, reduced to its loss
 (logsumexp in float32 or better), and dropped. The peak extra memory is one chunk's logits instead of
-tokens x vocab (a 16K-token batch against a 50K vocabulary is 3.3 GB of float32 logits; a chunk is
-~0.3 GB).
+tokens x vocab (a 32K-token batch against a 50K vocabulary is 6.6 GB of float32 logits; a chunk is
+~0.5 GB).
 
 Gradients, two modes:
 - default: when a gradient will be needed, the forward computes it in the same pass (softmax minus
@@ -24,8 +24,10 @@ from torch import Tensor
 
 from llmtrain.ops import _native
 
-# Logits elements per chunk (rows x vocab): 2^25 -> a float32 chunk plus its softmax ~ 0.3 GB.
-CHUNK_ELEMENTS = 1 << 25
+# Logits elements per chunk (rows x vocab): 2^27 -> 0.5 GB of float32 logits (the gradient is formed in
+# place) + its bf16 copy. Bigger than needed for memory on purpose: every chunk re-reads and re-writes
+# the float32 d_weight accumulator (vocab x hidden), so fewer chunks cost less traffic.
+CHUNK_ELEMENTS = 1 << 27
 
 
 def default_chunk_rows(vocab_size: int) -> int:
