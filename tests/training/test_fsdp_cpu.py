@@ -9,11 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llmtrain.training.config import ConfigError, load_config
-from tests.training.test_distributed_cpu import run
-
-
-def close(a, b):
-    return abs(a - b) < 1e-4 * max(1.0, abs(a))
+from tests.training.test_distributed_cpu import close, run
 
 
 @pytest.mark.slow

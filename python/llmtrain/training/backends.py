@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -217,6 +218,17 @@ def _gather_model_state(module) -> dict:
     return out
 
 
+def _gathered(optimizer) -> dict:
+    """The state gathered by the optimizer view's gather(); one process gathers on demand, several must
+    have called gather() together (Backend.checkpoint_state) or rank 0 would wait for the others."""
+    if optimizer._state is None:
+        if dist.get_world_size() > 1:
+            raise RuntimeError("a sharded optimizer's state is gathered by every rank: save through "
+                               "backend.checkpoint_state() on all ranks")
+        optimizer.gather()
+    return optimizer._state
+
+
 class _FullOptimizer:
     """What checkpoints see of an AdamW over sharded parameters: the plain torch state_dict (integer
     parameter ids, full tensors), identical to the one a single-process AdamW would save, so the
@@ -238,9 +250,7 @@ class _FullOptimizer:
         self._state = {"state": state, "param_groups": sd["param_groups"]}
 
     def state_dict(self) -> dict:
-        if self._state is None:
-            raise RuntimeError("_FullOptimizer.state_dict before gather() (a collective on every rank)")
-        return self._state
+        return _gathered(self)
 
     def load_state_dict(self, sd: dict) -> None:
         """Full tensors (as a checkpoint holds them, on every rank) -> this rank's shards, then load."""
@@ -333,14 +343,21 @@ class DeepSpeedBackend:
         return self.module.state_dict()
 
     def checkpoint_state(self):
-        return self.model_state(), self.optimizer_for_checkpoint()
+        optimizer = self.optimizer_for_checkpoint()
+        if isinstance(optimizer, _ZeroFullOptimizer):
+            optimizer.gather()
+        return self.model_state(), optimizer
 
     def unsharded_module(self):
         return self.module
 
     def optimizer_for_checkpoint(self):
-        # ZeRO wraps the torch optimizer, which steps flat fp32 partitions; its state_dict is the
-        # plain torch one that our checkpoints store.
+        if hasattr(self.optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            return _ZeroFullOptimizer(self.optimizer)
+        if self.world_size > 1:
+            raise RuntimeError("ds_config: checkpoints of several processes need ZeRO stage 1 or 2 "
+                               "(zero_optimization.stage)")
+        # no partitioning: the wrapped torch optimizer's own state_dict
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def weights_loaded(self) -> None:
@@ -349,6 +366,118 @@ class DeepSpeedBackend:
         restore = getattr(self.optimizer, "_restore_from_bit16_weights", None)
         if restore is not None:
             restore()
+
+
+class _ZeroFullOptimizer:
+    """What checkpoints see of a ZeRO-1/2 optimizer. ZeRO flattens each parameter group into one
+    buffer (parameters in its own order, with alignment padding) and each rank's torch optimizer steps
+    one slice of it; rank 0's slice alone would be a partial state. Here every rank's slice is gathered
+    and cut back into per-parameter tensors, in the torch AdamW layout (integer parameter ids, tensors
+    of the parameter's shape), so the state does not depend on the number of processes: a checkpoint
+    saved on N processes resumes on M."""
+
+    CHUNK = 1 << 25  # elements gathered at a time: bounds the extra device memory (128 MiB in fp32)
+
+    def __init__(self, zero):
+        self.zero = zero
+        self.inner = zero.optimizer
+        self._state = None
+
+    def _layout(self, i: int):
+        """[(index in the param group, offset in the flat buffer, numel, shape)] in flat-buffer order."""
+        z = self.zero
+        order = {id(p): k for k, p in enumerate(z.bit16_groups[i])}
+        flat_params = z.round_robin_bit16_groups[i]
+        metas = getattr(z, "round_robin_bit16_meta", None)
+        shapes = [m.shape for m in metas[i]] if metas else [p.shape for p in flat_params]
+        offsets = getattr(z, "round_robin_bit16_offsets", None)
+        if offsets:
+            offsets = offsets[i]
+        else:  # DeepSpeed without per-parameter padding: the parameters back to back
+            offsets, at = [], 0
+            for shape in shapes:
+                offsets.append(at)
+                at += math.prod(shape)
+        return [(order[id(p)], off, math.prod(shape), shape) for p, off, shape in zip(flat_params, offsets, shapes)]
+
+    def _partition(self, i: int):
+        part = self.zero.single_partition_of_fp32_groups[i]
+        group = self.zero.real_dp_process_group[i]
+        return part, dist.get_rank(group=group), dist.get_world_size(group=group), group
+
+    @staticmethod
+    def _is_partition_tensor(v, n: int) -> bool:
+        return isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == n
+
+    def gather(self) -> None:
+        """Collective: every rank sends its slices; rank 0 keeps the per-parameter tensors on the CPU."""
+        keep = dist.get_rank() == 0
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        state, groups, base = {}, [], 0
+        for i, group in enumerate(self.inner.param_groups):
+            part, rank, world, pg = self._partition(i)
+            n, size = len(self.zero.bit16_groups[i]), part.numel()
+            entry = self.inner.state.get(part, {})
+            flats = {}
+            for key in sorted(entry):  # the same order on every rank
+                value = entry[key]
+                if not self._is_partition_tensor(value, size):
+                    continue
+                out = torch.empty(world * size, dtype=value.dtype) if keep else None
+                for a in range(0, size, self.CHUNK):
+                    piece = value.detach()[a:a + self.CHUNK].to(comm)
+                    pieces = [torch.empty_like(piece) for _ in range(world)]
+                    dist.all_gather(pieces, piece, group=pg)
+                    if keep:
+                        for r, got in enumerate(pieces):
+                            out[r * size + a:r * size + a + got.numel()] = got.cpu()
+                flats[key] = out
+            if keep and entry:
+                scalars = {k: v for k, v in entry.items() if k not in flats}
+                for k, off, numel, shape in self._layout(i):
+                    state[base + k] = {key: flat[off:off + numel].view(shape).clone() for key, flat in flats.items()}
+                    # a tensor step per parameter (safetensors stores no shared tensors)
+                    state[base + k].update({key: v.clone() if isinstance(v, torch.Tensor) else v
+                                            for key, v in scalars.items()})
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(base, base + n))})
+            base += n
+        self._state = {"state": state, "param_groups": groups}
+
+    def state_dict(self) -> dict:
+        return _gathered(self)
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Per-parameter tensors (from any number of processes) -> this rank's slice of each flat group."""
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.inner.param_groups):
+            raise ValueError(f"{len(saved_groups)} parameter groups saved, {len(self.inner.param_groups)} here")
+        state, groups, base = {}, [], 0
+        for i, saved in enumerate(saved_groups):
+            part, rank, world, _ = self._partition(i)
+            n, size = len(self.zero.bit16_groups[i]), part.numel()
+            if len(saved["params"]) != n:
+                raise ValueError(f"parameter group {i}: {len(saved['params'])} parameters saved, {n} here "
+                                 "(or a checkpoint from before ZeRO states were stored per parameter)")
+            entries = [sd["state"].get(pid) for pid in saved["params"]]
+            if any(entries):
+                if not all(entries):
+                    raise ValueError(f"parameter group {i}: state for only some parameters")
+                layout = self._layout(i)
+                tensor_keys = [k for k, v in entries[0].items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+                new = {k: v for k, v in entries[0].items() if k not in tensor_keys}
+                for key in tensor_keys:
+                    flat = torch.zeros(world * size, dtype=part.dtype)  # the alignment padding stays zero
+                    for k, off, numel, shape in layout:
+                        value = entries[k][key]
+                        if value.numel() != numel:
+                            raise ValueError(f"{key} of parameter {saved['params'][k]}: {tuple(value.shape)} saved, "
+                                             f"{tuple(shape)} here")
+                        flat[off:off + numel] = value.reshape(-1)
+                    new[key] = flat[rank * size:(rank + 1) * size].clone()
+                state[i] = new
+            groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": [i]})
+            base += n
+        self.inner.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _resolve_ds_config(name: str | None) -> Path:
