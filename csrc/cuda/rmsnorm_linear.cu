@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -205,11 +206,15 @@ inline bool legacy() {
   return e && e[0] && e[0] != '0';
 }
 
-// LLMTRAIN_RMSLIN_FWD=ro: the fused forward's read-only variant (W diag(g) pre-pass, no smem writes).
-inline bool fused_read_only() {
-  const char* e = std::getenv("LLMTRAIN_RMSLIN_FWD");
-  return e && e[0] == 'r' && e[1] == 'o';
+// LLMTRAIN_RMSLIN_FWD=ro: the fused forward's read-only variant (W diag(g) pre-pass, no smem writes);
+// LLMTRAIN_RMSLIN_FWD=v2 / LLMTRAIN_RMSLIN_BWD=v2: the v2 forward or backward alone.
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
 }
+inline bool fused_read_only() { return env_is("LLMTRAIN_RMSLIN_FWD", "ro"); }
+inline bool fwd_v2() { return legacy() || env_is("LLMTRAIN_RMSLIN_FWD", "v2"); }
+inline bool bwd_v2() { return legacy() || env_is("LLMTRAIN_RMSLIN_BWD", "v2"); }
 
 template <typename T>
 using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t);
@@ -235,7 +240,7 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
-  const bool fused = !legacy() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
+  const bool fused = !fwd_v2() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
                      sm90_fwd_fused_available(a.dims.dtype);
   if (fused && !fused_read_only()) {
     // v3: one GEMM kernel computes rstd, folds g into the x tiles and scales the rows.
@@ -296,7 +301,7 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = fal
   (sm80 ? sm80_gemm_dgrad : sm90_gemm_dgrad)(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
   // Row pass: dx, xn and dg partials.
   DeviceBuffer<T> xn(n * k, s);
-  const RowBwdV3<T> v3 = legacy() ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
+  const RowBwdV3<T> v3 = bwd_v2() ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
   const int rows_per_block = v3.fn ? 8 / v3.w : 16;
   const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + rows_per_block - 1) / rows_per_block, (int64_t)sms * 2));
   DeviceBuffer<float> part((size_t)nb * (size_t)std::max(k, m), s);

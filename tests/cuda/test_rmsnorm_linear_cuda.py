@@ -119,8 +119,11 @@ def test_legacy_fast_path_vs_float64(n, k, m, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (300, 768, 1000)])
-def test_fused_read_only_variant_vs_float64(n, k, m, monkeypatch):
-    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "ro")
+@pytest.mark.parametrize("var,val", [("LLMTRAIN_RMSLIN_FWD", "ro"), ("LLMTRAIN_RMSLIN_FWD", "v2"),
+                                     ("LLMTRAIN_RMSLIN_BWD", "v2")])
+def test_one_sided_switches_vs_float64(n, k, m, var, val, monkeypatch):
+    """Fused forward read-only variant; v2 forward with v3 backward; v3 forward with v2 backward."""
+    monkeypatch.setenv(var, val)
     test_forward_backward_vs_float64(n, k, m, True, torch.bfloat16)
 
 
