@@ -6,13 +6,15 @@
 # Usage (device, bundled shards carried in .carry/shards):
 #   bash bench/device_distributed.sh scaling   # 1 GPU, DDP, FSDP2 for both models       (~6 min)
 #   bash bench/device_distributed.sh resume    # 2->1 and 1->2 GPU resumes, DDP and FSDP2  (~6 min)
-#   bash bench/device_distributed.sh all       # both (may pass a 10-minute command limit)
+#   bash bench/device_distributed.sh deepspeed # ZeRO-2 (CPU Adam offload) on 2 GPUs, 2->1 resume
+#                                                (first run builds DeepSpeed's cpu_adam op: ~3 min)
+#   bash bench/device_distributed.sh all       # scaling + resume (may pass a 10-minute command limit)
 # Runs go to $RUNS (default /tmp/llmtrain_dist, kept while the machine stays warm), so the stages can
 # be separate commands; every stage ends with the summary of whatever runs exist (summary.md in $OUT)
 # and exits 1 if a loss comparison is outside the tolerance.
 set -euo pipefail
 STAGE=${1:-all}
-case "$STAGE" in scaling|resume|all|summary) ;; *) echo "usage: $0 scaling|resume|all|summary" >&2; exit 2 ;; esac
+case "$STAGE" in scaling|resume|deepspeed|all|summary) ;; *) echo "usage: $0 scaling|resume|deepspeed|all|summary" >&2; exit 2 ;; esac
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-/tmp/out}
@@ -63,6 +65,14 @@ if [ "$STAGE" = resume ] || [ "$STAGE" = all ]; then
   run fsdp_1to2 one "${small[@]}" --batch_size 8 --stop_at_step 20
   resume fsdp_1to2 two "${small[@]}" --batch_size 4 "${fsdp[@]}"
 fi
+if [ "$STAGE" = deepspeed ]; then
+  [ -f "$RUNS/small_1gpu/metrics.jsonl" ] || run small_1gpu one "${small[@]}" --batch_size 8
+  ds=(--backend deepspeed)  # configs/ds_config.json: ZeRO-2, AdamW offloaded to the CPU
+  run small_ds two "${small[@]}" --batch_size 4 "${ds[@]}"
+  # each rank's ZeRO partition is gathered into per-parameter state, so 2 -> 1 process resumes
+  run ds_2to1 two "${small[@]}" --batch_size 4 --stop_at_step 20 "${ds[@]}"
+  resume ds_2to1 one "${small[@]}" --batch_size 8 "${ds[@]}"
+fi
 for d in "$RUNS"/*/; do  # the metrics come back with $OUT (checkpoints stay on the machine)
   if [ -f "$d/metrics.jsonl" ]; then
     mkdir -p "$OUT/run/$(basename "$d")" && cp "$d/metrics.jsonl" "$OUT/run/$(basename "$d")/"
@@ -109,15 +119,16 @@ print("| model | engine | 1 GPU tok/s | 2 GPU tok/s | scaling | max abs loss dif
 print("|---|---|---|---|---|---|---|")
 for label, base in (("retention small (124M), 50 steps", "small"), ("MLA 1B, 20 steps", "big")):
     ref = load(f"{base}_1gpu")
-    for engine in ("ddp", "fsdp"):
+    for engine in ("ddp", "fsdp", "ds"):
         m = load(f"{base}_{engine}")
         if ref is None or m is None:
             continue
         t1, t2 = tok_s(ref), tok_s(m)
-        print(f"| {label} | {engine.upper()} | {t1:,.0f} | {t2:,.0f} | {t2 / t1:.2f}x | "
+        engine_name = {"ddp": "DDP", "fsdp": "FSDP2", "ds": "DeepSpeed ZeRO-2, CPU Adam"}[engine]
+        print(f"| {label} | {engine_name} | {t1:,.0f} | {t2:,.0f} | {t2 / t1:.2f}x | "
               f"{compare(f'{base} {engine}', ref, m)} | {peak(ref):.1f} / {peak(m):.1f} |")
 ref = load("small_1gpu")
-for name in ("ddp_2to1", "ddp_1to2", "fsdp_2to1", "fsdp_1to2"):
+for name in ("ddp_2to1", "ddp_1to2", "fsdp_2to1", "fsdp_1to2", "ds_2to1"):
     m = load(name)
     if ref is None or m is None:
         continue
