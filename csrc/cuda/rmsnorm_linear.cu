@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -199,6 +200,13 @@ inline int num_sms() {
   return cache[dev];
 }
 
+// TMA and the 16-byte vector loads need 16-byte aligned bases (views into flat buffers may not be).
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
 // LLMTRAIN_RMSLIN_LEGACY=1 selects the v2 fast path (pre-pass + GEMM forward, row_bwd) for A/B
 // runs; read on every call so one process can time both.
 inline bool legacy() {
@@ -348,7 +356,8 @@ template <typename T> void forward(const RmsLinFwdArgs& a) {
   if (n == 0) return;
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if constexpr (!std::is_same_v<T, float>) {
-    if (!force_sm80() && sm90_usable(a.dims.dtype, k, m)) return forward_fast<T>(a);
+    if (!force_sm80() && aligned16({a.x, a.g, a.w, a.bias, a.y}) && sm90_usable(a.dims.dtype, k, m))
+      return forward_fast<T>(a);
     if (sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.bias, a.y})) return forward_tc<T>(a);
   }
   rstd_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, rstd, n, k, (float)a.dims.eps);
@@ -370,7 +379,9 @@ template <typename T> void backward(const RmsLinBwdArgs& a) {
   T* db = static_cast<T*>(a.dbias);
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if constexpr (!std::is_same_v<T, float>) {
-    if (n > 0 && m > 0 && k <= 32768 && !force_sm80() && sm90_usable(a.dims.dtype, k, m)) return backward_fast<T>(a);
+    if (n > 0 && m > 0 && k <= 32768 && !force_sm80() &&
+        aligned16({a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}) && sm90_usable(a.dims.dtype, k, m))
+      return backward_fast<T>(a);
     if (n > 0 && m > 0 && k <= 32768 && sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}))
       return backward_fast<T>(a, true);
   }
