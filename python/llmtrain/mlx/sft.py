@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 from pathlib import Path
 
 from llmtrain.mlx.blas import preload_openblas
@@ -35,19 +34,19 @@ preload_openblas()  # before mlx.core: OpenBLAS instead of the reference BLAS on
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 from llmtrain.mlx import checkpoint as ckpt  # noqa: E402
-from llmtrain.mlx.models import MLAForCausalLM, build_model, load_pretrained, save_pretrained  # noqa: E402
-from llmtrain.mlx.trainer import clear_cache, compute_dtype, global_norm, make_optimizer, select_device  # noqa: E402
-from llmtrain.training.logger import TrainingLogger, compute_perplexity  # noqa: E402
+from llmtrain.mlx.models import MLAForCausalLM, build_model, load_pretrained  # noqa: E402
+from llmtrain.mlx.trainer import MLXLoop, clear_cache, compute_dtype, make_optimizer  # noqa: E402
+from llmtrain.training.logger import compute_perplexity  # noqa: E402
 from llmtrain.training.posttrain_config import SFTConfig  # noqa: E402
-from llmtrain.training.posttrain_loop import PostTrainer, load_posttrain_tokenizer  # noqa: E402
+from llmtrain.training.posttrain_loop import (  # noqa: E402
+    PostTrainer, check_model, fresh_model_overrides, load_posttrain_tokenizer, require_model_dir)
 from llmtrain.training.schedule import cosine_with_warmup  # noqa: E402
 from llmtrain.training.sft import SFTTrainer  # noqa: E402
-from llmtrain.training.trainer import _StopFlag, seed_everything  # noqa: E402
+from llmtrain.training.trainer import _StopFlag  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -82,7 +81,7 @@ def response_loss(model, batch: dict) -> mx.array:
     return total / count
 
 
-class MLXSFTTrainer:
+class MLXSFTTrainer(MLXLoop):
     """callbacks: callables(trainer) run after every optimizer step (monitoring, tests, early stops)."""
 
     method = "sft"
@@ -94,13 +93,8 @@ class MLXSFTTrainer:
     batches_of = PostTrainer.batches_of
 
     def __init__(self, cfg: SFTConfig, callbacks=()):
-        self.cfg = cfg
-        self.callbacks = list(callbacks)
-        self.device = select_device(cfg)
+        self._setup(cfg, callbacks)
         self.rank, self.world_size, self.is_main = 0, 1, True
-        self.out_dir = Path(cfg.output_dir)
-        seed_everything(cfg.seed)
-        mx.random.seed(cfg.seed)
         self.tokenizer = load_posttrain_tokenizer(cfg)
         self.train_items, self.eval_items = self.setup_data()
         self.model = self.build_model()
@@ -118,9 +112,7 @@ class MLXSFTTrainer:
         if cfg.resume:
             self._resume(cfg.resume)
         self._compile()
-        self.logger = TrainingLogger(self.out_dir, append=bool(cfg.resume))
-        if cfg.resume:
-            self.logger.truncate_after(self.step)
+        self._open_logger()
 
     def to_device(self, batch: dict) -> dict:
         return batch  # torch tensors on the CPU; converted per micro-batch
@@ -128,47 +120,19 @@ class MLXSFTTrainer:
     def build_model(self):
         from llmtrain.models import create_model_config
 
-        cfg, tok = self.cfg, self.tokenizer
+        cfg = self.cfg
         if cfg.model_path is None:
-            overrides = dict(cfg.model_overrides)
-            overrides.setdefault("vocab_size", len(tok))
-            for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-                overrides.setdefault(key, getattr(tok, key))
-            model = build_model(create_model_config(cfg.model_size, **overrides), seed=cfg.seed)
+            model = build_model(create_model_config(cfg.model_size, **fresh_model_overrides(cfg, self.tokenizer)),
+                                seed=cfg.seed)
         else:
-            if not (Path(cfg.model_path) / "config.json").exists():
-                raise FileNotFoundError(f"{cfg.model_path}: not a model directory (no config.json); pass the "
-                                        f"<output_dir>/hf of a pretraining or post-training run")
+            require_model_dir(cfg.model_path)
             model = load_pretrained(cfg.model_path, dtype=mx.float32)  # float32 master weights
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tok.pad_token_id
-        if len(tok) > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size} "
-                             f"embeddings; use the tokenizer the model was trained with")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and cfg.max_length > limit:
-            raise ValueError(f"max_length {cfg.max_length} exceeds the model's context "
-                             f"(max_position_embeddings {limit})")
+        check_model(model, self.tokenizer, cfg)  # the torch post-training's checks
         return model
 
     def _compile(self) -> None:
-        model, optimizer, grad_clip = self.model, self.optimizer, self.cfg.grad_clip
-        inv_accum = 1.0 / self.cfg.grad_accum
-        self._state = [model.state, optimizer.state]
-        self._loss_and_grad = nn.value_and_grad(model, response_loss)
-
-        @partial(mx.compile, inputs=self._state, outputs=self._state)
-        def update(grads):
-            if inv_accum != 1.0:
-                grads = tree_map(lambda g: g * inv_accum, grads)
-            if grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, grad_clip)
-            else:
-                norm = global_norm(grads)
-            optimizer.update(model, grads)
-            return norm
-
-        self._update = update
+        self._compile_update()
+        self._loss_and_grad = nn.value_and_grad(self.model, response_loss)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -187,12 +151,6 @@ class MLXSFTTrainer:
         path = ckpt.save_checkpoint(self.out_dir, model=self.model, optimizer=self.optimizer, step=self.step,
                                     epoch=self.step // self.steps_per_epoch, meta=meta, keep_last=self.cfg.keep_last)
         clear_cache()
-        return path
-
-    def export_hf(self, path: Path | None = None) -> Path:
-        path = Path(path or self.out_dir / "hf")
-        save_pretrained(self.model, path)
-        self.tokenizer.save_pretrained(path)
         return path
 
     # -- loop -------------------------------------------------------------------------------------
@@ -241,10 +199,7 @@ class MLXSFTTrainer:
                     self.step += 1
                     continue
                 bad_steps = 0
-                self.optimizer.learning_rate = lr
-                norm = self._update(grads)
-                mx.eval(self._state, norm)
-                grad_norm = norm.item()
+                grad_norm = self._optimizer_step(grads, lr)
                 self.step += 1
                 last_loss = step_loss
                 if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
@@ -260,21 +215,9 @@ class MLXSFTTrainer:
                     self.logger.log(self.step, {f"val_{k}": v for k, v in val.items()})
                     if progress:
                         progress.write(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
-                    self.save()
-                for callback in self.callbacks:
-                    callback(self)
-                if stop.signal is not None:
-                    self.save()
-                    print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with --resume latest")
+                if self._end_of_step(stop):
                     break
-        if progress:
-            progress.close()
-        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None}
-        summary.update(self.logger.get_summary())
-        self.logger.plot()
-        self.logger.close()
-        return summary
+        return self._finish(progress, stop, last_loss)
 
 
 def run_sft(cfg: SFTConfig, callbacks=()) -> dict:

@@ -112,21 +112,91 @@ def global_norm(grads) -> mx.array:
     return optim.clip_grad_norm(grads, float("inf"))[1]
 
 
-class MLXTrainer:
+class MLXLoop:
+    """What the MLX loops (pretraining here, SFT in llmtrain.mlx.sft) share: the run's setup, the
+    compiled optimizer update and its step, the end of every step (periodic checkpoint, callbacks,
+    SIGTERM/SIGINT), the end of a run and the Hugging Face export. A subclass sets model, optimizer,
+    tokenizer, total_steps and step, and defines save()."""
+
+    def _setup(self, cfg, callbacks) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.device = select_device(cfg)
+        self.out_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        mx.random.seed(cfg.seed)
+
+    def _open_logger(self) -> None:
+        self.logger = TrainingLogger(self.out_dir, append=bool(self.cfg.resume))
+        if self.cfg.resume:
+            self.logger.truncate_after(self.step)
+
+    def _compile_update(self) -> None:
+        """self._update(grads) -> norm: mean over micro-batches, clip, AdamW; compiled with the model and
+        optimizer state (self._state) as its inputs and outputs."""
+        model, optimizer, grad_clip = self.model, self.optimizer, self.cfg.grad_clip
+        inv_accum = 1.0 / self.cfg.grad_accum
+        self._state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=self._state, outputs=self._state)
+        def update(grads):
+            if inv_accum != 1.0:
+                grads = tree_map(lambda g: g * inv_accum, grads)
+            if grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, grad_clip)
+            else:
+                norm = global_norm(grads)
+            optimizer.update(model, grads)
+            return norm
+
+        self._update = update
+
+    def _optimizer_step(self, grads, lr: float) -> float:
+        """One update at learning rate lr; returns the gradient norm before clipping."""
+        self.optimizer.learning_rate = lr
+        norm = self._update(grads)
+        mx.eval(self._state, norm)
+        return norm.item()
+
+    def _end_of_step(self, stop) -> bool:
+        """Checkpoint when due, run the callbacks; True when a signal asks to stop (after a checkpoint)."""
+        if self.step % self.cfg.save_interval == 0 or self.step == self.total_steps:
+            self.save()
+        for callback in self.callbacks:
+            callback(self)
+        if stop.signal is not None:
+            self.save()
+            print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with --resume latest")
+            return True
+        return False
+
+    def _finish(self, progress, stop, last_loss: float) -> dict:
+        if progress:
+            progress.close()
+        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None}
+        summary.update(self.logger.get_summary())
+        self.logger.plot()
+        self.logger.close()
+        return summary
+
+    def export_hf(self, path: Path | None = None) -> Path:
+        """config.json + model.safetensors (loads in torch with AutoModelForCausalLM) and the tokenizer."""
+        path = Path(path or self.out_dir / "hf")
+        save_pretrained(self.model, path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+class MLXTrainer(MLXLoop):
     """callbacks: callables(trainer) run after every optimizer step (monitoring, tests, early stops)."""
 
     def __init__(self, cfg: TrainConfig, callbacks=()):
         from llmtrain.models import create_model_config
         from llmtrain.training.data import build_pretraining_data
 
-        self.cfg = cfg
-        self.callbacks = list(callbacks)
-        self.device = select_device(cfg)
+        self._setup(cfg, callbacks)
         self.is_main = True
         self.world_size = 1
-        self.out_dir = Path(cfg.output_dir)
-        seed_everything(cfg.seed)
-        mx.random.seed(cfg.seed)
 
         self.data = build_pretraining_data(cfg)
         self.tokenizer = self.data.tokenizer
@@ -150,16 +220,13 @@ class MLXTrainer:
         if cfg.resume:
             self._resume(cfg.resume)
         self._compile()  # after a resume: the compiled functions capture the restored state
-        self.logger = TrainingLogger(self.out_dir, append=bool(cfg.resume))
-        if cfg.resume:
-            self.logger.truncate_after(self.step)
+        self._open_logger()
 
     # -- compiled functions -----------------------------------------------------------------------
 
     def _compile(self) -> None:
-        model, optimizer, grad_clip = self.model, self.optimizer, self.cfg.grad_clip
-        inv_accum = 1.0 / self.cfg.grad_accum
-        state = [model.state, optimizer.state]
+        self._compile_update()
+        model, state = self.model, self._state
         loss_and_grad = nn.value_and_grad(model, lm_loss)
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -171,19 +238,7 @@ class MLXTrainer:
             loss, micro_grads = loss_and_grad(model, x, y)
             return loss, tree_map(mx.add, grads, micro_grads)
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def update(grads):
-            if inv_accum != 1.0:
-                grads = tree_map(lambda g: g * inv_accum, grads)
-            if grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, grad_clip)
-            else:
-                norm = global_norm(grads)
-            optimizer.update(model, grads)
-            return norm
-
-        self._state = state
-        self._first_micro_batch, self._next_micro_batch, self._update = first_micro_batch, next_micro_batch, update
+        self._first_micro_batch, self._next_micro_batch = first_micro_batch, next_micro_batch
         self._eval_loss = mx.compile(partial(lm_loss, model), inputs=model.state)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -258,10 +313,7 @@ class MLXTrainer:
                     self.step += 1
                     continue
                 bad_steps = 0
-                self.optimizer.learning_rate = lr
-                norm = self._update(grads)
-                mx.eval(self._state, norm)
-                grad_norm = norm.item()
+                grad_norm = self._optimizer_step(grads, lr)
                 self.step += 1
                 last_loss = step_loss
                 tokens_since += self.tokens_per_step
@@ -283,35 +335,15 @@ class MLXTrainer:
                     self.logger.log(self.step, {"val_loss": val, "val_perplexity": compute_perplexity(val)})
                     if progress:
                         progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
-                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
-                    self.save()
-                for callback in self.callbacks:
-                    callback(self)
-                if stop.signal is not None:
-                    self.save()
-                    print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with "
-                          f"--resume latest")
+                if self._end_of_step(stop):
                     break
-        if progress:
-            progress.close()
-        summary = {"step": self.step, "loss": last_loss, "interrupted": stop.signal is not None}
-        summary.update(self.logger.get_summary())
-        self.logger.plot()
-        self.logger.close()
-        return summary
+        return self._finish(progress, stop, last_loss)
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         ids = self.tokenizer(prompt).input_ids
         out = generate(self.model, ids, max_new_tokens, temperature=0.8, top_k=50, seed=self.cfg.seed)
         clear_cache()
         return self.tokenizer.decode(np.array(out[0]).tolist(), skip_special_tokens=True)
-
-    def export_hf(self, path: Path | None = None) -> Path:
-        """config.json + model.safetensors (loads in torch with AutoModelForCausalLM) and the tokenizer."""
-        path = path or self.out_dir / "hf"
-        save_pretrained(self.model, path)
-        self.tokenizer.save_pretrained(path)
-        return path
 
 
 def run_pretraining(cfg: TrainConfig) -> dict:

@@ -52,22 +52,38 @@ def load_model(cfg, tokenizer, path: str | None, task: str = "causal-lm"):
     from llmtrain.models import build_model, create_model_config
 
     if path is None:
-        overrides = dict(cfg.model_overrides)
-        overrides.setdefault("vocab_size", len(tokenizer))
-        overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-        overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
-        if task == "sequence-classification":
-            overrides.setdefault("num_labels", 1)
-        model = build_model(create_model_config(cfg.model_size, **overrides), task=task)
+        extra = {"num_labels": 1} if task == "sequence-classification" else {}
+        model = build_model(create_model_config(cfg.model_size, **fresh_model_overrides(cfg, tokenizer, **extra)),
+                            task=task)
     else:
-        if not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"{path}: not a model directory (no config.json); pass the <output_dir>/hf "
-                                    f"of a pretraining or post-training run")
+        require_model_dir(path)
         if task == "sequence-classification":
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
+    check_model(model, tokenizer, cfg)
+    return model
+
+
+def fresh_model_overrides(cfg, tokenizer, **defaults) -> dict:
+    """cfg.model_overrides completed with the tokenizer's vocabulary size and special tokens."""
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        overrides.setdefault(key, getattr(tokenizer, key))
+    for key, value in defaults.items():
+        overrides.setdefault(key, value)
+    return overrides
+
+
+def require_model_dir(path) -> None:
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); pass the <output_dir>/hf "
+                                f"of a pretraining or post-training run")
+
+
+def check_model(model, tokenizer, cfg) -> None:
+    """A loaded or fresh model against the tokenizer and cfg.max_length (any framework's model)."""
     if model.config.pad_token_id is None:  # the score head reads each row's last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.config.vocab_size:
@@ -77,7 +93,6 @@ def load_model(cfg, tokenizer, path: str | None, task: str = "causal-lm"):
     if limit is not None and cfg.max_length > limit:
         raise ValueError(f"max_length {cfg.max_length} exceeds the model's context "
                          f"(max_position_embeddings {limit})")
-    return model
 
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
