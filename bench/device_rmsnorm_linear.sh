@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# CUDA RMSNorm+Linear on the GPU machine: tests (v3 default path and the v2 path behind
-# LLMTRAIN_RMSLIN_LEGACY=1, then the portable path), a kernel breakdown, and the benchmark table
-# (ours v3 / v2 vs eager, torch.compile, Liger, bare GEMM; forward and forward+backward).
+# CUDA RMSNorm+Linear on the GPU machine: tests (v2 default path and the opt-in v3 path,
+# LLMTRAIN_RMSLIN=v3, then the SIMT path), a kernel breakdown, and the benchmark table
+# (ours v2 / v3 vs eager, torch.compile, Liger, bare GEMM; forward and forward+backward).
 # Usage (repo root): [SKIP_BUILD=1] [BUDGET_S=80] bash bench/device_rmsnorm_linear.sh
 #   SKIP_BUILD=1: llmtrain and the wheels are already installed (the lead's wrapper); otherwise the
 #   carried .whl/ wheels are installed and llmtrain is built for sm_90a first (not counted in BUDGET_S).
-# Results: $OUT/rmsnorm_linear/ (tests.txt, tests_legacy.txt, tests_portable.txt, table.md,
+# Results: $OUT/rmsnorm_linear/ (tests.txt, tests_v3.txt, tests_portable.txt, table.md,
 # table.json, profile.txt). Every step runs under `timeout` within BUDGET_S, most important first.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -40,12 +40,12 @@ step() {
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
-# 1. Correctness: every test (v3 default + the v2 path via its own tests), then the portable path.
+# 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
 step tests 40 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
 # 2. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
 step table 40 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
-# 3. Whole v2 suite (legacy env for every test) and the portable path, if time remains.
-step tests_legacy 15 bash -c "LLMTRAIN_RMSLIN_LEGACY=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_legacy.txt'"
+# 3. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
+step tests_v3 15 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
 step tests_portable 15 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
 # 4. Kernel breakdown at 16384x2048->2048 (torch profiler), v3 then v2.
 step profile 20 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
@@ -55,7 +55,7 @@ from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
 for legacy in ("0", "1"):
-    os.environ["LLMTRAIN_RMSLIN_LEGACY"] = legacy
+    os.environ["LLMTRAIN_RMSLIN"] = "v2" if legacy == "1" else "v3"
     for label, fn in (("fwd", fwd_fn(impls["ours"], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls["ours"], x, g, w, dy))):
         for _ in range(3): fn()
         torch.cuda.synchronize()

@@ -1,9 +1,10 @@
 """One table, one run, one GPU: fused RMSNorm + Linear vs eager, torch.compile, Liger, bare GEMM.
 
 Rows 16384 x hidden 2048 -> out 2048, 5632, 8192 (bf16). Forward and forward+backward medians from
-triton.testing.do_bench. "ours" is the default (v3) path, "ours_v2" the same op with
-LLMTRAIN_RMSLIN_LEGACY=1 (pre-pass + GEMM forward, v2 row pass), "ours_ro" v3 with
-LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), all in the same process.
+triton.testing.do_bench. "ours" is the default (v2: pre-pass + GEMM forward, v2 row pass), "ours_v3"
+the same op with LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward, register-resident row pass), "ours_ro"
+v3 with LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), all in the same
+process.
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
@@ -31,7 +32,7 @@ def make_impls():
 
     impls = {
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
-        "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v3": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
@@ -93,7 +94,7 @@ def measure(fn, warmup=50, rep=300):
 # Environment for an implementation while it is measured (read by the extension on every call).
 # ours_ro: the fused forward's read-only variant (W diag(g) pre-pass; the GEMM only sums x^2).
 # ours_sm80: the portable mma.sync path (what sm_80 / sm_120 run), forced on this GPU.
-ENV = {"ours_v2": {"LLMTRAIN_RMSLIN_LEGACY": "1"}, "ours_ro": {"LLMTRAIN_RMSLIN_FWD": "ro"},
+ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3", "LLMTRAIN_RMSLIN_FWD": "ro"},
        "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"}}
 
 

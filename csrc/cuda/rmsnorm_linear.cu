@@ -207,22 +207,32 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// LLMTRAIN_RMSLIN_LEGACY=1 selects the v2 fast path (pre-pass + GEMM forward, row_bwd) for A/B
-// runs; read on every call so one process can time both.
-inline bool legacy() {
-  const char* e = std::getenv("LLMTRAIN_RMSLIN_LEGACY");
-  return e && e[0] && e[0] != '0';
-}
-
-// LLMTRAIN_RMSLIN_FWD=ro: the fused forward's read-only variant (W diag(g) pre-pass, no smem writes);
-// LLMTRAIN_RMSLIN_FWD=v2 / LLMTRAIN_RMSLIN_BWD=v2: the v2 forward or backward alone.
+// Kernel generations, read on every call so one process can A/B them.
+// v2 (pre-pass + GEMM forward, v2 row pass, SIMT GEMMs off sm_90a) is the default because it is the
+// one verified on a GPU; v3 (fused one-GEMM forward, register-resident row pass, the portable mma.sync
+// GEMMs for sm_80 / sm_120) is opt-in with LLMTRAIN_RMSLIN=v3 until its device run passes.
+// LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
+// forward's read-only variant, W diag(g) pre-pass, no smem writes); LLMTRAIN_RMSLIN_LEGACY=1 forces v2.
 inline bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e && std::strcmp(e, value) == 0;
 }
+inline bool legacy() {
+  const char* e = std::getenv("LLMTRAIN_RMSLIN_LEGACY");
+  return e && e[0] && e[0] != '0';
+}
+inline bool v3_selected() { return !legacy() && env_is("LLMTRAIN_RMSLIN", "v3"); }
 inline bool fused_read_only() { return env_is("LLMTRAIN_RMSLIN_FWD", "ro"); }
-inline bool fwd_v2() { return legacy() || env_is("LLMTRAIN_RMSLIN_FWD", "v2"); }
-inline bool bwd_v2() { return legacy() || env_is("LLMTRAIN_RMSLIN_BWD", "v2"); }
+inline bool fwd_v2() {
+  if (legacy() || env_is("LLMTRAIN_RMSLIN_FWD", "v2")) return true;
+  if (env_is("LLMTRAIN_RMSLIN_FWD", "v3") || fused_read_only()) return false;
+  return !v3_selected();
+}
+inline bool bwd_v2() {
+  if (legacy() || env_is("LLMTRAIN_RMSLIN_BWD", "v2")) return true;
+  if (env_is("LLMTRAIN_RMSLIN_BWD", "v3")) return false;
+  return !v3_selected();
+}
 
 template <typename T>
 using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t);
@@ -283,6 +293,8 @@ inline bool force_sm80() {
   const char* e = std::getenv("LLMTRAIN_RMSLIN_SM80");
   return e && e[0] && e[0] != '0';
 }
+// The portable tensor-core path is part of v3: off by default until a GPU run verifies it.
+inline bool sm80_enabled() { return force_sm80() || v3_selected(); }
 
 // Portable tensor-core forward: rstd + xn pre-pass, then an mma.sync GEMM with the bias as a
 // broadcast C operand.
@@ -358,7 +370,7 @@ template <typename T> void forward(const RmsLinFwdArgs& a) {
   if constexpr (!std::is_same_v<T, float>) {
     if (!force_sm80() && aligned16({a.x, a.g, a.w, a.bias, a.y}) && sm90_usable(a.dims.dtype, k, m))
       return forward_fast<T>(a);
-    if (sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.bias, a.y})) return forward_tc<T>(a);
+    if (sm80_enabled() && sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.bias, a.y})) return forward_tc<T>(a);
   }
   rstd_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, rstd, n, k, (float)a.dims.eps);
   check_launch("rstd_kernel");
@@ -382,7 +394,7 @@ template <typename T> void backward(const RmsLinBwdArgs& a) {
     if (n > 0 && m > 0 && k <= 32768 && !force_sm80() &&
         aligned16({a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}) && sm90_usable(a.dims.dtype, k, m))
       return backward_fast<T>(a);
-    if (n > 0 && m > 0 && k <= 32768 && sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}))
+    if (n > 0 && m > 0 && k <= 32768 && sm80_enabled() && sm80_usable(a.dims.dtype, k, m, {a.x, a.g, a.w, a.dy, a.dx, a.dg, a.dw, a.dbias}))
       return backward_fast<T>(a, true);
   }
   // dW = dy^T xn: M = m, N = k, reduction over the n rows. A(o, i) = dy[i, o].
