@@ -33,4 +33,8 @@ def test_deepspeed_trains_and_resumes_exactly(tmp_path):
     assert [s for s, _ in full] == list(range(1, 7)) and full[-1][1] < full[0][1]
     run(tmp_path, "part", "--stop_at_step", "3")
     resumed = run(tmp_path, "part", "--resume", "latest")
-    assert resumed == full
+    # Exact for our own backends; DeepSpeed on CPU is not bit-reproducible even between two fresh runs
+    # (a 2e-6 step-3 difference seen with nothing resumed), so hold it to well below bf16 noise.
+    assert [s for s, _ in resumed] == [s for s, _ in full]
+    for (step, a), (_, b) in zip(resumed, full):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: resumed loss {a} vs uninterrupted {b}"
