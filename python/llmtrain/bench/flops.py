@@ -20,6 +20,15 @@ FORMULA = ("6*N_matmul + mixer; attention mixer = 6*L*T*heads*(d_qk+d_v) (causal
            "retention mixer = 3*L*[(h_q+h_kv)*2*D*(d+1) + h_q*2*C*(2d+1)], D=d(d+1)/2, C=chunk")
 
 
+# Peak dense 16-bit tensor FLOP/s (no sparsity) by device name: the MFU denominator for the training log
+# and `llmtrain bench train` alike. SXM parts; an unlisted GPU gets no MFU unless one is given.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 5090": 209e12, "RTX 5080": 113e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+
+
 def retention_mixer_flops(num_layers: int, heads_q: int, heads_kv: int, head_dim: int, chunk: int) -> float:
     d = head_dim
     feats = d * (d + 1) // 2

@@ -9,8 +9,9 @@ ratio compares like with like on one GPU.
 Method: ``--warmup`` steps (compilation, allocator, autotuning) are timed but discarded; the next
 ``--steps`` are timed one by one (host clock after a device sync, which the loop's loss.item() does
 anyway) and the median is reported. tokens/s = tokens per optimizer step / median step time; MFU =
-tokens/s x FLOPs per token (llmtrain.bench.flops) / peak FLOP/s (989e12 for an H100 SXM in dense bf16
-unless --peak_tflops). Peak memory is torch's max_memory_allocated (and reserved) over the run.
+tokens/s x FLOPs per token (llmtrain.bench.flops, the training log's formula too) / peak FLOP/s
+(llmtrain.bench.flops.PEAK_FLOPS by GPU name, 989e12 for an H100 in dense bf16, unless --peak_tflops).
+Peak memory is torch's max_memory_allocated (and reserved) over the run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ BENCH_MODELS = {
     "retention-1b": ("small", dict(hidden_size=2048, num_hidden_layers=20, num_attention_heads=32,
                                    intermediate_size=5632)),
 }
-H100_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM
 
 
 class BenchError(ValueError):
@@ -331,7 +331,11 @@ def run_bench(args) -> dict:
         if probe.type == "cuda":
             probe = torch.device("cuda", torch.cuda.current_device() if cfg.device in ("auto", "cuda")
                                  else int(cfg.device.split(":")[1]))
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else (H100_PEAK_TFLOPS * 1e12 if probe.type == "cuda" else None)
+        from llmtrain.bench.flops import peak_flops
+
+        # the training log's table (llmtrain.bench.flops.PEAK_FLOPS) unless --peak_tflops
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+            peak_flops(torch.cuda.get_device_name(probe)) if probe.type == "cuda" else None)
         report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "device": torch.cuda.get_device_name(probe) if probe.type == "cuda" else "cpu",
                   "torch": torch.__version__, "command": "llmtrain " + " ".join(sys.argv[1:]),
@@ -437,8 +441,12 @@ def register(subparsers) -> None:
                    help="also train a dense SDPA transformer of the same size in this process")
     p.add_argument("--baseline_compile", choices=["auto", "yes", "no"], default="auto",
                    help="torch.compile the baseline (auto: on CUDA)")
-    p.add_argument("--peak_tflops", type=float, help=f"peak FLOP/s for MFU (default {H100_PEAK_TFLOPS:g} on CUDA)")
+    p.add_argument("--peak_tflops", type=float, help="peak TFLOP/s for MFU (default: llmtrain.bench.flops.PEAK_FLOPS by GPU name, "
+                        "989 for an H100/H200; no MFU on an unlisted device)")
     p.add_argument("--memory_cap_gb", type=float,
                    help="cap this process's CUDA allocator at this many GiB (the 16 GB card question)")
     p.add_argument("--json", help="also write the report as JSON to this path")
     p.set_defaults(func=run)
+    from llmtrain.bench import memory
+
+    memory.register(sub)

@@ -80,22 +80,18 @@ def train_step(model, optimizer, batch, *, grad_clip: float = 1.0) -> float:
     return loss.item()
 
 
-def model_flops_per_token(model, seq_len: int) -> float:
-    """6N for the matmuls (forward + backward) plus the token mixer (see docs/perf.md for the formula)."""
-    n = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
-    mixer = getattr(model, "mixer_flops_per_token", None)
-    return 6.0 * (n - emb) + (3.0 * mixer(seq_len) if callable(mixer) else 0.0)
+def model_flops_per_token(model_config, model, seq_len: int) -> float:
+    """FLOPs per trained token: llmtrain.bench.flops's formula (6 N_matmul + the token mixer), the same one
+    ``llmtrain bench train`` reports, so the training log's MFU and the bench's agree."""
+    from llmtrain.bench.flops import flops_per_token
 
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 5090": 209e12, "RTX 5080": 113e12}
+    return flops_per_token(model_config, seq_len, sum(p.numel() for p in model.parameters()))["total"]
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    from llmtrain.bench.flops import peak_flops as by_name
+
+    return by_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 class _StopFlag:
@@ -166,7 +162,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.total_steps = cfg.total_steps(self.world_size)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
-        self.flops_per_token = model_flops_per_token(self.module, cfg.seq_len)
+        self.flops_per_token = model_flops_per_token(self.model_config, self.module, cfg.seq_len)
         self.peak = peak_flops(self.device)
         self.step = 0
         self.epoch = 0
