@@ -7,8 +7,9 @@
 #   a. retention small (125M) at 2K, eager, vs the torch.compile'd GPT-2-124M SDPA baseline (same process)
 #   b. retention 1B-class (2048 x 20, 32 heads) at 2K      c. MLA 1B at 2K
 #   d. pretrain_5080 (MLA 1B, ZeRO-2 + CPU offload) under a 16 GiB allocator cap: fits? peak memory
-#   then, while time remains: longctx_5090 under the cap, retention small / 1B and MLA 1B at 16K,
-#   retention small at 64K, the Llama baseline at 2K.
+#   then, while time remains: longctx_5090 under the cap, retention 1B and MLA 1B at 2K with torch.compile
+#   (--compile true: the Trainer's compile path; warm-up steps absorb the compilation), retention small /
+#   1B and MLA 1B at 16K, retention small at 64K, the Llama baseline at 2K.
 # CPU dry run: BUDGET_S=60 BENCH_EXTRA_ARGS="--device cpu --seq_len 16 ..." bash bench/device_train.sh
 # Results under $OUT/train/: <row>.json (llmtrain bench train --json), <row>.log, table.md and
 # results.json (all rows, bench/train_table.py).
@@ -47,10 +48,17 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 row a_small_2k_vs_gpt2 80 45 --model small --seq_len 2048 --batch_size 16 --steps 8 --warmup 3 --baseline gpt2
 row b_retention1b_2k 40 25 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
 row c_mla1b_2k 40 25 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
+# the analytic estimates (no GPU work, seconds; .txt/.json, not rows of the table) beside the measured 16 GiB rows
+for preset in pretrain_5080 longctx_5090; do
+  python3 -m llmtrain bench memory --config $preset --json "$OUT_DIR/estimate_$preset.json" >"$OUT_DIR/estimate_$preset.txt" 2>&1
+  grep ESTIMATED "$OUT_DIR/estimate_$preset.txt"
+done
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   ds_row d_pretrain_5080_16gb 60 35 --config pretrain_5080 --memory_cap_gb 16 --steps 2 --warmup 1
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   ds_row e_longctx_5090_16gb 60 35 --config longctx_5090 --memory_cap_gb 16 --grad_accum 2 --steps 2 --warmup 1
+row e2_retention1b_2k_compiled 120 70 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
+row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
 row f_small_16k 35 20 --model small --seq_len 16384 --batch_size 2 --steps 5 --warmup 2
 row g_retention1b_16k 40 25 --model retention-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
 row h_mla1b_16k 40 25 --model mla-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
