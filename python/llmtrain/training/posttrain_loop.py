@@ -198,20 +198,23 @@ class PostTrainer:
     # -- checkpoints -----------------------------------------------------------------------------------
     def _resume(self, which: str) -> None:
         path = self.out_dir if which == "latest" else Path(which)
-        meta = ckpt.load_checkpoint(self.module, path, "latest" if which == "latest" else which,
-                                    optimizer=self.backend.optimizer_for_checkpoint(), restore_rng=True)
+        meta = ckpt.load_checkpoint(self.module, path, "latest" if which == "latest" else which, restore_rng=True)
         if meta.get("method") != self.method:
             raise ckpt.CheckpointError(f"{meta['path']}: a {meta.get('method')} checkpoint, not {self.method}")
+        self.backend.weights_loaded()  # e.g. DeepSpeed refreshes its fp32 master partitions
+        ckpt.load_optimizer_state(self.backend.optimizer_for_checkpoint(), meta)
         self.step = int(meta["step"])
         if self.is_main:
             print(f"resumed from {meta['path']} at step {self.step}")
 
     def save(self) -> Path | None:
+        # every rank takes part (DeepSpeed ZeRO and FSDP gather their partitions collectively); rank 0 writes
+        weights, optimizer = self.backend.checkpoint_state()
         if not self.is_main:
             return None
         meta = {"method": self.method, "config": dataclasses.asdict(self.cfg),
-                "model_config": self.module.config.to_dict()}
-        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=self.backend.optimizer_for_checkpoint(),
+                "model_config": self.module.config.to_dict(), "world_size": self.world_size}
+        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=optimizer, model_state=weights,
                                     step=self.step, epoch=self.step // self.steps_per_epoch, meta=meta,
                                     keep_last=self.cfg.keep_last)
 

@@ -141,9 +141,11 @@ class PPOTrainer:
         if cfg.resume:
             path = self.out_dir if cfg.resume == "latest" else Path(cfg.resume)
             meta = ckpt.load_checkpoint(self.module, path, "latest" if cfg.resume == "latest" else cfg.resume,
-                                        optimizer=self.backend.optimizer_for_checkpoint(), restore_rng=True)
+                                        restore_rng=True)
             if meta.get("method") != self.method:
                 raise ckpt.CheckpointError(f"{meta['path']}: a {meta.get('method')} checkpoint, not ppo")
+            self.backend.weights_loaded()  # e.g. DeepSpeed refreshes its fp32 master partitions
+            ckpt.load_optimizer_state(self.backend.optimizer_for_checkpoint(), meta)
             self.step = int(meta["step"])
         self.logger = TrainingLogger(self.out_dir, append=bool(cfg.resume))
         if cfg.resume:
@@ -228,8 +230,11 @@ class PPOTrainer:
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def save(self) -> Path:
+        # the backend's view (a ZeRO optimizer's partitions gathered into per-parameter state), as the
+        # pretraining and post-training loops save; PPO itself runs one process
+        weights, optimizer = self.backend.checkpoint_state()
         meta = {"method": self.method, "config": dataclasses.asdict(self.cfg)}
-        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=self.backend.optimizer_for_checkpoint(),
+        return ckpt.save_checkpoint(self.out_dir, model=self.module, optimizer=optimizer, model_state=weights,
                                     step=self.step, epoch=self.step // self.steps_per_epoch, meta=meta,
                                     keep_last=self.cfg.keep_last)
 
