@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One device call for the CUDA power retention: tests and the benchmark table, v1 and v2 kernels
+# One device call for the CUDA power retention: tests and the benchmark table, v1, v2 and v3 kernels
 # (LLMTRAIN_RETENTION_KERNEL) side by side. Usage (repo root, on the GPU machine):
 #   BUDGET_S=220 SKIP_BUILD=1 bash bench/device_retention.sh
 # SKIP_BUILD=1: llmtrain and the carried wheels are already installed (the lead's wrapper); else the
 # wheels in .whl/ are installed to /tmp/site and llmtrain is built for sm_90a first.
 # Within BUDGET_S seconds (hard stops through `timeout`), most important first:
-#   1. tests/cuda/test_power_retention_cuda.py with v2 (+ worst relative error per tensor)
-#   2. table, d = 64, forward+backward then forward: ours-v1, ours-v2, SDPA causal, FLA (fwd)
-#   2b. per-kernel profile of v2 forward+backward at t = 2K and 64K
+#   1. tests/cuda/test_power_retention_cuda.py with v3 (the whole grid: v3 runs v2's kernels and reads
+#      the forward's kept states; includes v3 == v2 bitwise), then a v2 subset (+ worst rel err per tensor)
+#   2. table, d = 64, forward+backward then forward: ours-v1/v2/v3, SDPA causal, FLA (fwd)
+#   2b. per-kernel profile of v2 and v3 forward+backward at t = 2K and 64K
 #   3. a short v1 test subset (v1 was verified on the whole grid before)
 #   4. d = 128 (same impls), then retention 1.0.7 c1024 forward+backward (slow Triton autotune)
-# Results under $OUT/retention/ (or ./out/retention): tests_v2.txt, errors_v2*.txt, table_d64_fwdbwd.md,
+# Results under $OUT/retention/ (or ./out/retention): tests_v3.txt, tests_v2.txt, errors_v[23]*.txt,
+# table_d64_fwdbwd.md, profile.md,
 # table_d64_fwd.md,
 # tests_v1.txt, table_d128.md, table_retention.md, plus .json / .err files.
 set -uo pipefail
@@ -71,18 +73,20 @@ table() {  # name, timeout, args...
   tail -3 "$OUT_DIR/table_$name.err"
 }
 
-# 1. v2 correctness (leave >= 90 s for the d = 64 tables)
-run_tests v2 "$(cap ${PR_TEST_TIMEOUT:-115} 90)"
+# 1. v3 correctness on the whole grid, then the v2 paths v3 does not take (gradient of the final
+#    state with gating recomputes the states) and the v1/v2/v3 agreement (leave >= 90 s for the tables)
+run_tests v3 "$(cap ${PR_TEST_TIMEOUT:-100} 110)"
+[ "$(left)" -gt 100 ] && run_tests v2 "$(cap 30 90)" -k "dS or agree or v3 or bit_identical"
 # 2. d = 64: forward+backward first (the target), then forward; v1 vs v2 with the anchors of the
 #    same run (FLA's gated backward refuses Hopper with this Triton, so FLA is forward only)
-[ "$(left)" -gt 20 ] && table d64_fwdbwd "$(cap 80 35)" --d 64 --no-fwd --only ours-v1,ours-v2,sdpa-causal
-[ "$(left)" -gt 15 ] && table d64_fwd "$(cap 80 5)" --d 64 --no-bwd --only ours-v1,ours-v2,sdpa-causal,fla-simple-gla
-# 2b. per-kernel breakdown of v2 forward+backward (where the next version's time must come from)
-[ "$(left)" -gt 45 ] && LLMTRAIN_RETENTION_KERNEL=v2 timeout "$(cap 30 15)" python3 bench/power_retention_profile.py \
-  --d 64 --t 2048 65536 2>&1 | tee "$OUT_DIR/profile_v2.md"
+[ "$(left)" -gt 20 ] && table d64_fwdbwd "$(cap 80 35)" --d 64 --no-fwd --only ours-v1,ours-v2,ours-v3,sdpa-causal
+[ "$(left)" -gt 15 ] && table d64_fwd "$(cap 60 5)" --d 64 --no-bwd --only ours-v1,ours-v2,sdpa-causal,fla-simple-gla
+# 2b. per-kernel breakdown of v2 and v3 forward+backward (where the next version's time must come from)
+[ "$(left)" -gt 45 ] && timeout "$(cap 40 15)" python3 bench/power_retention_profile.py \
+  --d 64 --t 2048 65536 --kernels v2 v3 2>&1 | tee "$OUT_DIR/profile.md"
 # 3. short v1 subset
 [ "$(left)" -gt 40 ] && run_tests v1 "$(cap 60 5)" -k "t3000 or bit_identical or public_op or agree"
 # 4. d = 128, then retention 1.0.7 c1024 forward+backward
-[ "$(left)" -gt 40 ] && table d128 "$(cap 90 5)" --d 128 --only ours-v1,ours-v2,sdpa-causal,fla-simple-gla
+[ "$(left)" -gt 40 ] && table d128 "$(cap 90 5)" --d 128 --only ours-v1,ours-v2,ours-v3,sdpa-causal,fla-simple-gla
 [ "$(left)" -gt 60 ] && table retention "$(cap 150 5)" --d 64 --no-fwd --only retention-c1024
 echo "done, $(left) s of the budget left"

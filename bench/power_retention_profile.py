@@ -1,10 +1,10 @@
 """Where the time goes: per-kernel CUDA time of one power retention forward+backward (torch profiler).
 
 bf16, deg 2, 8 heads, gated, 65,536 tokens (b = 65536 / t), the kernel generation picked by
-LLMTRAIN_RETENTION_KERNEL. Prints, per t, the kernels sorted by total CUDA time over `--iters` steps
+LLMTRAIN_RETENTION_KERNEL (or --kernels v2 v3: one section each, same process). Prints, per t, the kernels sorted by total CUDA time over `--iters` steps
 (after warm-up) with their share of the step, so the next optimisation targets the biggest line.
 
-Usage: python bench/power_retention_profile.py [--d 64] [--t 2048 65536] [--iters 5]
+Usage: python bench/power_retention_profile.py [--d 64] [--t 2048 65536] [--iters 5] [--kernels v2 v3]
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ def main():
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--t", type=int, nargs="+", default=[2048, 65536])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--kernels", nargs="*", default=None, help="LLMTRAIN_RETENTION_KERNEL values, one section each")
     a = ap.parse_args()
-    print(f"kernel generation: {os.environ.get('LLMTRAIN_RETENTION_KERNEL', 'default')}, d = {a.d}, "
+    for ver in a.kernels or [None]:
+        if ver:
+            os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
+        profile_version(a)
+
+
+def profile_version(a):
+    print(f"\n## kernel generation: {os.environ.get('LLMTRAIN_RETENTION_KERNEL', 'default')}, d = {a.d}, "
           f"{torch.cuda.get_device_name()}")
     for t in a.t:
         step = step_fn(max(1, TOKENS // t), t, a.d)

@@ -12,8 +12,9 @@ at batch 1 and 64. FLOP counts (printed as achieved TFLOP/s):
   chunk_simple_gla: forward = b h t [4 d d + 2 c (2d)] with c = 64; forward+backward = 3x.
 
 Usage: python bench/power_retention_table.py [--d 64 128] [--t 2048 8192 32768 65536] [--json out.json]
-       [--only ours-v1,ours-v2,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
-       [--no-fwd] [--no-decode]. ours-v1 / ours-v2: LLMTRAIN_RETENTION_KERNEL=v1 / v2.
+       [--only ours-v1,ours-v2,ours-v3,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
+       [--no-fwd] [--no-decode]. ours-v1 / ours-v2 / ours-v3: LLMTRAIN_RETENTION_KERNEL=v1 / v2 / v3
+       (v3 keeps the forward's chunk states for the backward).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def make_impls(d):
     impls = {}
     from llmtrain.ops.power_retention.op import power_retention
 
-    # Both kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
+    # All kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
     # call; set before the forward, it also holds for the backward that follows).
     def ours(ver):
         def fn(q, k, v, g):
@@ -77,7 +78,7 @@ def make_impls(d):
             return power_retention(q, k, v, g)
         return fn
 
-    for ver in ("v1", "v2"):
+    for ver in ("v1", "v2", "v3"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
     def sdpa(q, k, v, g):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

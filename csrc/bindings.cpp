@@ -178,11 +178,12 @@ int64_t retention_fwd(py::handle q_, py::handle k_, py::handle v_, py::handle lo
 void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g_, py::handle s0_, py::handle z0_,
                    py::handle dy_, py::handle ds_out_, py::handle dz_out_, py::handle dq_, py::handle dk_,
                    py::handle dv_, py::handle dlog_g_, py::handle ds0_, py::handle dz0_, int deg, double scale,
-                   int64_t chunk, uintptr_t stream, py::handle ws_) {
+                   int64_t chunk, uintptr_t stream, py::handle ws_, py::handle saved_) {
   Borrowed own;
   auto q = own.arg("q", q_), k = own.arg("k", k_), v = own.arg("v", v_);
   auto log_g = own.arg("log_g", log_g_, true), s0 = own.arg("initial_state", s0_, true),
        z0 = own.arg("initial_sum_of_keys", z0_, true);
+  auto saved = own.arg("saved_states", saved_, true);
   auto dy = own.arg("grad_y", dy_), ds_out = own.arg("grad_state", ds_out_, true),
        dz_out = own.arg("grad_sum_of_keys", dz_out_, true);
   auto dq = own.arg("grad_q", dq_), dk = own.arg("grad_k", dk_), dv = own.arg("grad_v", dv_);
@@ -211,6 +212,11 @@ void retention_bwd(py::handle q_, py::handle k_, py::handle v_, py::handle log_g
                      dq.raw(), dk.raw(), dv.raw(), dlog_g.present() ? dlog_g.raw() : nullptr,
                      ds0.present() ? ds0.raw() : nullptr, dz0.present() ? dz0.raw() : nullptr, stream_ptr(stream)};
   attach_workspace(a, ws, q);
+  if (saved.present()) {
+    q.expect_same_device(saved);
+    a.saved = saved.raw();
+    a.saved_bytes = saved.numel() * (saved.t->dtype.bits / 8);
+  }
   const bool cuda = is_cuda(q);
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
@@ -242,10 +248,10 @@ int64_t retention_step(py::handle q_, py::handle k_, py::handle v_, py::handle l
 }
 
 // Bytes of CUDA workspace the power retention kernels need (0 without CUDA kernels).
-// which: 0 forward, 1 backward, 2 step.
+// which: 0 forward, 1 backward, 2 step, 3 backward given the forward's saved states.
 int64_t retention_workspace_size(int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t d, int64_t chunk, int which) {
 #ifdef LLMTRAIN_WITH_CUDA
-  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 2)
+  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 3)
     fail("power_retention_workspace_size: invalid sizes");
   RetentionDims m{b, t, hq, hk, d, sym_power_dim(d, 2), 2, 1.0, chunk, DType::BF16};
   return power_retention_workspace_bytes_cuda(m, which);
@@ -366,7 +372,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_sum_of_keys"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
         py::arg("grad_log_g"), py::arg("grad_initial_state"), py::arg("grad_initial_sum_of_keys"),
         py::arg("deg"), py::arg("scale"), py::arg("chunk_size"), py::arg("stream") = 0,
-        py::arg("workspace") = py::none(), "Chunked power retention backward (recomputes the forward).");
+        py::arg("workspace") = py::none(), py::arg("saved_states") = py::none(),
+        "Chunked power retention backward. Recomputes the forward's chunk states unless saved_states (the "
+        "forward's CUDA workspace, kept by the caller; size the workspace with which=3 then) is given.");
   m.def("power_retention_step", &retention_step, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("log_g"),
         py::arg("state"), py::arg("sum_of_keys"), py::arg("y"), py::arg("deg"), py::arg("scale"),
         py::arg("stream") = 0, py::arg("workspace") = py::none(),
@@ -374,7 +382,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("power_retention_workspace_size", &retention_workspace_size, py::arg("b"), py::arg("t"), py::arg("hq"),
         py::arg("hk"), py::arg("d"), py::arg("chunk_size"), py::arg("which"),
         "Bytes of device workspace the CUDA power retention kernels need (which: 0 forward, 1 backward, "
-        "2 step); pass a uint8 tensor of that size as `workspace`.");
+        "2 step, 3 backward with saved_states); pass a uint8 tensor of that size as `workspace`.");
   m.def("rmsnorm_linear_fwd", &rmslin_fwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),
         py::arg("bias"), py::arg("y"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0);
   m.def("rmsnorm_linear_bwd", &rmslin_bwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),

@@ -49,6 +49,10 @@ struct RetentionBwdArgs {
   void* stream;
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
+  // CUDA (v3): the forward's workspace kept by the caller (its bf16 chunk states come first), so
+  // the backward skips recomputing the states; null = recompute. Workspace then sized with which=3.
+  const void* saved = nullptr;
+  int64_t saved_bytes = 0;
 };
 
 // Recurrent step over t tokens: advances (S, z) in place and writes y.

@@ -23,6 +23,10 @@
 // dlog_g is chunk-local (dlogg_local_kernel): the in-chunk reverse cumsum of dG plus
 // <dS_{n+1}, S_{n+1}> per chunk, computed by the prefix kernels, so errors do not accumulate with t.
 //
+// v3 (LLMTRAIN_RETENTION_KERNEL=v3): v2, plus the backward takes the forward's chunk states from
+// the caller (RetentionBwdArgs::saved: the forward's workspace, kept alive by the autograd context)
+// instead of recomputing them (one LOCAL scan + one prefix walk fewer).
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
@@ -51,7 +55,8 @@ int kernel_version() {
   if (!e || !*e) return kDefaultVersion;
   if (!std::strcmp(e, "v1")) return 1;
   if (!std::strcmp(e, "v2")) return 2;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 or v2, got '") +
+  if (!std::strcmp(e, "v3")) return 3;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1, v2 or v3, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -180,7 +185,7 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
     s.ws = Sws;
     s.b = P.b; s.t = P.t; s.hq = P.hq; s.hk = P.hk; s.C = P.C; s.N = P.N; s.tpad = P.tpad;
     s.scale = (float)m.scale; s.need_final = A.s_out != nullptr;
-    if (kernel_version() == 2) {
+    if (kernel_version() >= 2) {
       float* fbuf = ws.take<float>(P.b * P.hk * P.D * P.E);
       float* gtot = ws.take<float>(P.b * P.hk * P.N);
       s.fbuf = A.s_out ? fbuf : nullptr;
@@ -215,7 +220,14 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   const bool need_dS = P.N > 1 || grad_final || grad_initial;
   Carver ws{static_cast<char*>(A.workspace), A.workspace_bytes};
   const int64_t nstate = P.b * P.hk * P.N * P.D * P.E;
-  bf16* Sws = need_S ? ws.take<bf16>(nstate) : nullptr;
+  // v3: the forward's states, kept by the caller (its workspace starts with them). Not with
+  // need_dot: <dS_T, S_T> comes from the recomputed walk's fp32 end value.
+  const bool use_saved = A.saved != nullptr && need_S && !need_dot;
+  if (use_saved && A.saved_bytes < nstate * 2)
+    throw std::runtime_error("power_retention (CUDA): saved_states too small (" + std::to_string(A.saved_bytes) +
+                             " bytes, the chunk states need " + std::to_string(nstate * 2) + ")");
+  bf16* Sws = use_saved ? const_cast<bf16*>(static_cast<const bf16*>(A.saved))
+                        : (need_S ? ws.take<bf16>(nstate) : nullptr);
   bf16* dSws = need_dS ? ws.take<bf16>(nstate) : nullptr;
   bf16* ghat = ws.take<bf16>(P.b * P.hq * P.tpad * P.E);
   float2* rowstat = ws.take<float2>(P.b * P.hq * P.tpad);
@@ -223,12 +235,12 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   float* dGk = gated ? ws.take<float>(P.b * P.t * P.hk) : nullptr;
   float* dot = need_dot ? ws.take<float>(P.b * P.hk * P.ntiles) : nullptr;
   const float* log_g = static_cast<const float*>(A.log_g);
-  const bool v2 = kernel_version() == 2;
+  const bool v2 = kernel_version() >= 2;  // v3: v2's kernels (+ saved states)
   float* fbuf = v2 ? ws.take<float>(P.b * P.hk * P.D * P.E) : nullptr;
   float* gtot = v2 ? ws.take<float>(P.b * P.hk * P.N) : nullptr;
   float* part = v2 ? ws.take<float>(P.b * P.hk * P.N * P.nprefix) : nullptr;
 
-  if (need_S) {
+  if (need_S && !use_saved) {
     ScanArgs s{};
     s.x = A.k; s.yv = A.v; s.log_g = log_g;
     s.s_init = static_cast<const float*>(A.s0); s.z_init = static_cast<const float*>(A.z0);
@@ -341,8 +353,8 @@ int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) 
   const Plan P = make_plan(m);
   const int64_t nstate = align256(P.b * P.hk * P.N * P.D * P.E * 2);
   if (which == 0) return nstate + v2_extra_bytes(P);
-  if (which == 1)
-    return 2 * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
+  if (which == 1 || which == 3)  // 3: the chunk states come from the forward (saved_states)
+    return (which == 1 ? 2 : 1) * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
            align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4);
   const int64_t nft = div_up(P.D, kStepFT);
   return align256(P.b * P.t * P.hq * nft * (P.d + 1) * 4);

@@ -34,14 +34,15 @@ DEV = "cuda"
 # ‖out − ref‖ / ‖ref‖. All tensor-core operands are bf16 inside (states, phi, attention weights),
 # so fp16 and fp32 inputs are bounded like bf16 (their inputs carry less rounding).
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
-# Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1|v2 (read by the extension per call;
+# Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1|v2|v3 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
 DEFAULT_KERNEL = "v1"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
 # only inside a chunk plus <dS_{n+1}, S_{n+1}> per chunk (docs/perf.md): held to the issue's 1e-2.
-TOL_DLOG_G = 1e-2 if KERNEL == "v2" else 6e-2
+# v3 = v2 + the backward reads the forward's kept chunk states (run_fwd keeps them, run_bwd passes them).
+TOL_DLOG_G = 1e-2 if KERNEL in ("v2", "v3") else 6e-2
 
 
 def rel(out, ref):
@@ -88,20 +89,25 @@ def ws_kwargs(q, k, chunk, which):
     return O._workspace(q, k, chunk, which)
 
 
-def run_fwd(q, k, v, log_g, s0, z0, chunk, need_state):
+def run_fwd(q, k, v, log_g, s0, z0, chunk, need_state, keep=None):
+    """keep: a list that receives the forward's workspace (its chunk states, for run_bwd(saved=))."""
     b, t, hq, d = q.shape
     hk, D = k.shape[2], R.feature_dim(d)
     y = nan_like(q)
     S = torch.full((b, hk, D, d), float("nan"), device=DEV) if need_state else None
     z = torch.full((b, hk, D), float("nan"), device=DEV) if need_state else None
     dl = _native.dl
+    ws = O._workspace_tensor(q, k, chunk, 0)
     _native.native().power_retention_fwd(
         dl(q), dl(k), dl(v), dl(log_g), dl(s0), dl(z0), dl(y), dl(S), dl(z), 2, 1 / math.sqrt(d), chunk,
-        _native.stream_of(q), **ws_kwargs(q, k, chunk, 0))
+        _native.stream_of(q), workspace=dl(ws))
+    if keep is not None:
+        keep.append(ws)
     return y, S, z
 
 
-def run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk):
+def run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=None):
+    """saved: the forward's workspace (v3: the chunk states are read from it, not recomputed)."""
     dq, dk, dv = nan_like(q), nan_like(k), nan_like(v)
     dlog_g = nan_like(log_g) if log_g is not None else None
     ds0 = nan_like(s0) if s0 is not None else None
@@ -110,7 +116,7 @@ def run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk):
     _native.native().power_retention_bwd(
         dl(q), dl(k), dl(v), dl(log_g), dl(s0), dl(z0), dl(dy), dl(dS), dl(dz), dl(dq), dl(dk), dl(dv),
         dl(dlog_g), dl(ds0), dl(dz0), 2, 1 / math.sqrt(q.shape[3]), chunk, _native.stream_of(q),
-        **ws_kwargs(q, k, chunk, 1))
+        **ws_kwargs(q, k, chunk, 1 if saved is None else 3), saved_states=dl(saved))
     return dq, dk, dv, dlog_g, ds0, dz0
 
 
@@ -169,12 +175,15 @@ def test_forward_and_gradients(c):
         dS = torch.randn(b, hk, R.feature_dim(d), d, device=DEV, generator=gen) * 1e-2
         dz = torch.randn(b, hk, R.feature_dim(d), device=DEV, generator=gen) * 1e-2
     y_ref, S_ref, z_ref, g_ref = reference_grads(q, k, v, log_g, s0, z0, dy, dS, dz)
-    y, S, z = run_fwd(q, k, v, log_g, s0, z0, chunk, need_state=True)
+    kept = []
+    y, S, z = run_fwd(q, k, v, log_g, s0, z0, chunk, need_state=True, keep=kept)
     torch.cuda.synchronize()
     tol = TOL[dtype]
     name = case_id(c)
     checks = [("y", y, y_ref), ("state", S, S_ref), ("sum_of_keys", z, z_ref)]
-    grads = run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk)
+    # v3: the backward reads the kept states, except where <dS_T, S_T> needs the recomputed walk
+    use_saved = KERNEL == "v3" and not (gated and gstate)
+    grads = run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=kept[0] if use_saved else None)
     torch.cuda.synchronize()
     for nm, got, ref in zip(("dq", "dk", "dv", "dlog_g", "ds0", "dz0"), grads, g_ref):
         if ref is not None:
@@ -287,6 +296,54 @@ def test_kernel_generations_agree(monkeypatch):
         err = rel(a, b_)
         log_err("v1_vs_v2", nm, err)
         assert err < (6e-2 if nm == "dlog_g" else 1e-2), f"{nm}: {err:.3e}"
+
+
+def test_v3_saved_states_match_v2_bitwise(monkeypatch):
+    """v3's backward reads the forward's kept chunk states instead of recomputing them with the same
+    kernels, so every gradient equals v2's bit for bit; NaN-filled saved states poison them (the
+    saved states are really read)."""
+    b, t, hq, hk, d = 2, 1300, 8, 2, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    s0, z0 = prefix_state(b, hk, d, gen)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v2")
+    y2 = run_fwd(q, k, v, log_g, s0, z0, 256, False)[0]
+    g2 = run_bwd(q, k, v, log_g, s0, z0, dy, None, None, 256)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v3")
+    kept = []
+    y3 = run_fwd(q, k, v, log_g, s0, z0, 256, False, keep=kept)[0]
+    g3 = run_bwd(q, k, v, log_g, s0, z0, dy, None, None, 256, saved=kept[0])
+    torch.cuda.synchronize()
+    assert torch.equal(y2, y3)
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g", "ds0", "dz0"), g2, g3):
+        assert torch.equal(a, b_), nm
+    poisoned = kept[0].view(torch.bfloat16).fill_(float("nan")).view(torch.uint8)
+    dq = run_bwd(q, k, v, log_g, s0, z0, dy, None, None, 256, saved=poisoned)[0]
+    assert torch.isnan(dq).any()
+    with pytest.raises(RuntimeError, match="saved_states too small"):
+        run_bwd(q, k, v, log_g, s0, z0, dy, None, None, 256, saved=kept[0][:1024])
+
+
+def test_v3_public_op_keeps_states(monkeypatch):
+    """Through the public op and autograd: v3 keeps the forward's states (and opting out with
+    LLMTRAIN_RETENTION_SAVE_STATES=0 recomputes them); gradients equal v2's bitwise."""
+    b, t, hq, hk, d = 2, 900, 8, 2, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    res = {}
+    for ver, save in (("v2", "1"), ("v3", "1"), ("v3", "0")):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        monkeypatch.setenv("LLMTRAIN_RETENTION_SAVE_STATES", save)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, log_g)]
+        y = O.power_retention(*leaves)
+        res[ver + save] = torch.autograd.grad((y.float() * dy.float()).sum(), leaves)
+        keep = O._keep_states(q)
+        assert keep == (ver == "v3" and save == "1")
+        out = torch.ops.llmtrain.power_retention_fwd(q, k, v, log_g, None, None, 2, 0.125, 256, False, keep)
+        assert (out[3].numel() > 0) == keep
+    for key in ("v31", "v30"):
+        for a, b_ in zip(res["v21"], res[key]):
+            assert torch.equal(a, b_), key
 
 
 def test_bad_kernel_selector(monkeypatch):

@@ -13,9 +13,29 @@ def test_opcheck_power_retention(rng):
         (q, k, v, log_g, *state, 2, 0.35, 8, True),
         (q, k, v, None, None, None, 2, 0.35, 5, False),
         (q, k, v, log_g, None, None, 2, 0.35, 32, True),
+        (q, k, v, log_g, *state, 2, 0.35, 8, False, True),  # keep_states: a no-op off CUDA (empty saved)
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.llmtrain.power_retention_fwd.default, args)
+    saved = torch.ops.llmtrain.power_retention_fwd(*samples[-1])[3]
+    assert saved.dtype == torch.uint8 and saved.numel() == 0
+
+
+def test_retention_v3_selector_does_not_change_cpu(rng, monkeypatch):
+    """LLMTRAIN_RETENTION_KERNEL=v3 (keep the forward's chunk states for the backward) only acts on
+    CUDA: on CPU the outputs and gradients are bitwise those of the default path."""
+    q, k, v, log_g, state = make_inputs(1, 21, 2, 1, 8, initial_state=True, gen=rng, requires_grad=True)
+
+    def run():
+        y, (S, z) = ops.power_retention(q, k, v, log_g, chunk_size=8, initial_state=state, return_state=True)
+        grads = torch.autograd.grad((y.sum() + S.sum() + z.sum()), (q, k, v, log_g, *state))
+        return (y, S, z, *grads)
+
+    monkeypatch.delenv("LLMTRAIN_RETENTION_KERNEL", raising=False)
+    ref = run()
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v3")
+    for a, b in zip(run(), ref):
+        assert torch.equal(a, b)
 
 
 def test_opcheck_rmsnorm_linear(rng):

@@ -10,6 +10,7 @@ without kernels) a chunked torch implementation in float32 computes the same fun
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -50,14 +51,28 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
-    """Keyword arguments carrying scratch for the CUDA kernels (bf16 chunk states etc.), allocated
-    from torch's caching allocator; empty for CPU tensors."""
+def _workspace_tensor(q: Tensor, k: Tensor, chunk_size: int, which: int) -> Optional[Tensor]:
+    """Scratch for the CUDA kernels (bf16 chunk states etc.) from torch's caching allocator; None
+    for CPU tensors or when none is needed."""
     if q.device.type != "cuda":
-        return {}
+        return None
     b, t, hq, d = q.shape
     n = _native.native().power_retention_workspace_size(b, t, hq, k.shape[2], d, chunk_size, which)
-    return {"workspace": _native.dl(torch.empty(n, dtype=torch.uint8, device=q.device))} if n > 0 else {}
+    return torch.empty(n, dtype=torch.uint8, device=q.device) if n > 0 else None
+
+
+def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
+    """Keyword arguments carrying the CUDA scratch (see _workspace_tensor); empty for CPU tensors."""
+    ws = _workspace_tensor(q, k, chunk_size, which)
+    return {"workspace": _native.dl(ws)} if ws is not None else {}
+
+
+def _keep_states(q: Tensor) -> bool:
+    """Kernel v3 (LLMTRAIN_RETENTION_KERNEL=v3, CUDA): keep the forward's bf16 chunk states (its
+    workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of recomputing
+    them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0 opts out."""
+    return (q.device.type == "cuda" and os.environ.get("LLMTRAIN_RETENTION_KERNEL") == "v3"
+            and os.environ.get("LLMTRAIN_RETENTION_SAVE_STATES", "1") != "0")
 
 
 def _all_finite(*tensors) -> bool:
@@ -72,50 +87,70 @@ def _all_finite(*tensors) -> bool:
 @torch.library.custom_op("llmtrain::power_retention_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
-    deg: int, scale: float, chunk_size: int, need_state: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, state, sum_of_keys); the state tensors are empty unless need_state."""
+    deg: int, scale: float, chunk_size: int, need_state: bool, keep_states: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, state, sum_of_keys, saved); the state tensors are empty unless need_state.
+    saved: with keep_states on CUDA, the forward's workspace (uint8; its bf16 chunk states come
+    first) for power_retention_bwd; otherwise empty."""
     b, t, hq, d = q.shape
     hk = k.shape[2]
     D = reference.feature_dim(d, deg)
     acc = _acc_dtype(q.dtype)
+    no_saved = q.new_empty(0, dtype=torch.uint8)
     if not _native.supports(q):
         y, S, z = _torch_forward(q, k, v, log_g, s0, z0, deg, scale, chunk_size)
-        return (y, S, z) if need_state else (y, q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc))
+        if not need_state:
+            S, z = q.new_empty(0, dtype=acc), q.new_empty(0, dtype=acc)
+        return y, S, z, no_saved
     y = torch.empty_like(q)
     shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
     S = torch.empty(shape_S, dtype=acc, device=q.device)
     z = torch.empty(shape_z, dtype=acc, device=q.device)
+    ws = _workspace_tensor(q, k, chunk_size, 0)
     bad = _native.native().power_retention_fwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
-        deg, scale, chunk_size, _native.stream_of(q), **_workspace(q, k, chunk_size, 0))
+        deg, scale, chunk_size, _native.stream_of(q), **({"workspace": _native.dl(ws)} if ws is not None else {}))
     if bad > 0 and _all_finite(q, k, v, log_g, s0, z0):  # NaN in, NaN out; finite in, NaN out is an error
         raise FloatingPointError(
             f"power_retention: {bad} non-finite outputs. The inputs overflow {acc} arithmetic: "
             "|scale * q.k|^2 too large, or log_g > 0 summing to a huge growth factor. Normalise q/k "
             "(e.g. RMSNorm) and keep log_g <= 0 (logsigmoid of a gate).")
-    return y, S, z
+    keep = keep_states and ws is not None
+    return y, S, z, ws if keep else no_saved
+
+
+def _saved_bytes(q, k, chunk_size, keep_states) -> int:
+    if not (keep_states and q.device.type == "cuda" and _native.has_cuda_kernels()):
+        return 0
+    b, t, hq, d = (int(x) for x in q.shape)  # a size from the kernels' plan: specialises under dynamic shapes
+    return int(_native.native().power_retention_workspace_size(b, t, hq, int(k.shape[2]), d, chunk_size, 0))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state):
+def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, keep_states=False):
     b, t, hq, d = q.shape
     hk = k.shape[2]
     D = reference.feature_dim(d, deg)
     acc = _acc_dtype(q.dtype)
     shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
-    return (torch.empty_like(q), q.new_empty(shape_S, dtype=acc), q.new_empty(shape_z, dtype=acc))
+    return (torch.empty_like(q), q.new_empty(shape_S, dtype=acc), q.new_empty(shape_z, dtype=acc),
+            q.new_empty(_saved_bytes(q, k, chunk_size, keep_states), dtype=torch.uint8))
 
 
 @torch.library.custom_op("llmtrain::power_retention_bwd", mutates_args=())
 def _bwd_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
     dy: Tensor, ds: Optional[Tensor], dz: Optional[Tensor], deg: int, scale: float, chunk_size: int,
+    saved: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dlog_g, ds0, dz0); the last three are empty when not applicable."""
+    """Returns (dq, dk, dv, dlog_g, ds0, dz0); the last three are empty when not applicable.
+    saved: the forward's kept workspace (v3, CUDA) or None/empty: recompute the chunk states."""
     if not _native.supports(q):
         return _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size)
+    # <dS_T, S_T> (gated, gradient of the final state) needs the recomputed walk: no saved states then
+    use_saved = (saved is not None and saved.numel() > 0 and q.device.type == "cuda"
+                 and not (log_g is not None and (ds is not None or dz is not None)))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dlog_g = torch.empty_like(log_g) if log_g is not None else None
     ds0 = torch.empty_like(s0) if s0 is not None else None
@@ -124,14 +159,15 @@ def _bwd_op(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(dy), _native.dl(ds), _native.dl(dz), _native.dl(dq), _native.dl(dk), _native.dl(dv),
         _native.dl(dlog_g), _native.dl(ds0), _native.dl(dz0), deg, scale, chunk_size, _native.stream_of(q),
-        **_workspace(q, k, chunk_size, 1))
+        **_workspace(q, k, chunk_size, 3 if use_saved else 1),
+        **({"saved_states": _native.dl(saved)} if use_saved else {}))
     # absent gradients are distinct empty tensors (custom op outputs may not alias)
     return (dq, dk, dv, dlog_g if dlog_g is not None else q.new_empty(0),
             ds0 if ds0 is not None else q.new_empty(0), dz0 if dz0 is not None else q.new_empty(0))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
+def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size, saved=None):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(log_g) if log_g is not None else q.new_empty(0),
             torch.empty_like(s0) if s0 is not None else q.new_empty(0),
@@ -139,21 +175,22 @@ def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state = inputs
-    ctx.save_for_backward(q, k, v, log_g, s0, z0)
+    q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, *_ = inputs
+    saved = output[3]  # the kept chunk states (v3), empty otherwise
+    ctx.save_for_backward(q, k, v, log_g, s0, z0, saved)
     ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
 
 
-def _backward(ctx, dy, ds, dz):
-    q, k, v, log_g, s0, z0 = ctx.saved_tensors
+def _backward(ctx, dy, ds, dz, _dsaved):
+    q, k, v, log_g, s0, z0, saved = ctx.saved_tensors
     if not ctx.need_state:
         ds = dz = None
     dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
         q, k, v, log_g, s0, z0, dy.contiguous(),
         ds.contiguous() if ds is not None else None, dz.contiguous() if dz is not None else None,
-        ctx.deg, ctx.scale, ctx.chunk_size)
+        ctx.deg, ctx.scale, ctx.chunk_size, saved if saved.numel() > 0 else None)
     return (dq, dk, dv, dlog_g if log_g is not None else None, ds0 if s0 is not None else None,
-            dz0 if z0 is not None else None, None, None, None, None)
+            dz0 if z0 is not None else None, None, None, None, None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -277,8 +314,10 @@ def power_retention(
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, q, k, acc)
-    y, S, z = torch.ops.llmtrain.power_retention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state)
+    keep = _keep_states(q) and torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0))
+    y, S, z, _ = torch.ops.llmtrain.power_retention_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state, keep)
     return (y, RetentionState(S, z)) if return_state else y
 
 
