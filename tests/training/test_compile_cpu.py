@@ -21,9 +21,10 @@ def losses(tmp_path, size, overrides, compile_model, steps=3):
     from llmtrain.training.trainer import Trainer
 
     cfg = TrainConfig(model_size=size, model_overrides=dict(overrides), dataset="random", device="cpu",
-                      dtype="fp32", seq_len=32, batch_size=2, grad_accum=1, max_steps=steps, num_tokens=None,
+                      dtype="fp32", seq_len=32, batch_size=2, grad_accum=1, max_steps=steps + 1, num_tokens=None,
                       warmup_steps=1, eval_interval=10**9, save_interval=10**9, log_interval=10**9,
                       progress=False, activation_checkpointing=True, compile=compile_model,
+                      stop_at_step=steps,  # stop before the final evaluation (a second, no-grad compile)
                       output_dir=str(tmp_path / f"c{int(compile_model)}")).validate()
     seen = []
     with _random_data(RandomTokenData(overrides["vocab_size"], 2, 32, seed=0)):
