@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from llmtrain.bench.memory import count_parameters, estimate, mla_layer_bytes_per_token
 from llmtrain.cli import main

@@ -38,7 +38,7 @@ def run(tmp_path, out, stop_at=0, **overrides):
     values.update(overrides)
     script = tmp_path / "sft_run.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29300 + os.getpid() % 300), str(script), json.dumps(values), str(stop_at)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

@@ -9,7 +9,7 @@ An ESTIMATE, for the 16 GB question before a GPU run measures it (``llmtrain ben
   the backward);
 - gradients: fp32, all of them (torch backend); DeepSpeed ZeRO-1/2 with optimizer offload keeps
   only its reduce buckets on the GPU (reduce_bucket_size elements, twice with overlap_comm);
-  ZeRO-2 without offload: its gradient partition (1/world) plus the buckets;
+  ZeRO without offload: a 1/world gradient partition plus the buckets (ZeRO-1 and -2 alike);
 - optimizer state: AdamW's two fp32 moments on the GPU (torch), a 1/world partition plus fp32 master
   weights (ZeRO without offload), none (offload: in CPU memory, reported separately);
 - activations of one micro-batch (bf16, residual stream in the weights' dtype), per token and layer
@@ -140,8 +140,9 @@ def estimate(cfg, world_size: int = 1) -> dict:
                      + 2 * residual * c.hidden_size * tokens)     # final hidden states and their gradient
     total = sum(parts.values())
     return {"model": cfg.model_size, "params": n, "backend": backend, "world_size": world_size,
-            "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "activation_checkpointing": cfg.activation_checkpointing,
-            "dtype": "bf16" if bf16 else "fp32", "parts_gib": {k: v / GIB for k, v in parts.items()},
+            "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "dtype": ("bf16" if cfg.dtype == "auto" else cfg.dtype) if bf16 else "fp32", "parts_gib": {k: v / GIB for k, v in parts.items()},
             "peak_gib": total / GIB, "cpu_optimizer_gib": cpu / GIB, "notes": notes,
             "estimate": "analytic (llmtrain.bench.memory): see its docstring for what it counts and leaves out"}
 
