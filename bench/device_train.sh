@@ -45,14 +45,17 @@ ds_row() {  # DeepSpeed rows need the deepspeed package (only there if carried)
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT_DIR/gpu.txt"
 
+# The analytic memory estimates (CPU only, in the background so they take no row time; .txt/.json, not
+# table rows) to sit beside the measured 16 GiB rows d and e.
+( for preset in pretrain_5080 longctx_5090; do
+    python3 -m llmtrain bench memory --config $preset --json "$OUT_DIR/estimate_$preset.json" \
+      >"$OUT_DIR/estimate_$preset.txt" 2>&1
+  done ) &
+ESTIMATES=$!
+
 row a_small_2k_vs_gpt2 80 45 --model small --seq_len 2048 --batch_size 16 --steps 8 --warmup 3 --baseline gpt2
 row b_retention1b_2k 40 25 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
 row c_mla1b_2k 40 25 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
-# the analytic estimates (no GPU work, seconds; .txt/.json, not rows of the table) beside the measured 16 GiB rows
-for preset in pretrain_5080 longctx_5090; do
-  python3 -m llmtrain bench memory --config $preset --json "$OUT_DIR/estimate_$preset.json" >"$OUT_DIR/estimate_$preset.txt" 2>&1
-  grep ESTIMATED "$OUT_DIR/estimate_$preset.txt"
-done
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   ds_row d_pretrain_5080_16gb 60 35 --config pretrain_5080 --memory_cap_gb 16 --steps 2 --warmup 1
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
@@ -65,5 +68,7 @@ row h_mla1b_16k 40 25 --model mla-1b --seq_len 16384 --batch_size 1 --steps 4 --
 row i_small_64k 35 20 --model small --seq_len 65536 --batch_size 1 --steps 4 --warmup 2
 row j_mla1b_2k_vs_llama 80 50 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
 
+wait "$ESTIMATES"
+grep -h ESTIMATED "$OUT_DIR"/estimate_*.txt
 python3 bench/train_table.py "$OUT_DIR" | tee "$OUT_DIR/table.md"
 echo "results in $OUT_DIR ($(left)s of the budget left)"
