@@ -9,6 +9,7 @@
 #      the forward's kept states; includes v3 == v2 bitwise), then a v2 subset (+ worst rel err per tensor)
 #   2. table, d = 64, forward+backward then forward: ours-v1/v2/v3, SDPA causal, FLA (fwd)
 #   2b. per-kernel profile of v2 and v3 forward+backward at t = 2K and 64K
+#   2c. decode step latency, v1 vs v3 (table_decode.md)
 #   3. a short v1 test subset (v1 was verified on the whole grid before)
 #   4. d = 128 (same impls), then retention 1.0.7 c1024 forward+backward (slow Triton autotune)
 # Results under $OUT/retention/ (or ./out/retention): tests_v3.txt, tests_v2.txt, errors_v[23]*.txt,
@@ -68,7 +69,8 @@ run_tests() {  # version, timeout, extra pytest args...
 table() {  # name, timeout, args...
   local name=$1 to=$2; shift 2
   echo "== table $name (timeout ${to}s)"
-  timeout "$to" python3 bench/power_retention_table.py --no-decode --json "$OUT_DIR/table_$name.json" "$@" \
+  local nd=--no-decode; [ "$name" = decode ] && nd=
+  timeout "$to" python3 bench/power_retention_table.py $nd --json "$OUT_DIR/table_$name.json" "$@" \
     2>"$OUT_DIR/table_$name.err" | tee "$OUT_DIR/table_$name.md"
   tail -3 "$OUT_DIR/table_$name.err"
 }
@@ -84,6 +86,8 @@ run_tests v3 "$(cap ${PR_TEST_TIMEOUT:-100} 110)"
 # 2b. per-kernel breakdown of v2 and v3 forward+backward (where the next version's time must come from)
 [ "$(left)" -gt 45 ] && timeout "$(cap 40 15)" python3 bench/power_retention_profile.py \
   --d 64 --t 2048 65536 --kernels v2 v3 2>&1 | tee "$OUT_DIR/profile.md"
+# 2c. decode step, v1 vs v3 (d = 64 and 128, batch 1 and 64; a few seconds)
+[ "$(left)" -gt 30 ] && table decode "$(cap 25 5)" --d 64 128 --no-fwd --no-bwd --decode-kernels v1,v3
 # 3. short v1 subset
 [ "$(left)" -gt 40 ] && run_tests v1 "$(cap 60 5)" -k "t3000 or bit_identical or public_op or agree"
 # 4. d = 128, then retention 1.0.7 c1024 forward+backward

@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-fwd", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-kernels", default="v1,v3", help="LLMTRAIN_RETENTION_KERNEL values for the decode rows")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
@@ -154,7 +155,7 @@ def main():
     print(f"# device: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     modes = ([] if args.no_fwd else ["fwd"]) + ([] if args.no_bwd else ["fwd+bwd"])
-    for d in args.d:
+    for d in (args.d if modes else []):  # (decode only: skip importing the other implementations)
         impls = make_impls(d)
         for mode in modes:
             for t in args.t:
@@ -172,15 +173,18 @@ def main():
                     rows.append(dict(d=d, mode=mode, t=t, b=b, impl=name, ms=ms, tflops=tf, err=err))
                     print(f"d={d:<4} {mode:<8} t={t:<6} b={b:<3} {name:<16} {ms:9.3f} ms {tf:7.1f} TFLOP/s {err}",
                           flush=True)
+    dec_vers = args.decode_kernels.split(",")
     for d in ([] if args.no_decode else args.d):
-        for b in (1, 64):
-            try:
-                ms = decode_latency(b, d)
-            except Exception as e:  # noqa: BLE001
-                ms = float("nan")
-                print(f"# decode failed: {e!r}", file=sys.stderr)
-            rows.append(dict(d=d, mode="decode", t=1, b=b, impl="ours", ms=ms, tflops=float("nan"), err=""))
-            print(f"d={d:<4} decode   b={b:<3} ours {ms * 1e3:9.1f} us", flush=True)
+        for ver in dec_vers:
+            os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
+            for b in (1, 64):
+                try:
+                    ms = decode_latency(b, d)
+                except Exception as e:  # noqa: BLE001
+                    ms = float("nan")
+                    print(f"# decode failed: {e!r}", file=sys.stderr)
+                rows.append(dict(d=d, mode="decode", t=1, b=b, impl=f"ours-{ver}", ms=ms, tflops=float("nan"), err=""))
+                print(f"d={d:<4} decode   b={b:<3} ours-{ver} {ms * 1e3:9.1f} us", flush=True)
     # markdown table
     print()
     for d in args.d:
@@ -196,11 +200,12 @@ def main():
                     cells.append("" if r is None or math.isnan(r["ms"]) else f"{r['ms']:.2f} ({r['tflops']:.0f})")
                 print(f"| {t} | {TOKENS // t} | " + " | ".join(cells) + " |")
     print("\n**decode step, one token, 8 heads (us)**\n")
-    print("| d | batch 1 | batch 64 |\n|---|---|---|")
-    for d in args.d:
-        c = [next((r["ms"] for r in rows if r["mode"] == "decode" and r["d"] == d and r["b"] == b), float("nan"))
-             for b in (1, 64)]
-        print(f"| {d} | {c[0] * 1e3:.1f} | {c[1] * 1e3:.1f} |")
+    print("| d | kernel | batch 1 | batch 64 |\n|---|---|---|---|")
+    for d in ([] if args.no_decode else args.d):
+        for ver in dec_vers:
+            c = [next((r["ms"] for r in rows if r["mode"] == "decode" and r["d"] == d and r["b"] == b
+                       and r["impl"] == f"ours-{ver}"), float("nan")) for b in (1, 64)]
+            print(f"| {d} | {ver} | {c[0] * 1e3:.1f} | {c[1] * 1e3:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, rows=rows), f, indent=1)

@@ -25,7 +25,8 @@
 //
 // v3 (LLMTRAIN_RETENTION_KERNEL=v3): v2, plus the backward takes the forward's chunk states from
 // the caller (RetentionBwdArgs::saved: the forward's workspace, kept alive by the autograd context)
-// instead of recomputing them (one LOCAL scan + one prefix walk fewer).
+// instead of recomputing them (one LOCAL scan + one prefix walk fewer); the decode step issues its
+// state loads before the per-token prologue (step_kernel<.., PRE = true>).
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -335,7 +336,7 @@ template <typename T, int d> int64_t step_impl(const RetentionStepArgs& A) {
   s.b = m.b; s.t = m.t; s.hq = m.hq; s.hk = m.hk; s.scale = (float)m.scale; s.nft = nft;
   constexpr int RP = kThreads / (d / 4);
   const size_t sm = ((2 + r) * d + kStepFT + r * kStepFT + RP * (d + 1)) * 4 + kStepFT * 4;
-  auto kern = step_kernel<d, T>;
+  auto kern = kernel_version() >= 3 ? step_kernel<d, T, true> : step_kernel<d, T, false>;
   set_smem(kern, sm);
   kern<<<dim3(nft, (unsigned)(m.b * m.hk)), kThreads, sm, st>>>(s);
   check_launch("step_kernel");

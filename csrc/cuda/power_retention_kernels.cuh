@@ -1282,7 +1282,11 @@ struct StepArgs {
 };
 constexpr int kStepFT = 64;
 
-template <int d, typename T>
+// PRE (v3): each thread issues its state loads for token i before that token's q/k/v loads, barriers
+// and phi (and for token 0 before the feature-index setup), so the one big memory round trip of a
+// block overlaps its latency-bound prologue instead of following it. Same indices and arithmetic:
+// a thread only ever reads the S / z elements it writes itself, so hoisting the load is safe.
+template <int d, typename T, bool PRE = false>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
   constexpr int D = Cfg<d>::D;
   constexpr int TPR = d / 4;          // threads per feature row (4 columns each)
@@ -1300,6 +1304,29 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
   const int64_t bh = blockIdx.y, bi = bh / p.hk, h = bh % p.hk;
   const int f0 = blockIdx.x * kStepFT;
   const int nf = min(kStepFT, D - f0);
+  float* S = p.S + (bh * D + f0) * (int64_t)d;
+  float* z = p.z + bh * D + f0;
+  const int cg = tid % TPR, rg = tid / TPR;
+  float sreg[PASSES][4], zreg[PASSES];
+  auto load_state = [&]() {
+#pragma unroll
+    for (int ps = 0; ps < PASSES; ++ps) {
+      const int fl = rg + ps * RP;
+      float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
+      float zz = 0.f;
+      if (fl < nf) {
+        s4 = *reinterpret_cast<const float4*>(S + (int64_t)fl * d + 4 * cg);
+        if (cg == 0) zz = z[fl];
+      }
+      sreg[ps][0] = s4.x; sreg[ps][1] = s4.y; sreg[ps][2] = s4.z; sreg[ps][3] = s4.w;
+      zreg[ps] = zz;
+    }
+  };
+  if constexpr (PRE) {
+    if (p.t > 0) load_state();
+  } else {
+    (void)load_state;  // the !PRE path loads inside the update below
+  }
   if (tid < kStepFT) {
     const int f = f0 + tid;
     int a = 0;
@@ -1311,11 +1338,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
-  float* S = p.S + (bh * D + f0) * (int64_t)d;
-  float* z = p.z + bh * D + f0;
-  const int cg = tid % TPR, rg = tid / TPR;
   for (int64_t i = 0; i < p.t; ++i) {
     const int64_t tok = bi * p.t + i;
+    if constexpr (PRE) {
+      if (i > 0) load_state();
+    }
     __syncthreads();
     for (int c = tid; c < (2 + r) * d; c += blockDim.x) {
       const int which = c / d, col = c % d;
@@ -1335,15 +1362,16 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
       (which == 0 ? phk : phq + (which - 1) * kStepFT)[fl] = w * x[a] * x[b];
     }
     __syncthreads();
-    float sreg[PASSES][4], zreg[PASSES];
 #pragma unroll
     for (int ps = 0; ps < PASSES; ++ps) {
       const int fl = rg + ps * RP;
-      sreg[ps][0] = sreg[ps][1] = sreg[ps][2] = sreg[ps][3] = 0.f;
-      zreg[ps] = 0.f;
+      if constexpr (!PRE) {
+        sreg[ps][0] = sreg[ps][1] = sreg[ps][2] = sreg[ps][3] = 0.f;
+        zreg[ps] = 0.f;
+      }
       if (fl < nf) {
         float4* sp = reinterpret_cast<float4*>(S + (int64_t)fl * d + 4 * cg);
-        float4 s4 = *sp;
+        float4 s4 = PRE ? make_float4(sreg[ps][0], sreg[ps][1], sreg[ps][2], sreg[ps][3]) : *sp;
         const float pk = phk[fl];
         s4.x = decay * s4.x + pk * kv[d + 4 * cg];
         s4.y = decay * s4.y + pk * kv[d + 4 * cg + 1];
@@ -1352,7 +1380,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs p) {
         *sp = s4;
         sreg[ps][0] = s4.x; sreg[ps][1] = s4.y; sreg[ps][2] = s4.z; sreg[ps][3] = s4.w;
         if (cg == 0) {
-          const float zz = decay * z[fl] + pk;
+          const float zz = decay * (PRE ? zreg[ps] : z[fl]) + pk;
           z[fl] = zz;
           zreg[ps] = zz;
         }
