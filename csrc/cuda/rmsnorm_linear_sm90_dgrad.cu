@@ -1,4 +1,5 @@
 // Backward data GEMM on sm_90a: d[n, k] = dy[n, m] . W[m, k] (W read N-major through TMA).
+// (Its own translation unit so the CUTLASS instantiations compile in parallel with the others.)
 #include <stdexcept>
 
 #include "rmsnorm_linear_sm90.cuh"
@@ -11,38 +12,14 @@
 namespace llmtrain {
 namespace rmslin {
 
-#if defined(LLMTRAIN_WITH_CUTE)
-namespace sm90 {
-
-template <class Element> void dgrad(const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
-                                    cudaStream_t s) {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
-  using Fusion = cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>;
-  using Cfg = GemmCfg<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor, TileShape, ClusterShape, Fusion>;
-  using Gemm = typename Cfg::Gemm;
-  typename Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGemm,
-      {(int)n, (int)k, (int)m, 1},
-      {static_cast<const Element*>(dy), ld_stride<typename Cfg::StrideA>(m), static_cast<const Element*>(w),
-       ld_stride<typename Cfg::StrideB>(k)},
-      {{}, nullptr, ld_stride<typename Cfg::StrideC>(k), static_cast<Element*>(d),
-       ld_stride<typename Cfg::StrideD>(k)},
-      hw_info()};
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.beta = 0.f;
-  run_gemm<Gemm>(args, s, "backward data GEMM");
-}
-
-}  // namespace sm90
-#endif
-
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
                      cudaStream_t s) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  if (dtype == DType::BF16) return sm90::dgrad<cutlass::bfloat16_t>(dy, w, d, n, k, m, s);
-  if (dtype == DType::F16) return sm90::dgrad<cutlass::half_t>(dy, w, d, n, k, m, s);
+  using Layout = cutlass::layout::RowMajor;
+  if (dtype == DType::BF16)
+    return sm90::plain_gemm<cutlass::bfloat16_t, Layout>(dy, m, w, k, d, n, k, m, s, "backward data GEMM");
+  if (dtype == DType::F16) return sm90::plain_gemm<cutlass::half_t, Layout>(dy, m, w, k, d, n, k, m, s, "backward data GEMM");
 #endif
   throw std::runtime_error("rmsnorm_linear (CUDA): sm_90a GEMM not built for this dtype");
 }

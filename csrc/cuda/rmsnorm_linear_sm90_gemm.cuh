@@ -101,6 +101,28 @@ inline cutlass::KernelHardwareInfo hw_info() {
   return hw;
 }
 
+// D[M, N] = A · B with fp32 accumulation and no epilogue fusion (the backward's dgrad and wgrad):
+// A is [M, K] in LayoutA with leading dimension lda, B is [K, N] row-major with leading dimension ldb,
+// D row-major with leading dimension N. 128x256x64 tiles, cluster 2x1.
+template <class Element, class LayoutA>
+void plain_gemm(const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t M, int64_t N, int64_t K,
+                cudaStream_t s, const char* what) {
+  using Fusion = cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>;
+  using Cfg = GemmCfg<Element, LayoutA, cutlass::layout::RowMajor, Shape<_128, _256, _64>, Shape<_2, _1, _1>, Fusion>;
+  using Gemm = typename Cfg::Gemm;
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {(int)M, (int)N, (int)K, 1},
+      {static_cast<const Element*>(a), ld_stride<typename Cfg::StrideA>(lda), static_cast<const Element*>(b),
+       ld_stride<typename Cfg::StrideB>(ldb)},
+      {{}, nullptr, ld_stride<typename Cfg::StrideC>(N), static_cast<Element*>(d),
+       ld_stride<typename Cfg::StrideD>(N)},
+      hw_info()};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  run_gemm<Gemm>(args, s, what);
+}
+
 }  // namespace sm90
 }  // namespace rmslin
 }  // namespace llmtrain
