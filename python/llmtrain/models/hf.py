@@ -1,4 +1,4 @@
-"""Hugging Face glue shared by both models: weight init, the causal-LM loss, sequence-classification pooling."""
+"""Hugging Face glue shared by both models: weight init, the causal-LM loss, the sequence-classification head."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm
 
@@ -134,3 +135,46 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config: Pretrai
     if problem == "single_label_classification":
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+class SequenceClassificationHead:
+    """Mixin for `<Family>ForSequenceClassification(SequenceClassificationHead, <Family>PreTrainedModel)`:
+    scores from the hidden state of each sequence's last non-pad token (reward and value models).
+    The subclass names its decoder in `base_model_class`; extra keyword arguments (position_ids, ...)
+    go to the decoder."""
+
+    base_model_class: type
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         use_cache=False, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        hidden = out.last_hidden_state
+        b, t = hidden.shape[:2]
+        last = last_token_indices(input_ids, b, t, self.config.pad_token_id, hidden.device)
+        logits = self.score(hidden[torch.arange(b, device=hidden.device), last])
+        loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return result if return_dict else result.to_tuple()

@@ -24,17 +24,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
 from llmtrain.models.hf import (
     init,
+    SequenceClassificationHead,
     init_common_weights,
-    last_token_indices,
     lm_head_and_loss,
-    sequence_classification_loss,
     slice_hidden_for_logits,
 )
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm, SwiGLU
@@ -289,39 +287,7 @@ class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
         return result if return_dict else result.to_tuple()
 
 
-class RetentionForSequenceClassification(RetentionPreTrainedModel):
+class RetentionForSequenceClassification(SequenceClassificationHead, RetentionPreTrainedModel):
     """Scores from the hidden state of each sequence's last non-pad token (reward and value models)."""
 
-    def __init__(self, config: RetentionConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = RetentionModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        inputs_embeds: Optional[Tensor] = None,
-        labels: Optional[Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         use_cache=False, output_hidden_states=output_hidden_states, return_dict=True)
-        hidden = out.last_hidden_state
-        b, t = hidden.shape[:2]
-        last = last_token_indices(input_ids, b, t, self.config.pad_token_id, hidden.device)
-        logits = self.score(hidden[torch.arange(b, device=hidden.device), last])
-        loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None
-        result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
-        return result if return_dict else result.to_tuple()
+    base_model_class = RetentionModel
