@@ -45,10 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finish_distributed()
+    return rc
+
+
+def finish_distributed() -> None:
+    """After a command that ran under torchrun/deepspeed: every rank waits for the others (rank 0 may
+    still be sampling or exporting), then the process group is torn down — a rank that exits with a
+    live gloo/NCCL group can abort at interpreter shutdown ("terminate called without an active
+    exception") and take the job down with it. Only on success: after an error a barrier could hang."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
