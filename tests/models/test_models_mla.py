@@ -112,7 +112,7 @@ def test_loss_backward_and_gradient_checkpointing():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -139,7 +139,7 @@ def test_backward_reaches_every_parameter_and_gradient_checkpointing_matches():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     model(ids, labels=ids).loss.backward()
     for name, p in model.named_parameters():

@@ -73,7 +73,7 @@ def test_no_graph_breaks(name):
     size, overrides = MODELS[name]
     torch.manual_seed(0)
     model = build_model(create_model_config(size, **overrides))
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     x = torch.randint(0, 128, (2, 32))
     explained = torch._dynamo.explain(lambda x, y: model(x, shift_labels=y).loss)(x, x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -152,8 +152,10 @@ class Trainer:
         self.model_config = create_model_config(cfg.model_size, **overrides)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.model_config)
-        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        if cfg.activation_checkpointing:
+            # transformers >= 5.x names it activation_checkpointing_enable (the old name warns)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         model.to(self.device)
         self.backend = make_backend(backend_name, model, cfg, self.device, self.world_size, local_rank)
         self.model = self.backend.model
