@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llmtrain.data.formats import PreferenceCollator
 from llmtrain.training.posttrain_config import DPOConfig, load_posttrain_config
-from llmtrain.training.posttrain_data import load_preference_pairs, resolve_posttrain_source, split_held_out
+from llmtrain.training.posttrain_data import preference_splits
 from llmtrain.training.posttrain_loop import PostTrainer, load_model, sequence_log_probs
 
 
@@ -42,14 +42,8 @@ class DPOTrainer(PostTrainer):
     method = "dpo"
 
     def setup_data(self):
-        cfg = self.cfg
-        source = resolve_posttrain_source(cfg.dataset, cfg.dataset_format)
-        pairs, dropped = load_preference_pairs(source, self.tokenizer, cfg.max_length, cfg.num_samples,
-                                               cfg.skip_invalid)
-        if dropped.counts:
-            print(f"{cfg.dataset}: dropped {dropped}")
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
-        train, held_out = split_held_out(pairs, cfg.eval_fraction, cfg.max_eval_examples, cfg.seed)
+        train, held_out = preference_splits(self.cfg, self.tokenizer)
         self.precompute_reference(train + held_out)
         return train, held_out
 
@@ -87,7 +81,7 @@ class DPOTrainer(PostTrainer):
                       "reward_accuracy": (chosen > rejected).float().mean()}
 
     def evaluate(self) -> dict:
-        losses, margins, accurate = [], [], []
+        losses, margins = [], []
         for batch in self.batches_of(self.eval_items, self.cfg.batch_size):
             loss, chosen, rejected = self._loss(batch)
             losses.append(loss.item() * len(chosen))

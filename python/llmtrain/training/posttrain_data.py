@@ -222,3 +222,13 @@ def split_held_out(items: list, eval_fraction: float, max_eval: int, seed: int) 
     held = sorted(order[:n_eval])
     train = sorted(order[n_eval:])
     return [items[i] for i in train], [items[i] for i in held]
+
+
+def preference_splits(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
+    """cfg.dataset's preference pairs, tokenised and filtered, split into train / held-out (reward
+    model and DPO read the same data)."""
+    source = resolve_posttrain_source(cfg.dataset, cfg.dataset_format)
+    pairs, dropped = load_preference_pairs(source, tokenizer, cfg.max_length, cfg.num_samples, cfg.skip_invalid)
+    if dropped.counts:
+        print(f"{cfg.dataset}: dropped {dropped}")
+    return split_held_out(pairs, cfg.eval_fraction, cfg.max_eval_examples, cfg.seed)

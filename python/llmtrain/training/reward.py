@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llmtrain.data.formats import PreferenceCollator
 from llmtrain.training.posttrain_config import RewardConfig, load_posttrain_config
-from llmtrain.training.posttrain_data import load_preference_pairs, resolve_posttrain_source, split_held_out
+from llmtrain.training.posttrain_data import preference_splits
 from llmtrain.training.posttrain_loop import PostTrainer, load_model
 
 
@@ -36,14 +36,8 @@ class RewardTrainer(PostTrainer):
     method = "reward"
 
     def setup_data(self):
-        cfg = self.cfg
-        source = resolve_posttrain_source(cfg.dataset, cfg.dataset_format)
-        pairs, dropped = load_preference_pairs(source, self.tokenizer, cfg.max_length, cfg.num_samples,
-                                               cfg.skip_invalid)
-        if dropped.counts:
-            print(f"{cfg.dataset}: dropped {dropped}")
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
-        return split_held_out(pairs, cfg.eval_fraction, cfg.max_eval_examples, cfg.seed)
+        return preference_splits(self.cfg, self.tokenizer)
 
     def build_model(self):
         return load_model(self.cfg, self.tokenizer, self.cfg.model_path, task="sequence-classification")
