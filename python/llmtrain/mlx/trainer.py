@@ -42,6 +42,7 @@ from llmtrain.mlx import checkpoint as ckpt  # noqa: E402
 from llmtrain.mlx.models import build_model, generate, save_pretrained
 from llmtrain.training.config import TrainConfig, to_dict
 from llmtrain.training.logger import TrainingLogger, compute_perplexity
+from llmtrain.training.report import report_pretraining
 from llmtrain.training.schedule import cosine_with_warmup
 from llmtrain.training.trainer import _StopFlag, seed_everything
 
@@ -354,16 +355,4 @@ def run_pretraining(cfg: TrainConfig) -> dict:
     print(f"model {cfg.model_size} ({trainer.model_config.model_type}): {n / 1e6:.1f}M parameters on MLX "
           f"{trainer.device} ({str(dtype).split('.')[-1]} compute); backend mlx; {trainer.total_steps} steps of "
           f"{trainer.tokens_per_step} tokens")
-    summary = trainer.train()
-    if not summary["interrupted"]:
-        entropy = trainer.data.unigram_entropy
-        val = summary.get("val_loss", {}).get("last")
-        if val is not None:
-            print(f"validation loss {val:.3f} nats/token vs unigram entropy of the corpus {entropy:.3f} "
-                  f"({'below' if val < entropy else 'NOT below'} it by {entropy - val:.3f})")
-        summary["unigram_entropy"] = entropy
-        if cfg.sample_tokens:
-            print("sample:", trainer.sample(cfg.sample_prompt, cfg.sample_tokens))
-        path = trainer.export_hf()
-        print(f"checkpoints, metrics.jsonl and loss.png in {cfg.output_dir}; Hugging Face export in {path}")
-    return summary
+    return report_pretraining(cfg, trainer, trainer.train())

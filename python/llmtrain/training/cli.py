@@ -9,6 +9,7 @@ from llmtrain.training.config import ConfigError, load_config, parse_overrides
 
 def run_pretraining(cfg) -> dict:
     from llmtrain.training.backends import select_backend
+    from llmtrain.training.report import report_pretraining
     from llmtrain.training.trainer import Trainer
 
     if select_backend(cfg.backend) == "mlx":  # Apple silicon: the MLX model and loop
@@ -22,19 +23,7 @@ def run_pretraining(cfg) -> dict:
         print(f"model {cfg.model_size} ({trainer.model_config.model_type}): {n / 1e6:.1f}M parameters on "
               f"{trainer.device}; backend {trainer.backend.name}; {trainer.total_steps} steps of "
               f"{trainer.tokens_per_step} tokens")
-    summary = trainer.train()
-    if trainer.is_main and not (summary["interrupted"] or summary.get("stopped_early")):
-        entropy = trainer.data.unigram_entropy
-        val = summary.get("val_loss", {}).get("last")
-        if val is not None:
-            print(f"validation loss {val:.3f} nats/token vs unigram entropy of the corpus {entropy:.3f} "
-                  f"({'below' if val < entropy else 'NOT below'} it by {entropy - val:.3f})")
-        summary["unigram_entropy"] = entropy
-        if cfg.sample_tokens:
-            print("sample:", trainer.sample(cfg.sample_prompt, cfg.sample_tokens))
-        path = trainer.export_hf()
-        print(f"checkpoints, metrics.jsonl and loss.png in {cfg.output_dir}; Hugging Face export in {path}")
-    return summary
+    return report_pretraining(cfg, trainer, trainer.train())
 
 
 def run(args) -> int:
