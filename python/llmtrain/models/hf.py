@@ -1,4 +1,5 @@
-"""Hugging Face glue shared by both models: weight init, the causal-LM loss, the sequence-classification head."""
+"""Hugging Face glue shared by both models: weight init, the causal-LM loss, the head mixins (causal LM and
+sequence classification on a decoder)."""
 
 from __future__ import annotations
 
@@ -137,26 +138,50 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config: Pretrai
     return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
-class SequenceClassificationHead:
-    """Mixin for `<Family>ForSequenceClassification(SequenceClassificationHead, <Family>PreTrainedModel)`:
-    scores from the hidden state of each sequence's last non-pad token (reward and value models).
-    The subclass names its decoder in `base_model_class`; extra keyword arguments (position_ids, ...)
-    go to the decoder."""
+class DecoderWithHead:
+    """Mixin for a head on a decoder: `<Family><Task>(<head mixin>, <Family>PreTrainedModel)`.
+
+    The decoder, of the subclass's `base_model_class`, is `self.model` (the families'
+    ``base_model_prefix``); `_init_head(config)` adds the head's modules before ``post_init()``. The
+    input embeddings are the decoder's ``embed_tokens``."""
 
     base_model_class: type
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.model = self.base_model_class(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self._init_head(config)
         self.post_init()
+
+    def _init_head(self, config: PretrainedConfig) -> None:
+        raise NotImplementedError
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+
+class CausalLMHead(DecoderWithHead):
+    """Mixin for `<Family>ForCausalLM(CausalLMHead, <Family>PreTrainedModel, GenerationMixin)`: a
+    vocabulary projection ``lm_head`` tied to the decoder's input embeddings."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def _init_head(self, config: PretrainedConfig) -> None:
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+class SequenceClassificationHead(DecoderWithHead):
+    """Mixin for `<Family>ForSequenceClassification(SequenceClassificationHead, <Family>PreTrainedModel)`:
+    scores from the hidden state of each sequence's last non-pad token (reward and value models).
+    The subclass names its decoder in `base_model_class`; extra keyword arguments (position_ids, ...)
+    go to the decoder."""
+
+    def _init_head(self, config: PretrainedConfig) -> None:
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(
         self,

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
 
 from llmtrain.models.config import MLAConfig
 from llmtrain.models.hf import (
+    CausalLMHead,
     SequenceClassificationHead,
     init_common_weights,
     lm_head_and_loss,
@@ -209,22 +210,10 @@ class MLAModel(MLAPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
+class MLAForCausalLM(CausalLMHead, MLAPreTrainedModel, GenerationMixin):
     """The causal language model. Loss without full logits: ``model(input_ids, shift_labels=targets)``."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: MLAConfig):
-        super().__init__(config)
-        self.model = MLAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
+    base_model_class = MLAModel
 
     def forward(
         self,

@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
 from llmtrain.models.hf import (
+    CausalLMHead,
     init,
     SequenceClassificationHead,
     init_common_weights,
@@ -218,7 +219,7 @@ class RetentionModel(RetentionPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
+class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
     """The causal language model: ``RetentionLLM(create_model_config("small"))``.
 
     ``model(input_ids, labels=input_ids)`` returns ``.loss`` and ``.logits``.
@@ -226,21 +227,12 @@ class RetentionLLM(RetentionPreTrainedModel, GenerationMixin):
     chunk by chunk without materialising [batch, time, vocab] logits (config ``fused_cross_entropy``).
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class = RetentionModel
 
-    def __init__(self, config: RetentionConfig):
-        super().__init__(config)
-        self.model = RetentionModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def _init_head(self, config: RetentionConfig) -> None:
+        super()._init_head(config)
         # The cache of the latest call that used one (generate included); reset_states() drops it.
         self.recurrent_state: Optional[RetentionCache] = None
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def reset_states(self) -> None:
         """Forget the recurrent state kept from the last cached call, before starting a new sequence.
