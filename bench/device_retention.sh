@@ -12,6 +12,7 @@
 #   2c. decode step latency, v1 vs v3 (table_decode.md)
 #   3. a short v1 test subset (v1 was verified on the whole grid before)
 #   4. d = 128 (same impls), then retention 1.0.7 c1024 forward+backward (slow Triton autotune)
+# PR_PLAN=verify instead: the default generation's tests and d = 64 row. PR_PLAN=chunks: the chunk-size sweep of v3 (c256/512/1024, d = 64 and 128) and the anchor.
 # Results under $OUT/retention/ (or ./out/retention): tests_v3.txt, tests_v2.txt, errors_v[23]*.txt,
 # table_d64_fwdbwd.md, profile.md,
 # table_d64_fwd.md,
@@ -60,7 +61,8 @@ run_tests() {  # version, timeout, extra pytest args...
   local ver=$1 to=$2; shift 2
   local t0=$(date +%s)
   echo "== tests $ver (timeout ${to}s)"
-  LLMTRAIN_RETENTION_KERNEL=$ver PR_ERRLOG="$OUT_DIR/errors_$ver.jsonl" timeout "$to" python3 -m pytest -q \
+  local env_ver=$ver; [ "$ver" = default ] && env_ver=
+  LLMTRAIN_RETENTION_KERNEL=$env_ver PR_ERRLOG="$OUT_DIR/errors_$ver.jsonl" timeout "$to" python3 -m pytest -q \
     -p no:cacheprovider tests/cuda/test_power_retention_cuda.py "$@" 2>&1 | tail -40 | tee "$OUT_DIR/tests_$ver.txt"
   echo "tests $ver: $(( $(date +%s) - t0 )) s; worst rel err per tensor:"
   summary "$OUT_DIR/errors_$ver.jsonl" | tee "$OUT_DIR/errors_${ver}_summary.txt"
@@ -75,6 +77,23 @@ table() {  # name, timeout, args...
   tail -3 "$OUT_DIR/table_$name.err"
 }
 
+if [ "${PR_PLAN:-full}" = verify ]; then
+  # The build's default generation (no LLMTRAIN_RETENTION_KERNEL) on the whole grid, then its table row.
+  run_tests default "$(cap 60 30)"
+  [ "$(left)" -gt 20 ] && table default_d64 "$(cap 40 5)" --d 64 --only ours,sdpa-causal
+  echo "done, $(left) s of the budget left"
+  exit 0
+fi
+if [ "${PR_PLAN:-full}" = chunks ]; then
+  # Chunk-size sweep of the default generation (picks default_chunk_size per d), then the anchor.
+  sweep=ours-v3-c256,ours-v3-c512,ours-v3-c1024
+  [ "$(left)" -gt 20 ] && table chunks_d64_fwdbwd "$(cap 45 10)" --d 64 --no-fwd --only $sweep,sdpa-causal
+  [ "$(left)" -gt 20 ] && table chunks_d64_fwd "$(cap 30 10)" --d 64 --no-bwd --only $sweep,fla-simple-gla
+  [ "$(left)" -gt 30 ] && table chunks_d128 "$(cap 60 10)" --d 128 --only $sweep
+  [ "$(left)" -gt 40 ] && table retention "$(cap 120 5)" --d 64 --t 2048 65536 --no-fwd --only retention-c1024
+  echo "done, $(left) s of the budget left"
+  exit 0
+fi
 # 1. v3 correctness on the whole grid, then the v2 paths v3 does not take (gradient of the final
 #    state with gating recomputes the states) and the v1/v2/v3 agreement (leave >= 90 s for the tables)
 run_tests v3 "$(cap ${PR_TEST_TIMEOUT:-100} 110)"

@@ -42,29 +42,31 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
 step tests 40 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
-# 2. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
-step table 40 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
-# 3. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
-step tests_v3 15 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
-step tests_portable 15 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
-# 4. Kernel breakdown at 16384x2048->2048 (torch profiler), v3 then v2.
-step profile 20 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
+# 2. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
+[ "${RMS_PLAN:-full}" = verify ] || step tests_v3 30 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
+[ "${RMS_PLAN:-full}" = verify ] || step tests_portable 30 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
+# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): v2, v3, and ro (read-only fused forward + v3 backward).
+[ "${RMS_PLAN:-full}" = verify ] || step profile 25 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for legacy in ("0", "1"):
-    os.environ["LLMTRAIN_RMSLIN"] = "v2" if legacy == "1" else "v3"
+for label_env, env in (("v2", {"LLMTRAIN_RMSLIN": "v2"}), ("v3", {"LLMTRAIN_RMSLIN": "v3"}),
+                       ("ro", {"LLMTRAIN_RMSLIN": "v3", "LLMTRAIN_RMSLIN_FWD": "ro"})):
+    os.environ.pop("LLMTRAIN_RMSLIN_FWD", None)
+    os.environ.update(env)
     for label, fn in (("fwd", fwd_fn(impls["ours"], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls["ours"], x, g, w, dy))):
         for _ in range(3): fn()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10): fn()
             torch.cuda.synchronize()
-        print(f"== ours {'v2' if legacy == '1' else 'v3'} {label} (us per iteration)")
+        print(f"== ours {label_env} {label} (us per iteration)")
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             print(f"  {e.device_time_total/10:9.1f}  x{e.count//10:<3d} {e.key[:110]}")
 PY
+# 4. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
+step table 90 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
 tail -3 "$R/table.err" 2>/dev/null
 echo "rmsnorm_linear: $(( $(date +%s) - T0 )) s of ${BUDGET_S} s"

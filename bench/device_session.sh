@@ -3,10 +3,16 @@
 # device's arch, then run each area's device script with its own time budget, most important first.
 # Usage (repo root, on the GPU machine): bash bench/device_session.sh [area ...]
 #   areas: retention rmsnorm_linear train (default: all three, in that order)
-# Budgets (seconds) come from RETENTION_S, RMSNORM_LINEAR_S, TRAIN_S. Results go to $OUT/<area>/.
+# Budgets (seconds) come from RETENTION_S, RMSNORM_LINEAR_S, TRAIN_S. Results: $OUT/results.tar.gz
+# (<area>/ folders inside).
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT, so every area writes under $RESULTS and the
+# whole tree comes back as one tarball, refreshed after each step (a later kill loses nothing earlier).
+FINAL_OUT=${OUT:-$PWD/out}
+RESULTS=${RESULTS:-/tmp/llmtrain-results}
+mkdir -p "$FINAL_OUT" "$RESULTS"
+OUT=$RESULTS
+pack() { tar czf "$FINAL_OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null; }
 export OUT PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed cannot parse the image's "9.0a"
 start=$(date +%s)
@@ -20,11 +26,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}a' if m == 9 else f'{m}{n}')")
 if ! python3 -m pip install --no-build-isolation --no-deps -q . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" \
     -Cbuild.verbose=true -Cbuild-dir=/tmp/llmtrain-build >"$OUT/build.log" 2>&1; then
-  grep -E "error" "$OUT/build.log" | head -30; tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  grep -E "error" "$OUT/build.log" | head -30; tail -30 "$OUT/build.log"; echo "BUILD FAILED"; pack; exit 1
 fi
 echo "build (sm_$arch): $(( $(date +%s) - start )) s since start"
 grep -E "spill" "$OUT/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | sort | uniq -c | head -10 || true
 (cd /tmp && python3 -c "import llmtrain._C as C; print(C.build_info())") | tee "$OUT/build_info.txt"
+pack
 export SKIP_BUILD=1
 areas=("$@"); [ ${#areas[@]} -eq 0 ] && areas=(retention rmsnorm_linear train)
 for area in "${areas[@]}"; do
@@ -37,5 +44,6 @@ for area in "${areas[@]}"; do
   echo "=== $area (budget ${budget} s, $(( $(date +%s) - start )) s since start)"
   mkdir -p "$OUT/$area"
   BUDGET_S=$budget timeout --kill-after=10 $(( budget + 15 )) bash "bench/device_$area.sh" 2>&1 | tee "$OUT/$area/console.txt" | tail -60
+  pack
 done
 echo "total: $(( $(date +%s) - start )) s"

@@ -5,11 +5,11 @@
 # Nothing is installed or built here. Each row is its own process under `timeout` (min(row cap, time
 # left)); rows that do not fit the budget are skipped with a line saying so.
 #   a. retention small (125M) at 2K, eager, vs the torch.compile'd GPT-2-124M SDPA baseline (same process)
-#   b. retention 1B-class (2048 x 20, 32 heads) at 2K      c. MLA 1B at 2K
-#   d. pretrain_5080 (MLA 1B, ZeRO-2 + CPU offload) under a 16 GiB allocator cap: fits? peak memory
-#   then, while time remains: longctx_5090 under the cap, retention 1B and MLA 1B at 2K with torch.compile
-#   (--compile true: the Trainer's compile path; warm-up steps absorb the compilation), retention small /
-#   1B and MLA 1B at 16K, retention small at 64K, the Llama baseline at 2K.
+#   b. retention 1B-class (2048 x 20, 32 heads) at 2K   i. retention small at 64K (linear cost vs a)
+#   c. MLA 1B at 2K   d. pretrain_5080 (MLA 1B, ZeRO-2 + CPU offload) under a 16 GiB allocator cap
+#   then, while time remains: retention small / 1B and MLA 1B at 16K, longctx_5090 under the cap,
+#   retention 1B and MLA 1B at 2K with torch.compile (--compile true: the Trainer's compile path;
+#   warm-up steps absorb the compilation), the Llama baseline at 2K.
 # CPU dry run: BUDGET_S=60 BENCH_EXTRA_ARGS="--device cpu --seq_len 16 ..." bash bench/device_train.sh
 # Results under $OUT/train/: <row>.json (llmtrain bench train --json), <row>.log, table.md and
 # results.json (all rows, bench/train_table.py).
@@ -55,17 +55,17 @@ ESTIMATES=$!
 
 row a_small_2k_vs_gpt2 80 45 --model small --seq_len 2048 --batch_size 16 --steps 8 --warmup 3 --baseline gpt2
 row b_retention1b_2k 40 25 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
+row i_small_64k 35 20 --model small --seq_len 65536 --batch_size 1 --steps 4 --warmup 2
 row c_mla1b_2k 40 25 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 2
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  ds_row d_pretrain_5080_16gb 60 35 --config pretrain_5080 --memory_cap_gb 16 --steps 2 --warmup 1
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  ds_row e_longctx_5090_16gb 60 35 --config longctx_5090 --memory_cap_gb 16 --grad_accum 2 --steps 2 --warmup 1
-row e2_retention1b_2k_compiled 120 70 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
-row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
+  ds_row d_pretrain_5080_16gb 120 60 --config pretrain_5080 --memory_cap_gb 16 --steps 2 --warmup 1
 row f_small_16k 35 20 --model small --seq_len 16384 --batch_size 2 --steps 5 --warmup 2
 row g_retention1b_16k 40 25 --model retention-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
 row h_mla1b_16k 40 25 --model mla-1b --seq_len 16384 --batch_size 1 --steps 4 --warmup 2
-row i_small_64k 35 20 --model small --seq_len 65536 --batch_size 1 --steps 4 --warmup 2
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  ds_row e_longctx_5090_16gb 100 50 --config longctx_5090 --memory_cap_gb 16 --grad_accum 2 --steps 2 --warmup 1
+row e2_retention1b_2k_compiled 120 70 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
+row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
 row j_mla1b_2k_vs_llama 80 50 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
 
 wait "$ESTIMATES"

@@ -14,7 +14,8 @@ at batch 1 and 64. FLOP counts (printed as achieved TFLOP/s):
 Usage: python bench/power_retention_table.py [--d 64 128] [--t 2048 8192 32768 65536] [--json out.json]
        [--only ours-v1,ours-v2,ours-v3,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
        [--no-fwd] [--no-decode]. ours-v1 / ours-v2 / ours-v3: LLMTRAIN_RETENTION_KERNEL=v1 / v2 / v3
-       (v3 keeps the forward's chunk states for the backward).
+       (v3 keeps the forward's chunk states for the backward); ours-vN-cC: that generation at chunk C
+       (128, 256, 512, 1024; without -cC: default_chunk_size). Rows named in --only are the only ones.
 """
 
 from __future__ import annotations
@@ -72,14 +73,18 @@ def make_impls(d):
 
     # All kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
     # call; set before the forward, it also holds for the backward that follows).
-    def ours(ver):
+    def ours(ver, chunk=None):
         def fn(q, k, v, g):
             os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
-            return power_retention(q, k, v, g)
+            return power_retention(q, k, v, g, chunk_size=chunk)
         return fn
 
+    impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
     for ver in ("v1", "v2", "v3"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
+        # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows
+        for c in (128, 256, 512, 1024):
+            impls[f"ours-{ver}-c{c}"] = (ours(ver, c), flops_power)
     def sdpa(q, k, v, g):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True).transpose(1, 2)
@@ -161,7 +166,7 @@ def main():
             for t in args.t:
                 b = TOKENS // t
                 for name, (fn, fl) in impls.items():
-                    if only and name not in only:
+                    if (only and name not in only) or (not only and name.startswith("ours-") and "-c" in name):
                         continue
                     try:
                         ms = bench_one(fn, b, t, d, mode == "fwd+bwd")

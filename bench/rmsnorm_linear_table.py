@@ -1,10 +1,11 @@
 """One table, one run, one GPU: fused RMSNorm + Linear vs eager, torch.compile, Liger, bare GEMM.
 
 Rows 16384 x hidden 2048 -> out 2048, 5632, 8192 (bf16). Forward and forward+backward medians from
-triton.testing.do_bench. "ours" is the default (v2: pre-pass + GEMM forward, v2 row pass), "ours_v3"
-the same op with LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward, register-resident row pass), "ours_ro"
-v3 with LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), all in the same
-process.
+triton.testing.do_bench, each the median over ROUNDS interleaved rounds. "ours" is the default (v2
+pre-pass + GEMM forward, v3 register-resident row pass), "ours_v2" the whole previous generation
+(LLMTRAIN_RMSLIN=v2), "ours_v3" LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward), "ours_ro" v3 with
+LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), "ours_sm80" the portable
+mma.sync path forced on this GPU; all in the same process.
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
@@ -12,6 +13,7 @@ done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 from __future__ import annotations
 
 import argparse
+import statistics
 import json
 import os
 import sys
@@ -34,6 +36,7 @@ def make_impls():
         "ours": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v3": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
@@ -83,7 +86,7 @@ def gemm_fn(x, w):
     return run
 
 
-def measure(fn, warmup=50, rep=300):
+def measure(fn, warmup=25, rep=100):
     from triton.testing import do_bench
 
     fn()
@@ -93,8 +96,11 @@ def measure(fn, warmup=50, rep=300):
 
 # Environment for an implementation while it is measured (read by the extension on every call).
 # ours_ro: the fused forward's read-only variant (W diag(g) pre-pass; the GEMM only sums x^2).
+# ours: the build's default (v2 forward: pre-pass + GEMM; v3 backward: register-resident row pass).
+# ours_v2: the whole previous generation (LLMTRAIN_RMSLIN=v2).
 # ours_sm80: the portable mma.sync path (what sm_80 / sm_120 run), forced on this GPU.
 ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3", "LLMTRAIN_RMSLIN_FWD": "ro"},
+       "ours_v2": {"LLMTRAIN_RMSLIN": "v2"},
        "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"}}
 
 
@@ -112,15 +118,26 @@ def measure_with_env(name, fn):
                 os.environ[key] = val
 
 
+ROUNDS = 3  # every implementation once per round, median over rounds: clock / thermal drift over the
+            # run hits all of them alike instead of whichever happens to be measured last
+
+
 def run_shape(impls, n, k, m):
     x, g, w, dy = inputs(n, k, m)
-    r = {"shape": f"{n}x{k}->{m}", "gemm": measure(gemm_fn(x, w)), "fwd": {}, "fwd_bwd": {}}
-    print(f"# {r['shape']} gemm {r['gemm']:.4f}", flush=True)
-    for name, f in impls.items():
-        r["fwd"][name] = measure_with_env(name, fwd_fn(f, x, g, w))
-        r["fwd_bwd"][name] = measure_with_env(name, fwd_bwd_fn(f, x, g, w, dy))
-        # Progress line per implementation, so a timeout still leaves the numbers measured so far.
-        print(f"# {r['shape']} {name} fwd {r['fwd'][name]:.4f} fwd+bwd {r['fwd_bwd'][name]:.4f}", flush=True)
+    shape = f"{n}x{k}->{m}"
+    times = {"gemm": [], **{(mode, name): [] for name in impls for mode in ("fwd", "fwd_bwd")}}
+    for rnd in range(ROUNDS):
+        times["gemm"].append(measure(gemm_fn(x, w)))
+        for name, f in impls.items():
+            times[("fwd", name)].append(measure_with_env(name, fwd_fn(f, x, g, w)))
+            times[("fwd_bwd", name)].append(measure_with_env(name, fwd_bwd_fn(f, x, g, w, dy)))
+            # Progress line per implementation, so a timeout still leaves the numbers measured so far.
+            print(f"# {shape} round {rnd} {name} fwd {times[('fwd', name)][-1]:.4f} "
+                  f"fwd+bwd {times[('fwd_bwd', name)][-1]:.4f}", flush=True)
+    r = {"shape": shape, "gemm": statistics.median(times["gemm"]), "fwd": {}, "fwd_bwd": {}}
+    for name in impls:
+        r["fwd"][name] = statistics.median(times[("fwd", name)])
+        r["fwd_bwd"][name] = statistics.median(times[("fwd_bwd", name)])
     del x, g, w, dy
     torch.cuda.empty_cache()
     return r

@@ -16,7 +16,7 @@
 // reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
 // No atomics anywhere: repeated runs are bit-identical.
 //
-// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v1 is the default until measured on a GPU): the sequential
+// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v3, below, is the default since its H100 run): the sequential
 // scans become (a) state_scan_kernel<LOCAL>, every chunk's own contribution at once (grid: feature
 // tiles x chunks x b*hk), and (b) state_prefix_kernel, an element-wise walk over the chunks in
 // fp32 that turns the contributions into the states in place; same for the reverse dS scan.
@@ -50,7 +50,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 1;
+constexpr int kDefaultVersion = 3;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;

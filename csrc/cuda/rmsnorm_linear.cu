@@ -208,21 +208,23 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 }
 
 // Kernel generations, read on every call so one process can A/B them.
-// v2 (pre-pass + GEMM forward, v2 row pass, SIMT GEMMs off sm_90a) is the default because it is the
-// one verified on a GPU; v3 (fused one-GEMM forward, register-resident row pass, the portable mma.sync
-// GEMMs for sm_80 / sm_120) is opt-in with LLMTRAIN_RMSLIN=v3 until its device run passes.
+// Default (measured on an H100, docs/perf.md 2026-11-23): the v2 forward (pre-pass + one GEMM: 215 us
+// of kernels at 16384x2048->2048 against 272 us for the fused v3 one), the v3 backward
+// (register-resident row pass: 102 us against 279 us) and the portable mma.sync GEMMs where the
+// sm_90a ones cannot run (sm_80 / sm_86 / sm_89 / sm_120). LLMTRAIN_RMSLIN=v2 (or _LEGACY=1) gives
+// the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
 // LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
-// forward's read-only variant, W diag(g) pre-pass, no smem writes); LLMTRAIN_RMSLIN_LEGACY=1 forces v2.
+// forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2).
 inline bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e && std::strcmp(e, value) == 0;
 }
 inline bool legacy() {
   const char* e = std::getenv("LLMTRAIN_RMSLIN_LEGACY");
-  return e && e[0] && e[0] != '0';
+  return (e && e[0] && e[0] != '0') || env_is("LLMTRAIN_RMSLIN", "v2");
 }
 inline bool v3_selected() { return !legacy() && env_is("LLMTRAIN_RMSLIN", "v3"); }
-inline bool fused_read_only() { return env_is("LLMTRAIN_RMSLIN_FWD", "ro"); }
+inline bool fused_read_only() { return !legacy() && env_is("LLMTRAIN_RMSLIN_FWD", "ro"); }
 inline bool fwd_v2() {
   if (legacy() || env_is("LLMTRAIN_RMSLIN_FWD", "v2")) return true;
   if (env_is("LLMTRAIN_RMSLIN_FWD", "v3") || fused_read_only()) return false;
@@ -230,8 +232,7 @@ inline bool fwd_v2() {
 }
 inline bool bwd_v2() {
   if (legacy() || env_is("LLMTRAIN_RMSLIN_BWD", "v2")) return true;
-  if (env_is("LLMTRAIN_RMSLIN_BWD", "v3")) return false;
-  return !v3_selected();
+  return false;
 }
 
 template <typename T>
@@ -293,8 +294,9 @@ inline bool force_sm80() {
   const char* e = std::getenv("LLMTRAIN_RMSLIN_SM80");
   return e && e[0] && e[0] != '0';
 }
-// The portable tensor-core path is part of v3: off by default until a GPU run verifies it.
-inline bool sm80_enabled() { return force_sm80() || v3_selected(); }
+// The portable tensor-core path: on unless the whole v2 path is asked for (its H100 run passed the
+// full test grid, forced with LLMTRAIN_RMSLIN_SM80=1).
+inline bool sm80_enabled() { return force_sm80() || !legacy(); }
 
 // Portable tensor-core forward: rstd + xn pre-pass, then an mma.sync GEMM with the bias as a
 // broadcast C operand.

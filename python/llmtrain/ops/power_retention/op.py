@@ -42,8 +42,10 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
     """
     if device_type == "cuda":
         # The CUDA kernels round to a multiple of 128 (at most 1024) and cap it at the sequence:
-        # larger chunks halve the bf16 state traffic, smaller ones the intra-chunk work.
-        return 128 if d <= 32 else (256 if d <= 64 else 512)
+        # larger chunks halve the bf16 state traffic, smaller ones the intra-chunk work. H100 sweep
+        # (docs/perf.md, 2026-11-23): d = 64 fwd+bwd within 5% for 256/512 (1024 is 13% slower at
+        # 64K); d = 128: 1024 is 1-22% faster than 512.
+        return 128 if d <= 32 else (256 if d <= 64 else 1024)
     return max(1, t) if t <= 1024 else 512
 
 
