@@ -183,8 +183,39 @@ def build_train_config(args):
         raise BenchError(f"--{'model' if key == 'model_size' else key}: {exc}") from exc
 
 
-def bench_model(cfg, warmup: int, steps: int, peak_flops: float | None, label: str) -> tuple[dict, object]:
-    """Train warmup + steps optimizer steps of cfg's model on random tokens through the Trainer."""
+def _start_profiler(warmup: int, steps: int, device_type: str):
+    """torch.profiler over the last two timed steps (one more as its own warm-up)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    active = min(2, steps)
+    wait = max(0, warmup + steps - active - 1)
+    prof = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+        wait=wait, warmup=warmup + steps - active - wait, active=active, repeat=1))
+    prof.__enter__()
+    return prof, active
+
+
+def _write_profile(prof, active: int, path: str, label: str, device_type: str) -> None:
+    """Top kernels / ops by self time per step, as a plain-text table (where the step time goes)."""
+    key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events) or 1.0
+    lines = [f"# {label}: self {'device' if device_type == 'cuda' else 'cpu'} time per step, "
+             f"{total / active / 1e3:.1f} ms summed over {len(events)} ops/kernels", "",
+             "| ms/step | share | calls/step | name |", "|---|---|---|---|"]
+    for e in events[:40]:
+        t = getattr(e, key)
+        lines.append(f"| {t / active / 1e3:.2f} | {100 * t / total:.1f}% | {e.count / active:g} | `{e.key[:100]}` |")
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+
+
+def bench_model(cfg, warmup: int, steps: int, peak_flops: float | None, label: str,
+                profile: str | None = None) -> tuple[dict, object]:
+    """Train warmup + steps optimizer steps of cfg's model on random tokens through the Trainer.
+    profile: append a torch.profiler breakdown of the last timed steps to this file."""
     from llmtrain.bench.flops import flops_per_token
     from llmtrain.models import create_model_config
     from llmtrain.training.trainer import Trainer
@@ -193,9 +224,13 @@ def bench_model(cfg, warmup: int, steps: int, peak_flops: float | None, label: s
     data = RandomTokenData(model_config.vocab_size, cfg.batch_size, cfg.seq_len, cfg.seed)
     marks, losses = [], []
 
+    prof = None
+
     def timer(trainer):
         _sync(trainer.device)
         marks.append(time.perf_counter())
+        if prof is not None:
+            prof.step()
         if trainer.step >= warmup + steps:
             raise _Done
 
@@ -213,10 +248,17 @@ def bench_model(cfg, warmup: int, steps: int, peak_flops: float | None, label: s
             return original_backward(loss)
 
         trainer.backend.backward = backward
+        if profile:
+            prof, active = _start_profiler(warmup, steps, device.type)
         try:
             trainer.train()
         except _Done:
             pass
+        finally:
+            if prof is not None:
+                prof.__exit__(None, None, None)
+        if prof is not None:
+            _write_profile(prof, active, profile, label, device.type)
         times = [b - a for a, b in zip([start] + marks[:-1], marks)]
         n = sum(p.numel() for p in trainer.module.parameters())
         flops = flops_per_token(trainer.model_config, cfg.seq_len, n)
@@ -350,7 +392,7 @@ def run_bench(args) -> dict:
             torch.set_float32_matmul_precision("high")
         label = args.model or cfg.model_size if not args.config else f"{Path(args.config).stem}:{cfg.model_size}"
         try:
-            row, _ = bench_model(cfg, args.warmup, args.steps, peak, label)
+            row, _ = bench_model(cfg, args.warmup, args.steps, peak, label, profile=getattr(args, "profile", None))
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc):
                 raise
@@ -446,6 +488,8 @@ def register(subparsers) -> None:
     p.add_argument("--memory_cap_gb", type=float,
                    help="cap this process's CUDA allocator at this many GiB (the 16 GB card question)")
     p.add_argument("--json", help="also write the report as JSON to this path")
+    p.add_argument("--profile", metavar="PATH", help="append a torch.profiler table of the last timed steps "
+                                                     "(self time per kernel/op) to this file; timings include its overhead")
     p.set_defaults(func=run)
     from llmtrain.bench import memory
 
