@@ -349,6 +349,11 @@ py::dict build_info() {
 #ifdef LLMTRAIN_CUDA_ARCHS
   d["cuda_archs"] = LLMTRAIN_CUDA_ARCHS;
 #endif
+#ifdef LLMTRAIN_WITH_CUTE
+  d["cutlass"] = true;  // tensor-core RMSNorm+Linear GEMMs; false: SIMT fallback only
+#else
+  d["cutlass"] = false;
+#endif
 #else
   d["cuda_devices"] = py::list();
 #endif

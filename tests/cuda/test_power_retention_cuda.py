@@ -371,3 +371,9 @@ def test_bad_kernel_selector(monkeypatch):
     q, k, v, log_g, _ = make(1, 300, 2, 2, 64, torch.bfloat16, True)
     with pytest.raises(ValueError, match="LLMTRAIN_RETENTION_KERNEL"):
         run_fwd(q, k, v, log_g, None, None, 128, False)
+
+
+def test_python_default_matches_the_build():
+    """op.DEFAULT_CUDA_KERNEL (which decides whether the forward keeps its chunk states for the
+    backward) names the generation the extension runs when LLMTRAIN_RETENTION_KERNEL is unset."""
+    assert O.DEFAULT_CUDA_KERNEL == DEFAULT_KERNEL

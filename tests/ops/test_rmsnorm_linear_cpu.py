@@ -68,3 +68,28 @@ def test_mixed_precision_weights(rng):
     y = ops.rmsnorm_linear(x.bfloat16(), g, w, b)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, R.rmsnorm_linear(x.bfloat16(), g, w, b)) < 2e-2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_out_feature_padding_is_invisible(rng, monkeypatch, bias):
+    """On CUDA, out_features % 8 != 0 is padded with zero weight rows so the tensor-core GEMMs apply;
+    forced here on the CPU: same output (shape, values) and gradients as without, zero-row grads dropped."""
+    import sys
+
+    op = sys.modules["llmtrain.ops.rmsnorm_linear.op"]
+    x, g, w, b = make((3, 5), 64, 45, torch.float64, rng, bias)
+    leaves = [t.detach().requires_grad_(True) for t in (x, g, w) + ((b,) if bias else ())]
+    dy = torch.randn(3, 5, 45, generator=rng, dtype=torch.float64)
+
+    def run(pad):
+        monkeypatch.setattr(op, "_out_feature_padding", lambda x, m: (-m) % 8 if pad else 0)
+        ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+        y = ops.rmsnorm_linear(ls[0], ls[1], ls[2], ls[3] if bias else None, eps=1e-6)
+        return y, torch.autograd.grad(y, ls, dy)
+
+    y0, g0 = run(False)
+    y1, g1 = run(True)
+    assert y1.shape == y0.shape == (3, 5, 45)
+    assert rel_err(y1, y0) < 1e-12
+    for a, c in zip(g1, g0):
+        assert a.shape == c.shape and rel_err(a, c) < 1e-12

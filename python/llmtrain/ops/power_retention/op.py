@@ -69,11 +69,18 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
     return {"workspace": _native.dl(ws)} if ws is not None else {}
 
 
+# The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
+# csrc/cuda/power_retention.cu; keep in step).
+DEFAULT_CUDA_KERNEL = "v3"
+
+
 def _keep_states(q: Tensor) -> bool:
-    """Kernel v3 (LLMTRAIN_RETENTION_KERNEL=v3, CUDA): keep the forward's bf16 chunk states (its
-    workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of recomputing
-    them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0 opts out."""
-    return (q.device.type == "cuda" and os.environ.get("LLMTRAIN_RETENTION_KERNEL") == "v3"
+    """Kernel v3 (the default; LLMTRAIN_RETENTION_KERNEL=v3, CUDA): keep the forward's bf16 chunk
+    states (its workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of
+    recomputing them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0
+    opts out."""
+    kernel = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_CUDA_KERNEL
+    return (q.device.type == "cuda" and kernel == "v3"
             and os.environ.get("LLMTRAIN_RETENTION_SAVE_STATES", "1") != "0")
 
 
