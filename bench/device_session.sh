@@ -31,6 +31,7 @@ fi
 echo "build (sm_$arch): $(( $(date +%s) - start )) s since start"
 grep -E "spill" "$OUT/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" | sort | uniq -c | head -10 || true
 (cd /tmp && python3 -c "import llmtrain._C as C; print(C.build_info())") | tee "$OUT/build_info.txt"
+grep -q "'cutlass': True" "$OUT/build_info.txt" || echo "WARNING: built without CuTe/CUTLASS headers (carry .whl with nvidia-cutlass): RMSNorm+Linear GEMMs run on the SIMT fallback"
 pack
 export SKIP_BUILD=1
 areas=("$@"); [ ${#areas[@]} -eq 0 ] && areas=(retention rmsnorm_linear train)

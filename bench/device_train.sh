@@ -10,6 +10,7 @@
 #   then, while time remains: retention small / 1B and MLA 1B at 16K, longctx_5090 under the cap,
 #   retention 1B and MLA 1B at 2K with torch.compile (--compile true: the Trainer's compile path;
 #   warm-up steps absorb the compilation), the Llama baseline at 2K.
+# TRAIN_ROWS="f g h e" runs only those rows (by letter), in this file's order.
 # CPU dry run: BUDGET_S=60 BENCH_EXTRA_ARGS="--device cpu --seq_len 16 ..." bash bench/device_train.sh
 # Results under $OUT/train/: <row>.json (llmtrain bench train --json), <row>.log, table.md and
 # results.json (all rows, bench/train_table.py).
@@ -25,6 +26,8 @@ python3 -c "import deepspeed" >/dev/null 2>&1 && HAVE_DS=1
 # row NAME CAP_S MIN_S args...: run `llmtrain bench train args` if at least MIN_S seconds are left.
 row() {
   local name=$1 cap=$2 min=$3; shift 3
+  # TRAIN_ROWS="f g h": only rows whose letter (the name up to its first "_") is listed
+  if [ -n "${TRAIN_ROWS:-}" ] && [[ " $TRAIN_ROWS " != *" ${name%%_*} "* ]]; then return; fi
   local l; l=$(left)
   if [ "$l" -lt "$min" ]; then
     echo "== $name: SKIPPED (${l}s left, needs ${min}s)" | tee "$OUT_DIR/$name.log"; return
