@@ -13,8 +13,9 @@
 #   LLMTRAIN_CUDA        AUTO (default: CUDA kernels when nvcc is found) | ON (no nvcc = error) | OFF
 #   LLMTRAIN_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES (default "80;90;120": Ampere, Hopper, Blackwell
 #                        RTX 50xx; each gets SASS + PTX, so newer GPUs JIT from the PTX)
-#   LLMTRAIN_CUTLASS     nvidia-cutlass version to take CuTe headers from (e.g. 4.2.0.0; default:
-#                        none). LLMTRAIN_CUTLASS_DIR (a folder with cute/tensor.hpp) wins over it.
+#   LLMTRAIN_CUTLASS     nvidia-cutlass version to take CuTe headers from (e.g. 4.2.0.0); none: build
+#                        without them; unset: CMake's default (an installed wheel, else the pinned
+#                        headers fetched from PyPI). LLMTRAIN_CUTLASS_DIR (a folder with cute/tensor.hpp) wins.
 #   LLMTRAIN_SDIST       1 (default): sdist + wheel from the sdist; 0: wheel only, from the tree
 #   CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (default: number of cores)
 #   CUDACXX              the nvcc to use when it is not on PATH (e.g. /usr/local/cuda/bin/nvcc)
@@ -57,6 +58,8 @@ fi
 if [ -n "$cutlass_dir" ]; then
   [ -f "$cutlass_dir/cute/tensor.hpp" ] || { echo "build.sh: no cute/tensor.hpp under $cutlass_dir" >&2; exit 2; }
   config+=(-C "cmake.define.LLMTRAIN_CUTLASS_DIR=$cutlass_dir")
+elif [ "${LLMTRAIN_CUTLASS:-}" = none ]; then
+  config+=(-C "cmake.define.LLMTRAIN_CUTLASS_DIR=")  # explicitly without (else CMake fetches them)
 fi
 
 mkdir -p "$dist_dir"
