@@ -55,3 +55,16 @@ def test_bench_train_unfused_loss_and_config_preset(tmp_path):
 def test_bench_train_bad_arguments(args, message, capsys):
     assert main(["bench", "train", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_train_profile_table(tmp_path):
+    """--profile appends a per-op self-time table of the last timed steps (CPU: self CPU time)."""
+    prof = tmp_path / "prof.md"
+    assert main(["bench", "train", *TINY, "--steps", "3", "--profile", str(prof)]) == 0
+    text = prof.read_text()
+    assert text.startswith("# tiny: self cpu time per step")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    assert len(rows) >= 5
+    shares = [float(r.split("|")[2].strip().rstrip("%")) for r in rows]
+    assert all(0 < s <= 100 for s in shares) and shares == sorted(shares, reverse=True)
+    assert any("aten::mm" in r or "aten::addmm" in r for r in rows)
