@@ -1,5 +1,5 @@
-"""Hugging Face glue shared by both models: weight init, the causal-LM loss, the head mixins (causal LM and
-sequence classification on a decoder)."""
+"""Hugging Face glue shared by both models: weight init, the causal-LM loss, the decoder stack mixin, the head
+mixins (causal LM and sequence classification on a decoder)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm
 
@@ -138,6 +142,75 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, config: Pretrai
     return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
+class DecoderStack:
+    """Mixin for a family's decoder: `<Family>Model(DecoderStack, <Family>PreTrainedModel)`.
+
+    Token embeddings ``embed_tokens``, ``num_hidden_layers`` blocks of the subclass's `block_class`
+    (built as ``block_class(config, layer_idx)``) in ``layers``, and the final RMSNorm ``norm``. The
+    subclass's forward does its own cache and mask handling between `_start_forward` (checks, flags,
+    cache, input embeddings) and `_run_layers` (blocks, final norm, output)."""
+
+    block_class: type
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(self.block_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _check_cache(self, past_key_values) -> None:
+        """Raise TypeError unless ``past_key_values`` (not None) is the family's cache type."""
+        raise NotImplementedError
+
+    def _new_cache(self):
+        """An empty cache of the family's type."""
+        raise NotImplementedError
+
+    def _start_forward(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], past_key_values,
+                       use_cache: Optional[bool], output_hidden_states: Optional[bool], return_dict: Optional[bool]):
+        """(input embeddings, cache or None, output_hidden_states, return_dict) for a forward.
+
+        A cache is used when asked (``use_cache``) or, by default, when one is given: plain forwards do
+        without. Gradient checkpointing in training turns it off."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if past_key_values is not None:
+            self._check_cache(past_key_values)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else past_key_values is not None
+        if self.gradient_checkpointing and self.training:
+            use_cache, past_key_values = False, None
+        if use_cache and past_key_values is None:
+            past_key_values = self._new_cache()
+        cache = past_key_values if use_cache else None
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        return hidden, cache, output_hidden_states, return_dict
+
+    def _run_layers(self, hidden: Tensor, layer_args: tuple, cache, output_hidden_states: bool, return_dict: bool):
+        """Each block as ``layer(hidden, *layer_args, past_key_values=cache)``, then the final norm; the
+        BaseModelOutputWithPast (or its tuple). Hidden states: the embeddings, each block's output but
+        the last, and the normed final output."""
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, *layer_args, past_key_values=cache)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
+        return out if return_dict else out.to_tuple()
+
+
 class DecoderWithHead:
     """Mixin for a head on a decoder: `<Family><Task>(<head mixin>, <Family>PreTrainedModel)`.
 
@@ -171,6 +244,17 @@ class CausalLMHead(DecoderWithHead):
 
     def _init_head(self, config: PretrainedConfig) -> None:
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def _causal_lm_output(self, out: BaseModelOutputWithPast, labels: Optional[Tensor], shift_labels: Optional[Tensor],
+                          num_items_in_batch: Optional[int | Tensor], logits_to_keep: int | Tensor,
+                          return_dict: bool):
+        """Logits and loss (`lm_head_and_loss`) on the decoder's output ``out``, as CausalLMOutputWithPast
+        (or its tuple)."""
+        logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
+                                        self.config, labels, shift_labels, num_items_in_batch)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states)
+        return result if return_dict else result.to_tuple()
 
 
 class SequenceClassificationHead(DecoderWithHead):

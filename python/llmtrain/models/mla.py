@@ -22,20 +22,10 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-)
 
 from llmtrain.models.config import MLAConfig
-from llmtrain.models.hf import (
-    CausalLMHead,
-    SequenceClassificationHead,
-    init_common_weights,
-    lm_head_and_loss,
-    slice_hidden_for_logits,
-)
-from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin
+from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, init_common_weights
+from llmtrain.models.layers import NormLinear, OutputProjection, SwiGLU, apply_rotary, rotary_cos_sin
 
 
 def allowed_keys(query_len: int, past_len: int, key_mask: Optional[Tensor], device) -> Tensor:
@@ -144,22 +134,18 @@ class MLAPreTrainedModel(PreTrainedModel):
         init_common_weights(module, self.config)
 
 
-class MLAModel(MLAPreTrainedModel):
+class MLAModel(DecoderStack, MLAPreTrainedModel):
     """Embeddings, MLA blocks and the final norm; returns hidden states."""
 
-    def __init__(self, config: MLAConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MLABlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
-        self.post_init()
+    block_class = MLABlock
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
+    def _check_cache(self, past_key_values) -> None:
+        if type(past_key_values) is not DynamicCache:
+            raise TypeError("past_key_values must be a transformers DynamicCache (it holds the MLA latents), got "
+                            f"{type(past_key_values).__name__}")
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
 
     def forward(
         self,
@@ -173,21 +159,8 @@ class MLAModel(MLAPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None and type(past_key_values) is not DynamicCache:
-            raise TypeError("past_key_values must be a transformers DynamicCache (it holds the MLA latents), got "
-                            f"{type(past_key_values).__name__}")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        use_cache = use_cache if use_cache is not None else past_key_values is not None
-        if self.gradient_checkpointing and self.training:
-            use_cache, past_key_values = False, None
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        cache = past_key_values if use_cache else None
-
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden, cache, output_hidden_states, return_dict = self._start_forward(
+            input_ids, inputs_embeds, past_key_values, use_cache, output_hidden_states, return_dict)
         b, t = hidden.shape[:2]
         if position_ids is None:
             # RoPE is relative: left padding shifting every position equally changes nothing.
@@ -198,16 +171,7 @@ class MLAModel(MLAPreTrainedModel):
                              f"{tuple(attention_mask.shape)}")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the plain causal path (checked once, not per layer)
-        all_hidden = (hidden,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, position_ids, attention_mask, past_key_values=cache)
-            if output_hidden_states:
-                all_hidden += (hidden,)
-        hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
-        return out if return_dict else out.to_tuple()
+        return self._run_layers(hidden, (position_ids, attention_mask), cache, output_hidden_states, return_dict)
 
 
 class MLAForCausalLM(CausalLMHead, MLAPreTrainedModel, GenerationMixin):
@@ -235,11 +199,7 @@ class MLAForCausalLM(CausalLMHead, MLAPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True)
-        logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
-                                        self.config, labels, shift_labels, num_items_in_batch)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
-        return result if return_dict else result.to_tuple()
+        return self._causal_lm_output(out, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict)
 
 
 # The name the issue and the docs use for the MLA language model.

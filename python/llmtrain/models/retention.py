@@ -21,21 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-)
 
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
-from llmtrain.models.hf import (
-    CausalLMHead,
-    init,
-    SequenceClassificationHead,
-    init_common_weights,
-    lm_head_and_loss,
-    slice_hidden_for_logits,
-)
+from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, init, init_common_weights
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm, SwiGLU
 from llmtrain.ops import power_retention, power_retention_step
 
@@ -160,22 +149,18 @@ class RetentionPreTrainedModel(PreTrainedModel):
         return False
 
 
-class RetentionModel(RetentionPreTrainedModel):
+class RetentionModel(DecoderStack, RetentionPreTrainedModel):
     """Embeddings, retention blocks and the final norm; returns hidden states (no vocabulary projection)."""
 
-    def __init__(self, config: RetentionConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(RetentionBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
-        self.post_init()
+    block_class = RetentionBlock
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
+    def _check_cache(self, past_key_values) -> None:
+        if not isinstance(past_key_values, RetentionCache):
+            raise TypeError(f"past_key_values must be a RetentionCache for a retention model, got "
+                            f"{type(past_key_values).__name__}")
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
+    def _new_cache(self) -> RetentionCache:
+        return RetentionCache(self.config.num_hidden_layers)
 
     def forward(
         self,
@@ -188,35 +173,15 @@ class RetentionModel(RetentionPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, RetentionCache):
-            raise TypeError(f"past_key_values must be a RetentionCache for a retention model, got "
-                            f"{type(past_key_values).__name__}")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         # A cache costs a state copy per layer, so plain forwards do without unless asked or given one.
-        use_cache = use_cache if use_cache is not None else past_key_values is not None
-        if self.gradient_checkpointing and self.training:
-            use_cache, past_key_values = False, None
-        if use_cache and past_key_values is None:
-            past_key_values = RetentionCache(self.config.num_hidden_layers)
-        cache = past_key_values if use_cache else None
-
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        log_g_offset = padding_reset_offsets(attention_mask, hidden.shape[1])
-        all_hidden = (hidden,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, log_g_offset, past_key_values=cache)
-            if output_hidden_states:
-                all_hidden += (hidden,)
+        hidden, cache, output_hidden_states, return_dict = self._start_forward(
+            input_ids, inputs_embeds, past_key_values, use_cache, output_hidden_states, return_dict)
+        seq_len = hidden.shape[1]
+        log_g_offset = padding_reset_offsets(attention_mask, seq_len)
+        out = self._run_layers(hidden, (log_g_offset,), cache, output_hidden_states, return_dict)
         if cache is not None:
-            cache.seen_tokens += hidden.shape[1]
-        hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
-        return out if return_dict else out.to_tuple()
+            cache.seen_tokens += seq_len
+        return out
 
 
 class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
@@ -272,11 +237,7 @@ class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
                          output_hidden_states=output_hidden_states, return_dict=True)
         if out.past_key_values is not None:
             self.recurrent_state = out.past_key_values
-        logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
-                                        self.config, labels, shift_labels, num_items_in_batch)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
-        return result if return_dict else result.to_tuple()
+        return self._causal_lm_output(out, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict)
 
 
 class RetentionForSequenceClassification(SequenceClassificationHead, RetentionPreTrainedModel):
