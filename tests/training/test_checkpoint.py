@@ -111,3 +111,25 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     meta = load_checkpoint(make(3)[0], tmp_path)
     assert meta["step"] == 1
     assert not (tmp_path / "checkpoint_epoch0_step2.safetensors").exists()
+
+
+def test_end_of_step_checkpoints_when_due_and_on_a_signal(capsys):
+    """The step boundary shared by the torch, post-training, PPO and MLX loops."""
+    import types
+
+    from llmtrain.training.trainer import _StopFlag, end_of_step
+
+    saves, seen = [], []
+    t = types.SimpleNamespace(step=0, total_steps=7, cfg=types.SimpleNamespace(save_interval=3), is_main=True,
+                              callbacks=[lambda tr: seen.append(tr.step)])
+    t.save = lambda: saves.append(t.step)
+    stop = _StopFlag()
+    for step in range(1, 8):
+        t.step = step
+        assert end_of_step(t, stop) is False
+    assert saves == [3, 6, 7] and seen == list(range(1, 8))
+    stop.signal, t.step = 15, 8
+    assert end_of_step(t, stop) is True
+    assert saves[-1] == 8 and "signal 15: saved a checkpoint at step 8" in capsys.readouterr().out
+    t.is_main = False  # other ranks save (collectively) but stay quiet
+    assert end_of_step(t, stop) is True and capsys.readouterr().out == ""

@@ -46,7 +46,7 @@ from llmtrain.training.posttrain_loop import (  # noqa: E402
     PostTrainer, check_model, fresh_model_overrides, load_posttrain_tokenizer, require_model_dir)
 from llmtrain.training.schedule import cosine_with_warmup  # noqa: E402
 from llmtrain.training.sft import SFTTrainer  # noqa: E402
-from llmtrain.training.trainer import _StopFlag  # noqa: E402
+from llmtrain.training.trainer import _StopFlag, end_of_step  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -215,7 +215,7 @@ class MLXSFTTrainer(MLXLoop):
                     self.logger.log(self.step, {f"val_{k}": v for k, v in val.items()})
                     if progress:
                         progress.write(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-                if self._end_of_step(stop):
+                if end_of_step(self, stop):
                     break
         return self._finish(progress, stop, last_loss)
 

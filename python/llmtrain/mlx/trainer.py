@@ -44,7 +44,7 @@ from llmtrain.training.config import TrainConfig, to_dict
 from llmtrain.training.logger import TrainingLogger, compute_perplexity
 from llmtrain.training.report import report_pretraining
 from llmtrain.training.schedule import cosine_with_warmup
-from llmtrain.training.trainer import _StopFlag, seed_everything
+from llmtrain.training.trainer import _StopFlag, end_of_step, seed_everything
 
 
 def clear_cache() -> None:
@@ -158,18 +158,6 @@ class MLXLoop:
         norm = self._update(grads)
         mx.eval(self._state, norm)
         return norm.item()
-
-    def _end_of_step(self, stop) -> bool:
-        """Checkpoint when due, run the callbacks; True when a signal asks to stop (after a checkpoint)."""
-        if self.step % self.cfg.save_interval == 0 or self.step == self.total_steps:
-            self.save()
-        for callback in self.callbacks:
-            callback(self)
-        if stop.signal is not None:
-            self.save()
-            print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with --resume latest")
-            return True
-        return False
 
     def _finish(self, progress, stop, last_loss: float) -> dict:
         if progress:
@@ -336,7 +324,7 @@ class MLXTrainer(MLXLoop):
                     self.logger.log(self.step, {"val_loss": val, "val_perplexity": compute_perplexity(val)})
                     if progress:
                         progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
-                if self._end_of_step(stop):
+                if end_of_step(self, stop):
                     break
         return self._finish(progress, stop, last_loss)
 

@@ -23,7 +23,7 @@ from llmtrain.training import checkpoint as ckpt
 from llmtrain.training.backends import init_distributed, make_backend
 from llmtrain.training.logger import TrainingLogger
 from llmtrain.training.schedule import cosine_with_warmup
-from llmtrain.training.trainer import _StopFlag, autocast_dtype, resolve_device, seed_everything
+from llmtrain.training.trainer import _StopFlag, autocast_dtype, end_of_step, resolve_device, seed_everything
 
 
 # -- models and tokenizer ---------------------------------------------------------------------------
@@ -282,14 +282,7 @@ class PostTrainer:
                         self.logger.log(self.step, {f"val_{k}": v for k, v in val.items()})
                         if progress:
                             progress.write(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
-                    self.save()
-                for callback in self.callbacks:
-                    callback(self)
-                if stop.signal is not None:
-                    self.save()
-                    if self.is_main:
-                        print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with --resume latest")
+                if end_of_step(self, stop):
                     break
         if progress:
             progress.close()

@@ -30,7 +30,7 @@ from llmtrain.training.posttrain_config import PPOConfig, load_posttrain_config
 from llmtrain.training.posttrain_data import load_prompts, resolve_posttrain_source
 from llmtrain.training.posttrain_loop import load_model, load_posttrain_tokenizer
 from llmtrain.training.schedule import cosine_with_warmup
-from llmtrain.training.trainer import _StopFlag, autocast_dtype, resolve_device, seed_everything
+from llmtrain.training.trainer import _StopFlag, autocast_dtype, end_of_step, resolve_device, seed_everything
 
 
 # -- the math -----------------------------------------------------------------------------------------
@@ -264,13 +264,7 @@ class PPOTrainer:
                     progress.set_postfix({"reward": f"{record['reward']:.3f}", "kl": f"{record['kl']:.3f}"},
                                          refresh=False)
                     progress.update(1)
-                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
-                    self.save()
-                for callback in self.callbacks:
-                    callback(self)
-                if stop.signal is not None:
-                    self.save()
-                    print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with --resume latest")
+                if end_of_step(self, stop):
                     break
         if progress:
             progress.close()

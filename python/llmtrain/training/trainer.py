@@ -119,6 +119,21 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def end_of_step(trainer, stop: _StopFlag) -> bool:
+    """The step boundary every training loop shares: checkpoint when due (every save_interval steps
+    and at the last), run the callbacks, and on a signal checkpoint and return True (stop)."""
+    if trainer.step % trainer.cfg.save_interval == 0 or trainer.step == trainer.total_steps:
+        trainer.save()
+    for callback in trainer.callbacks:
+        callback(trainer)
+    if stop.signal is None:
+        return False
+    trainer.save()
+    if getattr(trainer, "is_main", True):
+        print(f"\nsignal {stop.signal}: saved a checkpoint at step {trainer.step}; resume with --resume latest")
+    return True
+
+
 class Trainer:
     """callbacks: callables(trainer) run after every optimizer step (monitoring, tests, early stops)."""
 
