@@ -326,21 +326,13 @@ class Trainer:
                         self.logger.log(self.step, {"val_loss": val, "val_perplexity": compute_perplexity(val)})
                         if progress:
                             progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
-                if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
-                    self.save()
-                for callback in self.callbacks:
-                    callback(self)
+                if end_of_step(self, stop):
+                    break
                 if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
                     self.save()
                     if self.is_main:
                         print(f"stop_at_step {cfg.stop_at_step}: saved a checkpoint; resume with --resume latest")
                     stopped_early = True
-                    break
-                if stop.signal is not None:
-                    self.save()
-                    if self.is_main:
-                        print(f"\nsignal {stop.signal}: saved a checkpoint at step {self.step}; resume with "
-                              f"--resume latest")
                     break
         if progress:
             progress.close()
