@@ -9,7 +9,7 @@
 #   c. MLA 1B at 2K   d. pretrain_5080 (MLA 1B, ZeRO-2 + CPU offload) under a 16 GiB allocator cap
 #   then, while time remains: retention small / 1B and MLA 1B at 16K, longctx_5090 under the cap,
 #   retention 1B and MLA 1B at 2K with torch.compile (--compile true: the Trainer's compile path;
-#   warm-up steps absorb the compilation), the Llama baseline at 2K.
+#   warm-up steps absorb the compilation), a profiled retention-1b step (p), the Llama baseline at 2K.
 # TRAIN_ROWS="f g h e" runs only those rows (by letter), in this file's order.
 # CPU dry run: BUDGET_S=60 BENCH_EXTRA_ARGS="--device cpu --seq_len 16 ..." bash bench/device_train.sh
 # Results under $OUT/train/: <row>.json (llmtrain bench train --json), <row>.log, table.md and
@@ -69,6 +69,9 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   ds_row e_longctx_5090_16gb 100 50 --config longctx_5090 --memory_cap_gb 16 --grad_accum 2 --steps 2 --warmup 1
 row e2_retention1b_2k_compiled 120 70 --model retention-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
 row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --steps 6 --warmup 3 --compile true
+# p: where the retention-1b step goes (torch.profiler table of the last timed steps)
+row p_retention1b_2k_profile 60 35 --model retention-1b --seq_len 2048 --batch_size 8 --steps 4 --warmup 2 \
+  --profile "$OUT_DIR/p_retention1b_2k_profile.txt"
 row j_mla1b_2k_vs_llama 80 50 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
 
 wait "$ESTIMATES"
