@@ -12,9 +12,9 @@ at batch 1 and 64. FLOP counts (printed as achieved TFLOP/s):
   chunk_simple_gla: forward = b h t [4 d d + 2 c (2d)] with c = 64; forward+backward = 3x.
 
 Usage: python bench/power_retention_table.py [--d 64 128] [--t 2048 8192 32768 65536] [--json out.json]
-       [--only ours-v1,ours-v2,ours-v3,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
-       [--no-fwd] [--no-decode]. ours-v1 / ours-v2 / ours-v3: LLMTRAIN_RETENTION_KERNEL=v1 / v2 / v3
-       (v3 keeps the forward's chunk states for the backward); ours-vN-cC: that generation at chunk C
+       [--only ours-v1,ours-v2,ours-v3,ours-v4,sdpa-causal,fla-simple-gla,retention-c128,retention-c1024] [--no-bwd]
+       [--no-fwd] [--no-decode]. ours-vN: LLMTRAIN_RETENTION_KERNEL=vN
+       (v3 and v4 keep the forward's chunk states for the backward); ours-vN-cC: that generation at chunk C
        (128, 256, 512, 1024; without -cC: default_chunk_size). Rows named in --only are the only ones.
 """
 
@@ -80,7 +80,7 @@ def make_impls(d):
         return fn
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
-    for ver in ("v1", "v2", "v3"):
+    for ver in ("v1", "v2", "v3", "v4"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows
         for c in (128, 256, 512, 1024):

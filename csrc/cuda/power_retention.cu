@@ -28,6 +28,10 @@
 // instead of recomputing them (one LOCAL scan + one prefix walk fewer); the decode step issues its
 // state loads before the per-token prologue (step_kernel<.., PRE = true>).
 //
+// v4 (LLMTRAIN_RETENTION_KERNEL=v4): v3, with the per-chunk contributions computed by
+// state_local_kernel (power_retention_local.cuh): one block per chunk stages the chunk's tokens
+// once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise).
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
@@ -40,6 +44,7 @@
 
 #include "../ops.h"
 #include "power_retention_kernels.cuh"
+#include "power_retention_local.cuh"
 
 namespace llmtrain {
 namespace pr {
@@ -57,7 +62,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v1")) return 1;
   if (!std::strcmp(e, "v2")) return 2;
   if (!std::strcmp(e, "v3")) return 3;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1, v2 or v3, got '") +
+  if (!std::strcmp(e, "v4")) return 4;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1, v2, v3 or v4, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -144,12 +150,28 @@ void launch_scan(const ScanArgs& a, const Plan& P, cudaStream_t st) {
 
 template <int d, typename T, bool REV>
 void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
+  a.nwork = P.b * P.hk * P.N;
+  const int64_t gy = std::min<int64_t>(a.nwork, 65535), gz = div_up(a.nwork, gy);
+  const int nsrc = REV ? (int)(P.hq / P.hk) : 1;
+  if constexpr (d <= 64) {
+    if (kernel_version() >= 4 && local_fits(d, nsrc, P.C)) {
+      // v4: one block per chunk stages its tokens once. Split the feature tiles over more blocks
+      // only when there are too few chunks to fill the GPU (~2 blocks per SM on 132 SMs).
+      constexpr int kWarpTiles = (Cfg<d>::D + kLocalRows - 1) / kLocalRows;
+      const int64_t most = div_up(kWarpTiles, kThreads / 32);
+      const int64_t split = std::max<int64_t>(1, std::min<int64_t>(most, div_up(528, a.nwork)));
+      auto kern = state_local_kernel<d, T, REV>;
+      const size_t sm = local_smem<d>();
+      set_smem(kern, sm);
+      kern<<<dim3((unsigned)split, (unsigned)gy, (unsigned)gz), kThreads, sm, st>>>(a);
+      check_launch("state_local_kernel");
+      return;
+    }
+  }
   auto kern = state_scan_kernel<d, T, REV, true>;
   const size_t sm = scan_smem<d>(P.C);
   set_smem(kern, sm);
-  a.nwork = P.b * P.hk * P.N;
-  const int64_t gy = std::min<int64_t>(a.nwork, 65535);
-  kern<<<dim3(P.ntiles, (unsigned)gy, (unsigned)div_up(a.nwork, gy)), kThreads, sm, st>>>(a);
+  kern<<<dim3(P.ntiles, (unsigned)gy, (unsigned)gz), kThreads, sm, st>>>(a);
   check_launch("state_scan_kernel<local>");
 }
 
