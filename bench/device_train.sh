@@ -72,7 +72,7 @@ row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --s
 # p: where the retention-1b step goes (torch.profiler table of the last timed steps)
 row p_retention1b_2k_profile 60 35 --model retention-1b --seq_len 2048 --batch_size 8 --steps 4 --warmup 2 \
   --profile "$OUT_DIR/p_retention1b_2k_profile.txt"
-row j_mla1b_2k_vs_llama 80 50 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
+row j_mla1b_2k_vs_llama 130 100 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
 
 wait "$ESTIMATES"
 grep -h ESTIMATED "$OUT_DIR"/estimate_*.txt

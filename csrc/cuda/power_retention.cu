@@ -30,7 +30,8 @@
 //
 // v4 (LLMTRAIN_RETENTION_KERNEL=v4): v3, with the per-chunk contributions computed by
 // state_local_kernel (power_retention_local.cuh): one block per chunk stages the chunk's tokens
-// once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise).
+// once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise), and
+// dq_kernel takes two triangle rows per state slab at d <= 64. Bitwise equal to v3.
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -319,11 +320,17 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   {
     GradArgs gq = g;
     gq.Sws = Sws; gq.dG = dGq; gq.has_s0 = A.s0 != nullptr;
-    auto kern = dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>;
-    const size_t sm = dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C);
-    set_smem(kern, sm);
-    kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
-    check_launch("dq_kernel");
+    // v4: two triangle rows per state slab at d <= 64 (half the barriers; still 2 blocks per SM).
+    // Only the slab loading changes: the same u_contract calls run in the same order (bitwise v3).
+    auto launch_dq = [&](auto kern, size_t sm) {
+      set_smem(kern, sm);
+      kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
+      check_launch("dq_kernel");
+    };
+    if (d <= 64 && kernel_version() >= 4)
+      launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
+    else
+      launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C));
   }
   {
     GradArgs gk = g;
