@@ -36,7 +36,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1|v2|v3|v4 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v3"
+DEFAULT_KERNEL = "v4"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -178,7 +178,16 @@ def test_forward_and_gradients(c):
     if gstate:
         dS = torch.randn(b, hk, R.feature_dim(d), d, device=DEV, generator=gen) * 1e-2
         dz = torch.randn(b, hk, R.feature_dim(d), device=DEV, generator=gen) * 1e-2
-    y_ref, S_ref, z_ref, g_ref = reference_grads(q, k, v, log_g, s0, z0, dy, dS, dz)
+    if dtype == torch.float32:
+        # fp32 inputs become bf16 tensor-core operands inside (as documented): measure the kernel's
+        # arithmetic against the float64 function of those operands, and bound the total error
+        # against the exact fp32 inputs separately (below). One H100 draw measured dq 1.9e-2 and
+        # dk 2.0e-2 against the exact inputs (session 4): input rounding, amplified in dq/dk.
+        ops = [x.to(torch.bfloat16).float() for x in (q, k, v)]
+        exact = reference_grads(q, k, v, log_g, s0, z0, dy, dS, dz)
+    else:
+        ops, exact = (q, k, v), None
+    y_ref, S_ref, z_ref, g_ref = reference_grads(*ops, log_g, s0, z0, dy, dS, dz)
     kept = []
     y, S, z = run_fwd(q, k, v, log_g, s0, z0, chunk, need_state=True, keep=kept)
     torch.cuda.synchronize()
@@ -198,6 +207,14 @@ def test_forward_and_gradients(c):
         log_err(name, nm, err)
         if not err <= (TOL_DLOG_G if nm == "dlog_g" else tol):
             failures.append(f"{nm}: rel err {err:.3e} > {tol:.1e}")
+    if exact is not None:  # fp32 inputs: the total error against the exact inputs' function
+        refs = dict(zip(("y", "state", "sum_of_keys"), exact[:3]))
+        refs.update(zip(("dq", "dk", "dv", "dlog_g", "ds0", "dz0"), exact[3]))
+        for nm, got, _ in checks:
+            err = rel(got, refs[nm])
+            log_err(name + "-vs-fp32-inputs", nm, err)
+            if not err <= 4e-2:
+                failures.append(f"{nm}: rel err {err:.3e} > 4e-2 against the fp32 inputs")
     assert not failures, "; ".join(failures)
 
 

@@ -71,11 +71,11 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v3"
+DEFAULT_CUDA_KERNEL = "v4"
 
 
 def _keep_states(q: Tensor) -> bool:
-    """Kernels v3 (the default) and v4 (LLMTRAIN_RETENTION_KERNEL=v3|v4, CUDA): keep the forward's bf16 chunk
+    """Kernels v3 and v4 (the default; LLMTRAIN_RETENTION_KERNEL=v3|v4, CUDA): keep the forward's bf16 chunk
     states (its workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of
     recomputing them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0
     opts out."""
@@ -154,7 +154,7 @@ def _bwd_op(
     saved: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlog_g, ds0, dz0); the last three are empty when not applicable.
-    saved: the forward's kept workspace (v3, CUDA) or None/empty: recompute the chunk states."""
+    saved: the forward's kept workspace (v3/v4, CUDA) or None/empty: recompute the chunk states."""
     if not _native.supports(q):
         return _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size)
     # <dS_T, S_T> (gated, gradient of the final state) needs the recomputed walk: no saved states then
@@ -185,7 +185,7 @@ def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size, saved=
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, *_ = inputs
-    saved = output[3]  # the kept chunk states (v3), empty otherwise
+    saved = output[3]  # the kept chunk states (v3/v4), empty otherwise
     ctx.save_for_backward(q, k, v, log_g, s0, z0, saved)
     ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
 
