@@ -33,6 +33,10 @@
 // once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise), and
 // dq_kernel takes two triangle rows per state slab at d <= 64. Bitwise equal to v3.
 //
+// v5 (LLMTRAIN_RETENTION_KERNEL=v5, candidate): v4 with dq_kernel and dkv_kernel compiled for two
+// blocks per SM at d <= 64 (128 registers instead of ~170-190: one block of 8 warps per SM could not
+// hide the latency of their MMA -> contraction chains). Same instructions' arithmetic: bitwise v4.
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
@@ -64,7 +68,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v2")) return 2;
   if (!std::strcmp(e, "v3")) return 3;
   if (!std::strcmp(e, "v4")) return 4;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1, v2, v3 or v4, got '") +
+  if (!std::strcmp(e, "v5")) return 5;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v5, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -327,7 +332,9 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
       check_launch("dq_kernel");
     };
-    if (d <= 64 && kernel_version() >= 4)
+    if (d <= 64 && kernel_version() >= 5)
+      launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
+    else if (d <= 64 && kernel_version() >= 4)
       launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
     else
       launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C));
@@ -335,11 +342,16 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   {
     GradArgs gk = g;
     gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
-    auto kern = dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>;
-    const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(P.C);
-    set_smem(kern, sm);
-    kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
-    check_launch("dkv_kernel");
+    auto launch_dkv = [&](auto kern) {
+      const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(P.C);
+      set_smem(kern, sm);
+      kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
+      check_launch("dkv_kernel");
+    };
+    if (d <= 64 && kernel_version() >= 5)
+      launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
+    else
+      launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
   }
   if (gated && v2) {
     dlogg_local_kernel<<<dim3((unsigned)P.N, (unsigned)(P.b * P.hk)), kPT, 0, st>>>(

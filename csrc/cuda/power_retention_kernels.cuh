@@ -660,8 +660,9 @@ template <int d, int G, int NBUF> constexpr size_t dq_smem(int C) {
   return (size_t)kBM * E * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
 }
 
-template <int d, typename T, int G, int NBUF>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const GradArgs p) {
+// MINB: blocks per SM that the register allocation must allow (0: no bound; v5: 2 at d <= 64).
+template <int d, typename T, int G, int NBUF, int MINB = 0>
+__global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -851,8 +852,8 @@ template <int d, int G, int NBUF> constexpr size_t dkv_smem(int C) {
   return (size_t)kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
 }
 
-template <int d, typename T, int G, int NBUF>
-__global__ void __launch_bounds__(kThreads) dkv_kernel(const GradArgs p) {
+template <int d, typename T, int G, int NBUF, int MINB = 0>
+__global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];

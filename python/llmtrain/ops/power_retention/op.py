@@ -75,12 +75,12 @@ DEFAULT_CUDA_KERNEL = "v4"
 
 
 def _keep_states(q: Tensor) -> bool:
-    """Kernels v3 and v4 (the default; LLMTRAIN_RETENTION_KERNEL=v3|v4, CUDA): keep the forward's bf16 chunk
+    """Kernels v3, v4 (the default) and v5 (LLMTRAIN_RETENTION_KERNEL=v3|v4|v5, CUDA): keep the forward's bf16 chunk
     states (its workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of
     recomputing them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0
     opts out."""
     kernel = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_CUDA_KERNEL
-    return (q.device.type == "cuda" and kernel in ("v3", "v4")
+    return (q.device.type == "cuda" and kernel in ("v3", "v4", "v5")
             and os.environ.get("LLMTRAIN_RETENTION_SAVE_STATES", "1") != "0")
 
 
