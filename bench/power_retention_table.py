@@ -80,7 +80,7 @@ def make_impls(d):
         return fn
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
-    for ver in ("v1", "v2", "v3", "v4", "v5"):
+    for ver in ("v1", "v2", "v3", "v4", "v5", "v6"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows
         for c in (128, 256, 512, 1024):

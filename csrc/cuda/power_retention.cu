@@ -28,14 +28,17 @@
 // instead of recomputing them (one LOCAL scan + one prefix walk fewer); the decode step issues its
 // state loads before the per-token prologue (step_kernel<.., PRE = true>).
 //
-// v4 (the default since session 4's H100 run; bitwise v3 and 16-19% faster): v3, with the per-chunk contributions computed by
+// v4 (bitwise v3 and 16-19% faster on an H100): v3, with the per-chunk contributions computed by
 // state_local_kernel (power_retention_local.cuh): one block per chunk stages the chunk's tokens
 // once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise), and
 // dq_kernel takes two triangle rows per state slab at d <= 64. Bitwise equal to v3.
 //
-// v5 (LLMTRAIN_RETENTION_KERNEL=v5, candidate): v4 with dq_kernel and dkv_kernel compiled for two
+// v5 (the default since session 4's H100 run: d = 64 fwd+bwd 8.3-9.1 ms, v4 9.7-10.6): v4 with dq_kernel and dkv_kernel compiled for two
 // blocks per SM at d <= 64 (128 registers instead of ~170-190: one block of 8 warps per SM could not
 // hide the latency of their MMA -> contraction chains). Same instructions' arithmetic: bitwise v4.
+//
+// v6 (LLMTRAIN_RETENTION_KERNEL=v6, candidate): v5 with chunk_out_kernel compiled for three blocks
+// per SM at d <= 64. Bitwise v5.
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -60,7 +63,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 4;
+constexpr int kDefaultVersion = 5;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -69,7 +72,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v3")) return 3;
   if (!std::strcmp(e, "v4")) return 4;
   if (!std::strcmp(e, "v5")) return 5;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v5, got '") +
+  if (!std::strcmp(e, "v6")) return 6;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v6, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -192,11 +196,17 @@ void launch_prefix(PrefixArgs a, const Plan& P, cudaStream_t st) {
 template <int d, typename T, bool GHAT>
 void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   using TU = Tune<d>;
-  auto kern = chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>;
   const size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(P.C);
-  set_smem(kern, sm);
-  kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(a);
-  check_launch("chunk_out_kernel");
+  auto launch = [&](auto kern) {
+    set_smem(kern, sm);
+    kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(a);
+    check_launch("chunk_out_kernel");
+  };
+  // v6: three blocks per SM at d <= 64 (75 KB of shared memory each; 80 registers instead of 122).
+  if (d <= 64 && kernel_version() >= 6)
+    launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
+  else
+    launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
 }
 
 template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {

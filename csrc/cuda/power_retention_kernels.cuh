@@ -460,8 +460,9 @@ template <int d, int G, int NBUF> constexpr size_t out_smem(int C) {
   return (size_t)2 * kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (slab > intra ? slab : intra);
 }
 
-template <int d, typename T, bool GHAT, int G, int NBUF>
-__global__ void __launch_bounds__(kThreads) chunk_out_kernel(const OutArgs p) {
+// MINB: blocks per SM that the register allocation must allow (0: no bound; v6: 3 at d <= 64).
+template <int d, typename T, bool GHAT, int G, int NBUF, int MINB = 0>
+__global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
