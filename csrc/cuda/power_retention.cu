@@ -16,7 +16,7 @@
 // reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
 // No atomics anywhere: repeated runs are bit-identical.
 //
-// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v4, below, is the default since its H100 run): the sequential
+// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v6, below, is the default since its H100 run): the sequential
 // scans become (a) state_scan_kernel<LOCAL>, every chunk's own contribution at once (grid: feature
 // tiles x chunks x b*hk), and (b) state_prefix_kernel, an element-wise walk over the chunks in
 // fp32 that turns the contributions into the states in place; same for the reverse dS scan.
@@ -33,12 +33,12 @@
 // once instead of once per 128 features (d <= 64 and nsrc * C <= 256; v3's kernel otherwise), and
 // dq_kernel takes two triangle rows per state slab at d <= 64. Bitwise equal to v3.
 //
-// v5 (the default since session 4's H100 run: d = 64 fwd+bwd 8.3-9.1 ms, v4 9.7-10.6): v4 with dq_kernel and dkv_kernel compiled for two
+// v5 (d = 64 fwd+bwd 8.3-9.1 ms on an H100, v4 9.7-10.6): v4 with dq_kernel and dkv_kernel compiled for two
 // blocks per SM at d <= 64 (128 registers instead of ~170-190: one block of 8 warps per SM could not
 // hide the latency of their MMA -> contraction chains). Same instructions' arithmetic: bitwise v4.
 //
-// v6 (LLMTRAIN_RETENTION_KERNEL=v6, candidate): v5 with chunk_out_kernel compiled for three blocks
-// per SM at d <= 64. Bitwise v5.
+// v6 (the default since session 4's H100 runs: d = 64 fwd+bwd 8.0-8.8 ms, forward 1.8-2.0): v5 with
+// chunk_out_kernel compiled for three blocks per SM at d <= 64. Bitwise v5 (and v3).
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -63,7 +63,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 5;
+constexpr int kDefaultVersion = 6;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;

@@ -71,11 +71,11 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v5"
+DEFAULT_CUDA_KERNEL = "v6"
 
 
 def _keep_states(q: Tensor) -> bool:
-    """Kernels v3 and later (v5 is the default; LLMTRAIN_RETENTION_KERNEL=v3 .. v6, CUDA): keep the forward's bf16 chunk
+    """Kernels v3 and later (v6 is the default; LLMTRAIN_RETENTION_KERNEL=v3 .. v6, CUDA): keep the forward's bf16 chunk
     states (its workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of
     recomputing them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0
     opts out."""
