@@ -63,8 +63,14 @@ def test_bench_train_profile_table(tmp_path):
     assert main(["bench", "train", *TINY, "--steps", "3", "--profile", str(prof)]) == 0
     text = prof.read_text()
     assert text.startswith("# tiny: self cpu time per step")
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    assert "copies and casts by input shape" in text
+    per_op, per_copy = text.split("# tiny: copies and casts by input shape")
+    rows = [line for line in per_op.splitlines() if line.startswith("| ") and "ms/step" not in line]
     assert len(rows) >= 5
     shares = [float(r.split("|")[2].strip().rstrip("%")) for r in rows]
     assert all(0 < s <= 100 for s in shares) and shares == sorted(shares, reverse=True)
     assert any("aten::mm" in r or "aten::addmm" in r for r in rows)
+    # the second table: copies and casts by input shape
+    copy_rows = [line for line in per_copy.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    assert copy_rows and all(r.split("`")[1] in ("aten::copy_", "aten::_to_copy", "aten::contiguous", "aten::cat",
+                                                  "aten::clone") and "[" in r.split("`")[3] for r in copy_rows)

@@ -190,7 +190,7 @@ def _start_profiler(warmup: int, steps: int, device_type: str):
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     active = min(2, steps)
     wait = max(0, warmup + steps - active - 1)
-    prof = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+    prof = torch.profiler.profile(activities=acts, record_shapes=True, schedule=torch.profiler.schedule(
         wait=wait, warmup=warmup + steps - active - wait, active=active, repeat=1))
     prof.__enter__()
     return prof, active
@@ -208,6 +208,16 @@ def _write_profile(prof, active: int, path: str, label: str, device_type: str) -
     for e in events[:40]:
         t = getattr(e, key)
         lines.append(f"| {t / active / 1e3:.2f} | {100 * t / total:.1f}% | {e.count / active:g} | `{e.key[:100]}` |")
+    # Copies and casts by input shape: which tensors the step converts or re-lays out (dtype casts of
+    # weights under autocast, .contiguous() of views, cat in backward) and what each costs.
+    copy_ops = ("aten::copy_", "aten::_to_copy", "aten::contiguous", "aten::cat", "aten::clone")
+    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in copy_ops]
+    copies.sort(key=lambda e: -(getattr(e, "device_time_total", 0) if device_type == "cuda" else e.cpu_time_total))
+    lines += ["", f"# {label}: copies and casts by input shape (total time per step, incl. children)", "",
+              "| ms/step | calls/step | op | input shapes |", "|---|---|---|---|"]
+    for e in copies[:20]:
+        t = getattr(e, "device_time_total", 0) if device_type == "cuda" else e.cpu_time_total
+        lines.append(f"| {t / active / 1e3:.2f} | {e.count / active:g} | `{e.key}` | `{str(e.input_shapes)[:90]}` |")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n\n")
 
