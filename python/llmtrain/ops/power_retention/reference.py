@@ -180,3 +180,62 @@ def final_state(k, v, log_g=None, *, deg=2, initial_state=None):
     if log_g is None:
         log_g = torch.zeros(k.shape[:3], dtype=torch.float64, device=k.device)
     return _final_state(k, v, log_g.double(), deg, initial_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state part of dq (and, with k and the state gradient, of dk), two ways
+# ---------------------------------------------------------------------------------------------
+
+
+def state_query_grad(S: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d/dx of sum_i g_i . (phi(x_i) @ S) = J_phi(x_i)^T (S g_i), row by row.
+
+    S: [D, e] canonical state (any number of columns e: values, the normaliser, padding); g: [m, e];
+    x: [m, d]. With u = g S^T and phi_f = w x_a x_b: dx_a += w x_b u_f, dx_b += w x_a u_f (the
+    diagonal, w = 1, gets both: 2 x_a u_f). This is the kernels' u-GEMM + per-row contraction.
+    """
+    d = x.shape[-1]
+    a, b = _triu_indices(d, x.device)
+    w = torch.full(a.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
+    w[a == b] = 1.0
+    u = (g @ S.T) * w
+    out = torch.zeros_like(x)
+    out.index_add_(1, a, u * x[:, b])
+    out.index_add_(1, b, u * x[:, a])
+    return out
+
+
+def state_query_grad_slabs(S: torch.Tensor, g: torch.Tensor, x: torch.Tensor, rows_per_slab: int = 8,
+                           operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """state_query_grad in the order of the planned GEMM-form kernel (docs/perf.md, "next"): no per-row
+    contraction, only two GEMMs per slab of triangle rows R = [a0, a0 + rows_per_slab) against the
+    raw canonical state rows, mirrored:
+
+      (1) out[:, b] += sum_{a in R, c} (x_a g_c) S[f(a, b), c]    for b >= a   (K = (a, c), N = b)
+      (2) out[:, a] += sum_{b >= a, c} (x_b g_c) S[f(a, b), c]    for a in R   (K = (b, c), N = a)
+
+    The A operands are g's rows scaled by one x column (x_a g_c); the B operands are state rows
+    f(min, max) read as they lie (a zero row where b < a). Both GEMMs see the diagonal feature, so the
+    slab's diagonal rows are scaled by 1/sqrt2 and the sum by sqrt2 once at the end: off-diagonal
+    weight sqrt2, diagonal 2. operand_dtype (e.g. bfloat16) rounds the A and B operands as the tensor
+    cores would, accumulating in x's dtype, to predict the kernel's error.
+    """
+    d = x.shape[-1]
+    D = S.shape[0]
+    if D != d * (d + 1) // 2:
+        raise ValueError(f"state_query_grad_slabs: S has {D} rows, the canonical map of d = {d} has {d * (d + 1) // 2}")
+    rows = torch.arange(d, device=x.device)
+    rnd = (lambda t: t.to(operand_dtype).to(x.dtype)) if operand_dtype is not None else (lambda t: t)
+    out = torch.zeros_like(x)
+    for a0 in range(0, d, rows_per_slab):
+        R = rows[a0:a0 + rows_per_slab]
+        lo, hi = torch.minimum(R[:, None], rows[None, :]), torch.maximum(R[:, None], rows[None, :])
+        f = lo * d - lo * (lo - 1) // 2 + hi - lo  # row_start(lo) + hi - lo
+        slab = S[f]  # [G, d, e]: row f(a, b), mirrored for b < a ...
+        slab = torch.where((rows[None, :] >= R[:, None])[..., None], slab, torch.zeros_like(slab))  # ... then zeroed
+        diag = R[:, None] == rows[None, :]
+        slab = torch.where(diag[..., None], slab * (1 / math.sqrt(2.0)), slab)
+        slab = rnd(slab)
+        out += torch.einsum("iac,abc->ib", rnd(x[:, R, None] * g[:, None, :]), slab)  # (1)
+        out[:, R] += torch.einsum("ibc,abc->ia", rnd(x[:, :, None] * g[:, None, :]), slab)  # (2)
+    return out * math.sqrt(2.0)
