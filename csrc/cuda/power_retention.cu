@@ -203,10 +203,11 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
     check_launch("chunk_out_kernel");
   };
   // v6: three blocks per SM at d <= 64 (75 KB of shared memory each; 80 registers instead of 122).
-  if (d <= 64 && kernel_version() >= 6)
-    launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
-  else
-    launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
+  // (if constexpr: the d = 128 instances would only be compiled, never launched)
+  if constexpr (d <= 64) {
+    if (kernel_version() >= 6) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
+  }
+  launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
 }
 
 template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
@@ -342,12 +343,14 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
       check_launch("dq_kernel");
     };
-    if (d <= 64 && kernel_version() >= 5)
-      launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
-    else if (d <= 64 && kernel_version() >= 4)
-      launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
-    else
-      launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C));
+    const int ver = kernel_version();
+    bool done = false;
+    if constexpr (d <= 64) {
+      if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
+      else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
+      done = ver >= 4;
+    }
+    if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C));
   }
   {
     GradArgs gk = g;
@@ -358,10 +361,14 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
       check_launch("dkv_kernel");
     };
-    if (d <= 64 && kernel_version() >= 5)
-      launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
-    else
-      launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+    bool done = false;
+    if constexpr (d <= 64) {
+      if (kernel_version() >= 5) {
+        launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
+        done = true;
+      }
+    }
+    if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
   }
   if (gated && v2) {
     dlogg_local_kernel<<<dim3((unsigned)P.N, (unsigned)(P.b * P.hk)), kPT, 0, st>>>(
