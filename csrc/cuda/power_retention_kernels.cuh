@@ -45,6 +45,33 @@ struct ScanArgs {
 
 constexpr int kSB = 128;  // rows of one scan sub-block
 
+// Columns [c8, c8 + 8) of the weighted yhat row of chunk-local token j (zeros from cnt on): forward
+// e^{Gt - g_j} [v_j, 1, 0...]; reverse s^2 e^{g_j} ghat_j of GQA source head src. gs: the chunk's
+// inclusive gate cumsum. Shared by the scan kernels (v1-v3) and state_local_kernel (v4).
+template <int d, typename T, bool REV>
+__device__ __forceinline__ void yhat8(const ScanArgs& p, const float* gs, float Gt, int64_t bi, int64_t h, int r,
+                                      int src, int64_t cs, int j, int cnt, int c8, float (&yv)[8]) {
+  constexpr int E = Cfg<d>::E;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) yv[u] = 0.f;
+  if (j >= cnt) return;
+  if (REV) {
+    const float w = p.scale * p.scale * expf(gs[j]);
+    IO<bf16>::load8(p.ghat + ((bi * p.hq + h * r + src) * p.tpad + cs + j) * (int64_t)E + c8, yv);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) yv[u] *= w;
+  } else {
+    const float w = expf(Gt - gs[j]);
+    if (c8 < d) {
+      IO<T>::load8(static_cast<const T*>(p.yv) + ((bi * p.t + cs + j) * p.hk + h) * d + c8, yv);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) yv[u] *= w;
+    } else {
+      yv[0] = w;
+    }
+  }
+}
+
 template <int d> constexpr size_t scan_smem(int C) {
   return (size_t)(d + 1) * (kSB + 8) * 2 + (size_t)kSB * Cfg<d>::E * 2 + (size_t)C * 4;
 }
@@ -114,7 +141,6 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
   for (int j = tid; j < XL; j += blockDim.x) XT[d * XL + j] = __float2bfloat16(0.f);
 
   const T* X = static_cast<const T*>(p.x);
-  const T* V = static_cast<const T*>(p.yv);
   for (int step = 0; step < (LOCAL ? 1 : p.N); ++step) {
     const int n = LOCAL ? nloc : (REV ? p.N - 1 - step : step);
     if constexpr (!LOCAL) {
@@ -167,26 +193,7 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
         for (int idx = tid; idx < kSB * (E / 8); idx += blockDim.x) {
           const int j = idx / (E / 8), c8 = (idx % (E / 8)) * 8;
           float yv[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) yv[u] = 0.f;
-          if (j < jc) {
-            const int jl = j0 + j;
-            if (REV) {
-              const float w = p.scale * p.scale * expf(gs[jl]);
-              IO<bf16>::load8(p.ghat + ((bi * p.hq + h * r + src) * p.tpad + cs + jl) * (int64_t)E + c8, yv);
-#pragma unroll
-              for (int u = 0; u < 8; ++u) yv[u] *= w;
-            } else {
-              const float w = expf(Gt - gs[jl]);
-              if (c8 < d) {
-                IO<T>::load8(V + ((bi * p.t + cs + jl) * p.hk + h) * d + c8, yv);
-#pragma unroll
-                for (int u = 0; u < 8; ++u) yv[u] *= w;
-              } else {
-                yv[0] = w;
-              }
-            }
-          }
+          yhat8<d, T, REV>(p, gs, Gt, bi, h, r, src, cs, j0 + j, cnt, c8, yv);
           st8_bf16(Ys + j * E + c8, yv);
         }
         __syncthreads();

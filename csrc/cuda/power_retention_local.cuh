@@ -69,7 +69,6 @@ __global__ void __launch_bounds__(kThreads, 2) state_local_kernel(const ScanArgs
   // Stage x^T: each thread takes two consecutive token rows and 16 columns and writes bf16 pairs,
   // so a warp's stores cover 32 consecutive words of one XT row (conflict-free).
   const T* X = static_cast<const T*>(p.x);
-  const T* V = static_cast<const T*>(p.yv);
   for (int idx = tid; idx < (K / 2) * (d / 16); idx += blockDim.x) {
     const int kk = 2 * (idx % (K / 2)), c16 = (idx / (K / 2)) * 16;
     const int src = kk / cp, j = kk - src * cp;  // cp is even: both rows belong to one source
@@ -99,25 +98,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_local_kernel(const ScanArgs
     const int kk = idx / (E / 8), c8 = (idx % (E / 8)) * 8;
     const int src = kk / cp, j = kk - src * cp;
     float yv[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) yv[u] = 0.f;
-    if (j < cnt) {
-      if (REV) {
-        const float w = p.scale * p.scale * expf(gs[j]);
-        IO<bf16>::load8(p.ghat + ((bi * p.hq + h * r + src) * p.tpad + cs + j) * (int64_t)E + c8, yv);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) yv[u] *= w;
-      } else {
-        const float w = expf(Gt - gs[j]);
-        if (c8 < d) {
-          IO<T>::load8(V + ((bi * p.t + cs + j) * p.hk + h) * d + c8, yv);
-#pragma unroll
-          for (int u = 0; u < 8; ++u) yv[u] *= w;
-        } else {
-          yv[0] = w;
-        }
-      }
-    }
+    yhat8<d, T, REV>(p, gs, Gt, bi, h, r, src, cs, j, cnt, c8, yv);
     st8_bf16(Ys + kk * E + c8, yv);
   }
   __syncthreads();
