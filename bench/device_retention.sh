@@ -12,8 +12,8 @@
 #   2c. decode step latency, v1 vs v3 (table_decode.md)
 #   3. a short v1 test subset (v1 was verified on the whole grid before)
 #   4. d = 128 (same impls), then retention 1.0.7 c1024 forward+backward (slow Triton autotune)
-# PR_PLAN=verify instead: the default generation's tests and d = 64 row. PR_PLAN=next [PR_NEXT=v4]: a candidate
-# generation's tests (whole grid), its d = 64 tables beside the default, and the profile of both. PR_PLAN=chunks: the chunk-size sweep of v3 (c256/512/1024, d = 64 and 128) and the anchor.
+# PR_PLAN=verify instead: the default generation's tests and d = 64 row. PR_PLAN=next [PR_NEXT="v7 v8"]: candidate
+# generations' tests (whole grid each), their d = 64 tables beside the default, and the profiles. PR_PLAN=chunks: the chunk-size sweep of v3 (c256/512/1024, d = 64 and 128) and the anchor.
 # Results under $OUT/retention/ (or ./out/retention): tests_v3.txt, tests_v2.txt, errors_v[23]*.txt,
 # table_d64_fwdbwd.md, profile.md,
 # table_d64_fwd.md,
@@ -88,12 +88,17 @@ fi
 if [ "${PR_PLAN:-full}" = next ]; then
   # A candidate generation (PR_NEXT, default v4) against the build's default: the whole grid (with
   # its bitwise test against v3), the d = 64 table side by side, then the per-kernel profile.
-  nxt=${PR_NEXT:-v4}
-  run_tests "$nxt" "$(cap 75 60)"
-  [ "$(left)" -gt 20 ] && table next_d64_fwdbwd "$(cap 45 15)" --d 64 --no-fwd --only ours,ours-$nxt,sdpa-causal
-  [ "$(left)" -gt 15 ] && table next_d64_fwd "$(cap 30 10)" --d 64 --no-bwd --only ours,ours-$nxt,sdpa-causal
+  # PR_NEXT may name several candidates ("v7 v8"): each on the whole grid, then one table for all.
+  read -r -a nxt <<<"${PR_NEXT:-v4}"
+  only=ours
+  for v in "${nxt[@]}"; do
+    run_tests "$v" "$(cap 75 60)"
+    only=$only,ours-$v
+  done
+  [ "$(left)" -gt 20 ] && table next_d64_fwdbwd "$(cap 45 15)" --d 64 --no-fwd --only "$only",sdpa-causal
+  [ "$(left)" -gt 15 ] && table next_d64_fwd "$(cap 30 10)" --d 64 --no-bwd --only "$only",sdpa-causal
   [ "$(left)" -gt 30 ] && timeout "$(cap 40 5)" python3 bench/power_retention_profile.py \
-    --d 64 --t 2048 65536 --kernels v3 "$nxt" 2>&1 | tee "$OUT_DIR/profile.md"
+    --d 64 --t 2048 65536 --kernels v3 "${nxt[@]}" 2>&1 | tee "$OUT_DIR/profile.md"
   echo "done, $(left) s of the budget left"
   exit 0
 fi
