@@ -86,7 +86,7 @@ if [ "${PR_PLAN:-full}" = verify ]; then
   exit 0
 fi
 if [ "${PR_PLAN:-full}" = next ]; then
-  # A candidate generation (PR_NEXT, default v4) against the build's default: the whole grid (with
+  # A candidate generation (PR_NEXT; v4 when unset) against the build's default: the whole grid (with
   # its bitwise test against v3), the d = 64 table side by side, then the per-kernel profile.
   # PR_NEXT may name several candidates ("v7 v8"): each on the whole grid, then one table for all.
   read -r -a nxt <<<"${PR_NEXT:-v4}"
@@ -95,10 +95,20 @@ if [ "${PR_PLAN:-full}" = next ]; then
     run_tests "$v" "$(cap 75 60)"
     only=$only,ours-$v
   done
-  [ "$(left)" -gt 20 ] && table next_d64_fwdbwd "$(cap 45 15)" --d 64 --no-fwd --only "$only",sdpa-causal
-  [ "$(left)" -gt 15 ] && table next_d64_fwd "$(cap 30 10)" --d 64 --no-bwd --only "$only",sdpa-causal
+  # PR_EXTRA: more rows for the tables (e.g. ours-v7-single,ours-v7-c256); PR_T: their t values
+  # (default 2K 8K 32K 64K); PR_D128=1: a d = 128 forward+backward table of the same rows too.
+  only=$only${PR_EXTRA:+,$PR_EXTRA}
+  # shellcheck disable=SC2086
+  tflag=${PR_T:+--t $PR_T}
+  # shellcheck disable=SC2086
+  [ "$(left)" -gt 20 ] && table next_d64_fwdbwd "$(cap 60 15)" --d 64 --no-fwd --only "$only",sdpa-causal $tflag
+  # shellcheck disable=SC2086
+  [ "$(left)" -gt 15 ] && table next_d64_fwd "$(cap 40 10)" --d 64 --no-bwd --only "$only",sdpa-causal $tflag
+  # shellcheck disable=SC2086
+  [ "${PR_D128:-0}" = 1 ] && [ "$(left)" -gt 45 ] && table next_d128_fwdbwd "$(cap 60 30)" --d 128 --no-fwd \
+    --only "$only",sdpa-causal $tflag
   [ "$(left)" -gt 30 ] && timeout "$(cap 40 5)" python3 bench/power_retention_profile.py \
-    --d 64 --t 2048 65536 --kernels v3 "${nxt[@]}" 2>&1 | tee "$OUT_DIR/profile.md"
+    --d 64 --t 2048 65536 --kernels "${PR_PROFILE_BASE:-v3}" "${nxt[@]}" 2>&1 | tee "$OUT_DIR/profile.md"
   echo "done, $(left) s of the budget left"
   exit 0
 fi

@@ -76,15 +76,16 @@ def make_impls(d):
     def ours(ver, chunk=None):
         def fn(q, k, v, g):
             os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
-            return power_retention(q, k, v, g, chunk_size=chunk)
+            return power_retention(q, k, v, g, chunk_size=q.shape[1] if chunk == "single" else chunk)
         return fn
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
-    for ver in ("v1", "v2", "v3", "v4", "v5", "v6"):
+    for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
-        # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows
-        for c in (128, 256, 512, 1024):
-            impls[f"ours-{ver}-c{c}"] = (ours(ver, c), flops_power)
+        # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows;
+        # -single: the whole sequence as one chunk (v7 and later: up to 8192 tokens, else 1024)
+        for c in (128, 256, 512, 1024, 2048, 4096, 8192, "single"):
+            impls[f"ours-{ver}-{c if c == 'single' else f'c{c}'}"] = (ours(ver, c), flops_power)
     def sdpa(q, k, v, g):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True).transpose(1, 2)
@@ -166,7 +167,7 @@ def main():
             for t in args.t:
                 b = TOKENS // t
                 for name, (fn, fl) in impls.items():
-                    if (only and name not in only) or (not only and name.startswith("ours-") and "-c" in name):
+                    if (only and name not in only) or (not only and name.startswith("ours-") and ("-c" in name or name.endswith("-single"))):
                         continue
                     try:
                         ms = bench_one(fn, b, t, d, mode == "fwd+bwd")

@@ -67,10 +67,12 @@ struct RetentionStepArgs {
   int64_t workspace_bytes = 0;
 };
 
-// Chunk size the CUDA kernels use for a requested one: a multiple of 128 in [128, 1024], and no
-// longer than the sequence (rounded up to 128), so short sequences run as a single chunk.
-inline int64_t retention_cuda_chunk(int64_t t, int64_t chunk) {
-  const int64_t c = std::min<int64_t>(std::max<int64_t>((chunk + 127) / 128 * 128, 128), 1024);
+// Chunk size the CUDA kernels use for a requested one: a multiple of 128 in [128, max_chunk], and
+// no longer than the sequence (rounded up to 128), so short sequences run as a single chunk (the
+// quadratic form: no states at all without an initial or final state). max_chunk: 1024 for kernel
+// generations v1 .. v6 (their blocks keep C gates in shared memory), 8192 from v7 on.
+inline int64_t retention_cuda_chunk(int64_t t, int64_t chunk, int64_t max_chunk) {
+  const int64_t c = std::min<int64_t>(std::max<int64_t>((chunk + 127) / 128 * 128, 128), max_chunk);
   return std::min<int64_t>(c, std::max<int64_t>((t + 127) / 128 * 128, 128));
 }
 

@@ -73,7 +73,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v4")) return 4;
   if (!std::strcmp(e, "v5")) return 5;
   if (!std::strcmp(e, "v6")) return 6;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v6, got '") +
+  if (!std::strcmp(e, "v7")) return 7;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v7, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -86,7 +87,7 @@ struct Plan {
 Plan make_plan(const RetentionDims& m) {
   Plan p{};
   p.b = m.b; p.t = m.t; p.hq = m.hq; p.hk = m.hk; p.d = m.d; p.D = m.D; p.E = m.d + 8;
-  p.C = (int)retention_cuda_chunk(m.t, m.chunk);
+  p.C = (int)retention_cuda_chunk(m.t, m.chunk, kernel_version() >= 7 ? 8192 : 1024);
   p.N = (int)std::max<int64_t>(1, div_up(m.t, p.C));
   p.tpad = (int)(div_up(std::max<int64_t>(m.t, 1), kBM) * kBM);
   p.ntiles = (int)div_up(p.D, kScanFeat);
@@ -196,7 +197,7 @@ void launch_prefix(PrefixArgs a, const Plan& P, cudaStream_t st) {
 template <int d, typename T, bool GHAT>
 void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   using TU = Tune<d>;
-  const size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(P.C);
+  const size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(gate_smem_bytes(P.C, a.gcum != nullptr));
   auto launch = [&](auto kern) {
     set_smem(kern, sm);
     kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(a);
@@ -208,6 +209,20 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
     if (kernel_version() >= 6) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
   }
   launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
+}
+
+// v7: the within-chunk gate cumsums for every chunk kernel of this call, computed once (zeros
+// when ungated). Older generations scan each chunk inside every block (null).
+const float* gate_cumsums(Carver& ws, const float* log_g, const Plan& P, cudaStream_t st) {
+  if (kernel_version() < 7) return nullptr;
+  float* g = ws.take<float>(P.b * P.hk * P.t);
+  if (log_g) {
+    gate_cumsum_kernel<<<dim3((unsigned)P.N, (unsigned)(P.b * P.hk)), kThreads, 0, st>>>(log_g, g, P.t, P.hk, P.C);
+    check_launch("gate_cumsum_kernel");
+  } else {
+    PR_CHECK(cudaMemsetAsync(g, 0, P.b * P.hk * P.t * sizeof(float), st));
+  }
+  return g;
 }
 
 template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
@@ -241,6 +256,7 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   }
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
+  o.gcum = gate_cumsums(ws, o.log_g, P, st);
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
   launch_out<d, T, false>(o, P, st);
@@ -279,6 +295,8 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   float* fbuf = v2 ? ws.take<float>(P.b * P.hk * P.D * P.E) : nullptr;
   float* gtot = v2 ? ws.take<float>(P.b * P.hk * P.N) : nullptr;
   float* part = v2 ? ws.take<float>(P.b * P.hk * P.N * P.nprefix) : nullptr;
+  const float* gcum = gate_cumsums(ws, log_g, P, st);
+  const int gbytes = gate_smem_bytes(P.C, gcum != nullptr);
 
   if (need_S && !use_saved) {
     ScanArgs s{};
@@ -303,6 +321,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   }
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.dy = A.dy; o.log_g = log_g; o.Sws = Sws; o.ghat = ghat; o.rowstat = rowstat;
+  o.gcum = gcum;
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
   launch_out<d, T, true>(o, P, st);
@@ -331,6 +350,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   GradArgs g{};
   g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
   g.dq = A.dq; g.dk = A.dk; g.dv = A.dv;
+  g.gcum = gcum;
   g.b = P.b; g.t = P.t; g.hq = P.hq; g.hk = P.hk; g.C = P.C; g.N = P.N; g.tpad = P.tpad;
   g.scale = (float)m.scale;
   {
@@ -346,17 +366,17 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     const int ver = kernel_version();
     bool done = false;
     if constexpr (d <= 64) {
-      if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
-      else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(P.C));
+      if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+      else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
       done = ver >= 4;
     }
-    if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(P.C));
+    if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
   }
   {
     GradArgs gk = g;
     gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
     auto launch_dkv = [&](auto kern) {
-      const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(P.C);
+      const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(gbytes);
       set_smem(kern, sm);
       kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
       check_launch("dkv_kernel");
@@ -411,10 +431,11 @@ int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) 
   using namespace pr;
   const Plan P = make_plan(m);
   const int64_t nstate = align256(P.b * P.hk * P.N * P.D * P.E * 2);
-  if (which == 0) return nstate + v2_extra_bytes(P);
+  const int64_t gates = align256(P.b * P.hk * P.t * 4);  // v7's gate cumsums (carved last)
+  if (which == 0) return nstate + v2_extra_bytes(P) + gates;
   if (which == 1 || which == 3)  // 3: the chunk states come from the forward (saved_states)
     return (which == 1 ? 2 : 1) * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
-           align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4);
+           align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4) + gates;
   const int64_t nft = div_up(P.D, kStepFT);
   return align256(P.b * P.t * P.hq * nft * (P.d + 1) * 4);
 }

@@ -442,6 +442,49 @@ __device__ __forceinline__ void load_ghat(bf16* dst, const bf16* src_rows, int l
   }
 }
 
+// v7: the within-chunk inclusive cumsum of log_g, once per (chunk, b * hk), into gcum [b * hk, t]
+// (deterministic: per-thread contiguous segments, then a block scan of their totals). The chunk
+// kernels then read their gates from it instead of each scanning the chunk again into shared
+// memory (C floats there capped the chunk size; a single-warp scan of an 8K chunk per block).
+__global__ void __launch_bounds__(kThreads)
+    gate_cumsum_kernel(const float* log_g, float* gcum, int64_t t, int64_t hk, int C) {
+  __shared__ float warp_tot[kThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t bh = blockIdx.y, bi = bh / hk, h = bh % hk;
+  const int64_t cs = (int64_t)blockIdx.x * C;
+  const int cnt = (int)min((int64_t)C, t - cs);
+  const int per = (cnt + kThreads - 1) / kThreads, beg = min(tid * per, cnt), end = min(beg + per, cnt);
+  const float* src = log_g + (bi * t + cs) * hk + h;
+  float s = 0.f;
+  for (int i = beg; i < end; ++i) s += src[i * hk];
+  float incl = s;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  __syncthreads();
+  float run = incl - s;
+  for (int w = 0; w < warp; ++w) run += warp_tot[w];
+  float* dst = gcum + bh * t + cs;
+  for (int i = beg; i < end; ++i) {
+    run += src[i * hk];
+    dst[i] = run;
+  }
+}
+
+// The chunk's inclusive gate cumsum: v7's precomputed one (global), or scanned here into smem
+// (rows [0, cnt)). Contains barriers only in the second case (uniform per launch).
+__device__ __forceinline__ const float* chunk_gates(float* smem, const float* gcum, const float* log_g, int64_t bi,
+                                                    int64_t h, int64_t t, int64_t hk, int64_t cs, int cnt) {
+  if (gcum) return gcum + (bi * hk + h) * t + cs;
+  chunk_cumsum(smem, log_g ? log_g + (bi * t + cs) * hk + h : nullptr, hk, cnt);
+  return smem;
+}
+// Bytes of shared memory the chunk kernels reserve for the gates (none with v7's gcum).
+__host__ __device__ constexpr int gate_smem_bytes(int C, bool gcum) { return gcum ? 0 : ((C * 4 + 15) / 16) * 16; }
+
 // ------------------------------------------------------------------------------------------------
 // Chunk output: y (forward) or ghat = [dy / den, -(dy . y) / den] (backward), one block per
 // (128 rows, q head, batch). State query first (phi(e^{g/2} q) @ S_n), then the intra-chunk
@@ -454,17 +497,18 @@ struct OutArgs {
   void* y;
   bf16* ghat;
   float2* rowstat;  // ghat mode: [b, hq, tpad] (1 / den, dy . y)
+  const float* gcum;  // v7: within-chunk gate cumsums [b * hk, t] (zeros ungated); null: scan here
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
   int has_s0;
 };
 
-template <int d, int G, int NBUF> constexpr size_t out_smem(int C) {
+template <int d, int G, int NBUF> constexpr size_t out_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   constexpr size_t slab = (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
   constexpr size_t intra = (size_t)kKB * LD * 2 + (size_t)kKB * E * 2;
-  return (size_t)2 * kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (slab > intra ? slab : intra);
+  return (size_t)2 * kBM * LD * 2 + gate_bytes + (slab > intra ? slab : intra);
 }
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v6: 3 at d <= 64).
@@ -475,8 +519,8 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // raw q
   bf16* xs = qs + kBM * LD;                      // e^{g/2} scale q
-  float* gs = reinterpret_cast<float*>(xs + kBM * LD);
-  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  float* gsm = reinterpret_cast<float*>(xs + kBM * LD);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gsm) + gate_smem_bytes(p.C, p.gcum != nullptr);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int64_t hqi = blockIdx.y, bi = blockIdx.z;
   const int r = (int)(p.hq / p.hk);
@@ -492,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
 
-  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, nq);
+  const float* gs = chunk_gates(gsm, p.gcum, p.log_g, bi, h, p.t, p.hk, cs, nq);
   load_tile<d>(qs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
   const float sc = p.scale;
   load_tile<d>(xs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [&](int li) { return sc * expf(0.5f * gs[li]); });
@@ -654,18 +698,19 @@ struct GradArgs {
   const float2* rowstat;  // [b, hq, tpad]: (1 / den, dy . y)
   void *dq, *dk, *dv;
   float* dG;         // dq: [b, t, hq] (q.dq); dkv: [b, t, hk] (k.dk)
+  const float* gcum;  // as OutArgs::gcum
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
   int has_s0;        // dq: a state enters chunk 0; dkv: the last chunk has a non-zero dS
 };
 
-template <int d, int G, int NBUF> constexpr size_t dq_smem(int C) {
+template <int d, int G, int NBUF> constexpr size_t dq_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2;
   constexpr size_t state =
       (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
-  return (size_t)kBM * E * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
+  return (size_t)kBM * E * 2 + gate_bytes + (intra > state ? intra : state);
 }
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v5: 2 at d <= 64).
@@ -675,8 +720,8 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   constexpr int SL = slab_rows(d, G) + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* gh = reinterpret_cast<bf16*>(smem_raw);  // [128][E]
-  float* gs = reinterpret_cast<float*>(gh + kBM * E);
-  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  float* gsm = reinterpret_cast<float*>(gh + kBM * E);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gsm) + gate_smem_bytes(p.C, p.gcum != nullptr);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int64_t hqi = blockIdx.y, bi = blockIdx.z;
   const int r = (int)(p.hq / p.hk);
@@ -692,7 +737,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
 
-  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, nq);
+  const float* gs = chunk_gates(gsm, p.gcum, p.log_g, bi, h, p.t, p.hk, cs, nq);
   load_tile<d>(gh, static_cast<const T*>(p.dy), tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
   bf16* qs = reinterpret_cast<bf16*>(region);
   bf16* Ks = qs + kBM * LD;
@@ -852,12 +897,12 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
 // then the state part from dS (gradient of the state leaving the chunk):
 //   dv_j += e^{Gt-g_j} phi(k_j)^T dS[:, :d];  dk_j += J_phi(k_j)^T (e^{Gt-g_j} dS [v_j, 1]).
 // ------------------------------------------------------------------------------------------------
-template <int d, int G, int NBUF> constexpr size_t dkv_smem(int C) {
+template <int d, int G, int NBUF> constexpr size_t dkv_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2 + (size_t)kKB * 8;
   constexpr size_t state =
       (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
-  return (size_t)kBM * LD * 2 + (((size_t)C * 4 + 15) / 16) * 16 + (intra > state ? intra : state);
+  return (size_t)kBM * LD * 2 + gate_bytes + (intra > state ? intra : state);
 }
 
 template <int d, typename T, int G, int NBUF, int MINB = 0>
@@ -866,8 +911,8 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   constexpr int SL = slab_rows(d, G) + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* vs = reinterpret_cast<bf16*>(smem_raw);  // raw v [128][LD]
-  float* gs = reinterpret_cast<float*>(vs + kBM * LD);
-  unsigned char* region = reinterpret_cast<unsigned char*>(gs) + ((p.C * 4 + 15) / 16) * 16;
+  float* gsm = reinterpret_cast<float*>(vs + kBM * LD);
+  unsigned char* region = reinterpret_cast<unsigned char*>(gsm) + gate_smem_bytes(p.C, p.gcum != nullptr);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int64_t h = blockIdx.y, bi = blockIdx.z;
   const int r = (int)(p.hq / p.hk);
@@ -881,7 +926,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
 
-  chunk_cumsum(gs, p.log_g ? p.log_g + tok0 * p.hk + h : nullptr, p.hk, cnt);
+  const float* gs = chunk_gates(gsm, p.gcum, p.log_g, bi, h, p.t, p.hk, cs, cnt);
   const float Gt = gs[cnt - 1];
   bf16* ks = reinterpret_cast<bf16*>(region);
   bf16* Qs = ks + kBM * LD;

@@ -160,3 +160,27 @@ def test_step_with_grad_uses_autograd_path(rng):
     y, new = ops.power_retention_step(q, k, v, log_g, state=ops.RetentionState(*state))
     y.sum().backward()
     assert q.grad is not None and state[0].grad is not None
+
+
+def test_cuda_chunk_policy_by_generation(monkeypatch):
+    """The CUDA chunk policy (pure Python, mirrors csrc/ops.h retention_cuda_chunk): v7 and later run
+    a sequence up to SINGLE_CHUNK_MAX[d] as one chunk and accept chunks up to 8192; v1 .. v6 cap
+    chunks at 1024. Decides whether the forward keeps chunk states for the backward."""
+    from llmtrain.ops.power_retention import op as O
+
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v7")
+    assert O._cuda_generation() == 7
+    for d, tmax in O.SINGLE_CHUNK_MAX.items():
+        assert O.default_chunk_size(tmax, d, "cuda") == tmax
+        assert O.default_chunk_size(tmax + 1, d, "cuda") < tmax + 1
+        assert O._cuda_chunk_count(tmax, O.default_chunk_size(tmax, d, "cuda")) == 1
+    assert O._cuda_chunk_count(5000, 4096) == 2
+    assert O._cuda_chunk_count(20000, 20000) == 3  # capped at 8192
+    assert O._cuda_chunk_count(1, 256) == 1
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v6")
+    assert O.default_chunk_size(2048, 64, "cuda") == 256
+    assert O._cuda_chunk_count(5000, 4096) == 5  # capped at 1024
+    assert O._cuda_chunk_count(900, 4096) == 1
+    assert O.default_chunk_size(2048, 64, "cpu") == 512  # the CPU policy does not depend on it
+    monkeypatch.delenv("LLMTRAIN_RETENTION_KERNEL")
+    assert O._cuda_generation() == int(O.DEFAULT_CUDA_KERNEL[1:])

@@ -41,10 +41,14 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
     a whole short sequence in one chunk is cheapest; long ones use 512-token chunks.
     """
     if device_type == "cuda":
-        # The CUDA kernels round to a multiple of 128 (at most 1024) and cap it at the sequence:
-        # larger chunks halve the bf16 state traffic, smaller ones the intra-chunk work. H100 sweep
-        # (docs/perf.md, 2026-11-23): d = 64 fwd+bwd within 5% for 256/512 (1024 is 13% slower at
-        # 64K); d = 128: 1024 is 1-22% faster than 512.
+        # The CUDA kernels round to a multiple of 128 (at most 1024; 8192 from v7 on) and cap it at
+        # the sequence. v7: a sequence up to SINGLE_CHUNK_MAX[d] runs as one chunk, the quadratic
+        # form with no states at all (fewer FLOPs than the state update + query below ~2 D (d+1) / d
+        # tokens). Longer ones: larger chunks halve the bf16 state traffic, smaller ones the
+        # intra-chunk work. H100 sweep (docs/perf.md, 2026-11-23): d = 64 fwd+bwd within 5% for
+        # 256/512 (1024 is 13% slower at 64K); d = 128: 1024 is 1-22% faster than 512.
+        if _cuda_generation() >= 7 and t <= SINGLE_CHUNK_MAX.get(d, 0):
+            return max(1, t)
         return 128 if d <= 32 else (256 if d <= 64 else 1024)
     return max(1, t) if t <= 1024 else 512
 
@@ -72,15 +76,30 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
 DEFAULT_CUDA_KERNEL = "v6"
+# v7 and later: the longest sequence (per head dim) that default_chunk_size runs as a single chunk.
+SINGLE_CHUNK_MAX = {32: 1024, 64: 4096, 128: 8192}
+
+
+def _cuda_generation() -> int:
+    """The CUDA kernel generation in effect (LLMTRAIN_RETENTION_KERNEL, else the default), as a number."""
+    name = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_CUDA_KERNEL
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else 0
+
+
+def _cuda_chunk_count(t: int, chunk_size: int) -> int:
+    """Chunks the CUDA kernels split t tokens into (their rounding of chunk_size: retention_cuda_chunk)."""
+    cap = 8192 if _cuda_generation() >= 7 else 1024
+    c = min(max((chunk_size + 127) // 128 * 128, 128), cap, max((t + 127) // 128 * 128, 128))
+    return max(1, -(-t // c))
 
 
 def _keep_states(q: Tensor) -> bool:
-    """Kernels v3 and later (v6 is the default; LLMTRAIN_RETENTION_KERNEL=v3 .. v6, CUDA): keep the forward's bf16 chunk
+    """Kernels v3 and later (LLMTRAIN_RETENTION_KERNEL; DEFAULT_CUDA_KERNEL when unset; CUDA): keep the forward's bf16 chunk
     states (its workspace, ~1.2 KB per token and KV head at d = 64) for the backward instead of
     recomputing them. Costs that memory from forward to backward; LLMTRAIN_RETENTION_SAVE_STATES=0
     opts out."""
     kernel = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_CUDA_KERNEL
-    return (q.device.type == "cuda" and kernel in ("v3", "v4", "v5", "v6")
+    return (q.device.type == "cuda" and kernel not in ("v1", "v2")
             and os.environ.get("LLMTRAIN_RETENTION_SAVE_STATES", "1") != "0")
 
 
@@ -154,7 +173,7 @@ def _bwd_op(
     saved: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dlog_g, ds0, dz0); the last three are empty when not applicable.
-    saved: the forward's kept workspace (v3/v4, CUDA) or None/empty: recompute the chunk states."""
+    saved: the forward's kept workspace (v3 and later, CUDA) or None/empty: recompute the chunk states."""
     if not _native.supports(q):
         return _torch_backward(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size)
     # <dS_T, S_T> (gated, gradient of the final state) needs the recomputed walk: no saved states then
@@ -185,7 +204,7 @@ def _bwd_fake(q, k, v, log_g, s0, z0, dy, ds, dz, deg, scale, chunk_size, saved=
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, *_ = inputs
-    saved = output[3]  # the kept chunk states (v3/v4), empty otherwise
+    saved = output[3]  # the kept chunk states (v3 and later), empty otherwise
     ctx.save_for_backward(q, k, v, log_g, s0, z0, saved)
     ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
 
@@ -323,8 +342,10 @@ def power_retention(
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, q, k, acc)
+    # (one chunk and no initial state: there are no chunk states to keep)
     keep = _keep_states(q) and torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0))
+        x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0)) and (
+        s0 is not None or _cuda_chunk_count(t, chunk_size) > 1)
     y, S, z, _ = torch.ops.llmtrain.power_retention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state, keep)
     return (y, RetentionState(S, z)) if return_state else y
