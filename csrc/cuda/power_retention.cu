@@ -40,6 +40,16 @@
 // v6 (the default since session 4's H100 runs: d = 64 fwd+bwd 8.0-8.8 ms, forward 1.8-2.0): v5 with
 // chunk_out_kernel compiled for three blocks per SM at d <= 64. Bitwise v5 (and v3).
 //
+// v7: v6 with the within-chunk gate cumsums computed once per (chunk, b * hk) by gate_cumsum_kernel
+// into the workspace; the chunk kernels read them from there instead of each block scanning the
+// chunk into shared memory. Chunks up to 8192 tokens then fit (v1 .. v6 cap them at 1024), and the
+// Python default runs a short sequence (t <= SINGLE_CHUNK_MAX[d]) as a single chunk: the quadratic
+// form, no states at all without an initial or final state.
+//
+// v8: v7 with the intra-chunk tiles (chunk_out: K and vhat; dq: K and V; dkv: q, dy and the row
+// statistics) double-buffered and filled by cp.async one tile ahead, for bf16 inputs (other dtypes
+// convert through registers as before). The same bits reach shared memory: bitwise v7.
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
@@ -63,7 +73,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 6;
+constexpr int kDefaultVersion = 8;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -74,7 +84,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v5")) return 5;
   if (!std::strcmp(e, "v6")) return 6;
   if (!std::strcmp(e, "v7")) return 7;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v7, got '") +
+  if (!std::strcmp(e, "v8")) return 8;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v8, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -257,6 +268,7 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
   o.gcum = gate_cumsums(ws, o.log_g, P, st);
+  o.gen = kernel_version();
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
   launch_out<d, T, false>(o, P, st);
@@ -322,6 +334,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.dy = A.dy; o.log_g = log_g; o.Sws = Sws; o.ghat = ghat; o.rowstat = rowstat;
   o.gcum = gcum;
+  o.gen = kernel_version();
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
   launch_out<d, T, true>(o, P, st);
@@ -351,6 +364,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
   g.dq = A.dq; g.dk = A.dk; g.dv = A.dv;
   g.gcum = gcum;
+  g.gen = kernel_version();
   g.b = P.b; g.t = P.t; g.hq = P.hq; g.hk = P.hk; g.C = P.C; g.N = P.N; g.tpad = P.tpad;
   g.scale = (float)m.scale;
   {

@@ -91,6 +91,8 @@ __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
 }
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ float bf2f(bf16 x) { return __bfloat162float(x); }
+// x rounded to the bf16 tensor-core operand the kernels compute with (exact for bf16 inputs)
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 __device__ __forceinline__ void st8_bf16(bf16* p, const float (&v)[8]) {
   uint4 u;

@@ -11,6 +11,8 @@
 // 8 consecutive b for a fixed a so that J_phi^T u contracts in registers without atomics.
 #pragma once
 
+#include <type_traits>
+
 #include "power_retention_common.cuh"
 
 namespace llmtrain {
@@ -442,6 +444,28 @@ __device__ __forceinline__ void load_ghat(bf16* dst, const bf16* src_rows, int l
   }
 }
 
+// v8 (bf16 inputs): rows [lr0, lr0 + nrows) (chunk-local) of a [b, t, heads, d] bf16 tensor into a
+// [nrows][ld] tile with cp.async: the bits load_tile stores for bf16 (its round trip through float
+// is exact), without holding them in registers, so the next tile loads while this one is used.
+// Zeros past cnt; VHAT: columns d .. d+7 = [1, 0 x 7] on valid rows (load_vhat's normaliser).
+template <int d, bool VHAT>
+__device__ __forceinline__ void load_tile_async(bf16* dst, int ld, const bf16* src, int64_t tok0, int64_t heads,
+                                                int64_t head, int lr0, int nrows, int cnt) {
+  constexpr int V = d / 8 + (VHAT ? 1 : 0);
+  for (int idx = threadIdx.x; idx < nrows * V; idx += blockDim.x) {
+    const int i = idx / V, c8 = (idx % V) * 8;
+    const int li = lr0 + i;
+    bf16* dp = dst + i * ld + c8;
+    if (li < cnt && c8 < d) {
+      cp_async16(dp, src + ((tok0 + li) * heads + head) * d + c8);
+    } else {
+      uint4 u = make_uint4(0, 0, 0, 0);
+      if (VHAT && li < cnt) u.x = 0x3f80u;  // bf16 1.0 in column d
+      *reinterpret_cast<uint4*>(dp) = u;
+    }
+  }
+}
+
 // v7: the within-chunk inclusive cumsum of log_g, once per (chunk, b * hk), into gcum [b * hk, t]
 // (deterministic: per-thread contiguous segments, then a block scan of their totals). The chunk
 // kernels then read their gates from it instead of each scanning the chunk again into shared
@@ -498,6 +522,7 @@ struct OutArgs {
   bf16* ghat;
   float2* rowstat;  // ghat mode: [b, hq, tpad] (1 / den, dy . y)
   const float* gcum;  // v7: within-chunk gate cumsums [b * hk, t] (zeros ungated); null: scan here
+  int gen;           // kernel generation: 7+ fp32 dlog_g dots (dq/dkv), 8+ cp.async tiles (bf16)
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
@@ -507,7 +532,7 @@ struct OutArgs {
 template <int d, int G, int NBUF> constexpr size_t out_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   constexpr size_t slab = (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
-  constexpr size_t intra = (size_t)kKB * LD * 2 + (size_t)kKB * E * 2;
+  constexpr size_t intra = 2 * ((size_t)kKB * LD * 2 + (size_t)kKB * E * 2);  // two buffers (v8)
   return (size_t)2 * kBM * LD * 2 + gate_bytes + (slab > intra ? slab : intra);
 }
 
@@ -577,15 +602,34 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
     }
   }
 
-  // intra-chunk
-  bf16* Ks = reinterpret_cast<bf16*>(region);
-  bf16* Vs = Ks + kKB * LD;
+  // intra-chunk (v8, bf16: K / vhat tiles double-buffered, the next one loading during this one)
+  bf16* const Kbuf = reinterpret_cast<bf16*>(region);
+  constexpr int KV = kKB * LD + kKB * E;  // elements of one K + vhat buffer
+  const bool async = std::is_same<T, bf16>::value && p.gen >= 8;
+  auto issue_kv = [&](int kb, bf16* dst) {
+    if constexpr (std::is_same<T, bf16>::value) {
+      load_tile_async<d, false>(dst, LD, K, tok0, p.hk, h, kb, kKB, cnt);
+      load_tile_async<d, true>(dst + kKB * LD, E, V, tok0, p.hk, h, kb, kKB, cnt);
+    }
+  };
+  if (async) {
+    issue_kv(0, Kbuf);
+    cp_commit();
+  }
   const int qi0 = lrow0 + wr0, qi1 = lrow0 + wr1;
   const float gq0 = gs[min(qi0, nq - 1)], gq1 = gs[min(qi1, nq - 1)];
-  for (int kb0 = 0; kb0 < nq; kb0 += kKB) {
+  for (int kb0 = 0, it = 0; kb0 < nq; kb0 += kKB, ++it) {
     __syncthreads();
-    load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
-    load_vhat<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt);
+    bf16* Ks = Kbuf + (async ? (it & 1) * KV : 0);
+    bf16* Vs = Ks + kKB * LD;
+    if (async) {
+      if (kb0 + kKB < nq) issue_kv(kb0 + kKB, Kbuf + ((it + 1) & 1) * KV);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+      load_vhat<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt);
+    }
     __syncthreads();
     if (lrow0 + warp * 16 + 15 < kb0) continue;
     float s[8][4];
@@ -635,6 +679,7 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
       mma(acc[NT - 1], A, b2[0], b2[1]);
     }
   }
+  cp_wait<0>();  // (v8: the last, empty group)
 
   // epilogue
   const float den0 = __shfl_sync(0xffffffffu, acc[ND][0], lane & ~3);
@@ -699,6 +744,7 @@ struct GradArgs {
   void *dq, *dk, *dv;
   float* dG;         // dq: [b, t, hq] (q.dq); dkv: [b, t, hk] (k.dk)
   const float* gcum;  // as OutArgs::gcum
+  int gen;           // as OutArgs::gen
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
@@ -707,7 +753,7 @@ struct GradArgs {
 
 template <int d, int G, int NBUF> constexpr size_t dq_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
-  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)4 * kKB * LD * 2;  // K, V: two buffers (v8)
   constexpr size_t state =
       (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
   return (size_t)kBM * E * 2 + gate_bytes + (intra > state ? intra : state);
@@ -740,9 +786,19 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   const float* gs = chunk_gates(gsm, p.gcum, p.log_g, bi, h, p.t, p.hk, cs, nq);
   load_tile<d>(gh, static_cast<const T*>(p.dy), tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
   bf16* qs = reinterpret_cast<bf16*>(region);
-  bf16* Ks = qs + kBM * LD;
-  bf16* Vs = Ks + kKB * LD;
+  bf16* const Kbuf = qs + kBM * LD;  // K, V tiles; v8 (bf16): two buffers, the next one loading
+  const bool async = std::is_same<T, bf16>::value && p.gen >= 8;
+  auto issue_kv = [&](int kb, bf16* dst) {
+    if constexpr (std::is_same<T, bf16>::value) {
+      load_tile_async<d, false>(dst, LD, K, tok0, p.hk, h, kb, kKB, cnt);
+      load_tile_async<d, false>(dst + kKB * LD, LD, V, tok0, p.hk, h, kb, kKB, cnt);
+    }
+  };
   load_tile<d>(qs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [](int) { return 1.f; });
+  if (async) {
+    issue_kv(0, Kbuf);
+    cp_commit();
+  }
   __syncthreads();
 
   const int wr0 = warp * 16 + g, wr1 = wr0 + 8;
@@ -761,10 +817,21 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
 
   const int qi0 = lrow0 + wr0, qi1 = lrow0 + wr1;
   const float gq0 = gs[min(qi0, nq - 1)], gq1 = gs[min(qi1, nq - 1)];
-  for (int kb0 = 0; kb0 < nq; kb0 += kKB) {
+  // v7: q.dq of the intra part for dlog_g, sum_j a_ij x_ij in fp32 from the unrounded operand values
+  // (dkv_kernel sums the same terms by column), not from q and the bf16-operand dq (see the epilogue)
+  float rdot[2] = {0.f, 0.f};
+  for (int kb0 = 0, it = 0; kb0 < nq; kb0 += kKB, ++it) {
     __syncthreads();
-    load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
-    load_tile<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+    bf16* Ks = Kbuf + (async ? (it & 1) * 2 * kKB * LD : 0);
+    bf16* Vs = Ks + kKB * LD;
+    if (async) {
+      if (kb0 + kKB < nq) issue_kv(kb0 + kKB, Kbuf + ((it + 1) & 1) * 2 * kKB * LD);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      load_tile<d>(Ks, K, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+      load_tile<d>(Vs, V, tok0, p.hk, h, kb0, kKB, cnt, [](int) { return 1.f; });
+    }
     __syncthreads();
     if (lrow0 + warp * 16 + 15 < kb0) continue;
     float s[8][4], da[8][4];
@@ -799,7 +866,9 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
         const float ex = __expf((e < 2 ? gq0 : gq1) - gs[ok ? kj : 0]);
         const float2 st = e < 2 ? st0 : st1;
         // pre-scaled exactly as in dkv_kernel, so both sides round the same value (telescoping dlog_g)
-        s[nt][e] = ok ? 2.f * x * ex * (da[nt][e] - st.y) * st.x * p.scale : 0.f;
+        const float a = ok ? 2.f * x * ex * (da[nt][e] - st.y) * st.x * p.scale : 0.f;
+        rdot[e >> 1] += a * x;
+        s[nt][e] = a;
       }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -818,6 +887,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
       }
     }
   }
+  cp_wait<0>();  // (v8: the last, empty group) before the state part reuses the tiles' memory
   __syncthreads();
 
   const bool has_state = n > 0 || p.has_s0;
@@ -855,30 +925,38 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
     }
   }
 
-  // epilogue: dq = dacc + dqa (both already in units of dq); dG = q . dq
+  // epilogue: dq = dacc + dqa (both already in units of dq); dG = q . dq. v7: the intra part of
+  // q . dq from the fp32 row dots, the state part with the bf16 operand q the kernels used (fp32 /
+  // fp16 inputs: not the exact q, whose rounding difference broke the telescoping of dlog_g)
   T* DQ = static_cast<T*>(p.dq);
   const bool v0 = qi0 < cnt, v1 = qi1 < cnt;
-  float dot0 = 0.f, dot1 = 0.f;
+  const bool fdots = p.gen >= 7;
+  float dot0 = fdots ? rdot[0] / p.scale : 0.f, dot1 = fdots ? rdot[1] / p.scale : 0.f;
 #pragma unroll
   for (int nt = 0; nt < ND; ++nt) {
     const int col = nt * 8 + 2 * tq;
     float x0 = dacc[nt][0], x1 = dacc[nt][1], x2 = dacc[nt][2], x3 = dacc[nt][3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     if (has_state) {
-      x0 += dqa[wr0 * (d + 4) + col];
-      x1 += dqa[wr0 * (d + 4) + col + 1];
-      x2 += dqa[wr1 * (d + 4) + col];
-      x3 += dqa[wr1 * (d + 4) + col + 1];
+      s0 = dqa[wr0 * (d + 4) + col];
+      s1 = dqa[wr0 * (d + 4) + col + 1];
+      s2 = dqa[wr1 * (d + 4) + col];
+      s3 = dqa[wr1 * (d + 4) + col + 1];
+      x0 += s0;
+      x1 += s1;
+      x2 += s2;
+      x3 += s3;
     }
     if (v0) {
       T* dst = DQ + ((tok0 + qi0) * p.hq + hqi) * d + col;
       const float2 qv = IO<T>::load2(Q + ((tok0 + qi0) * p.hq + hqi) * d + col);
-      dot0 += qv.x * x0 + qv.y * x1;
+      dot0 += fdots ? bf16_round(qv.x) * s0 + bf16_round(qv.y) * s1 : qv.x * x0 + qv.y * x1;
       IO<T>::store2(dst, x0, x1);
     }
     if (v1) {
       T* dst = DQ + ((tok0 + qi1) * p.hq + hqi) * d + col;
       const float2 qv = IO<T>::load2(Q + ((tok0 + qi1) * p.hq + hqi) * d + col);
-      dot1 += qv.x * x2 + qv.y * x3;
+      dot1 += fdots ? bf16_round(qv.x) * s2 + bf16_round(qv.y) * s3 : qv.x * x2 + qv.y * x3;
       IO<T>::store2(dst, x2, x3);
     }
   }
@@ -899,7 +977,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
 // ------------------------------------------------------------------------------------------------
 template <int d, int G, int NBUF> constexpr size_t dkv_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
-  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)2 * kKB * LD * 2 + (size_t)kKB * 8;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + 2 * ((size_t)2 * kKB * LD * 2 + (size_t)kKB * 8);  // 2 buffers
   constexpr size_t state =
       (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
   return (size_t)kBM * LD * 2 + gate_bytes + (intra > state ? intra : state);
@@ -929,9 +1007,23 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   const float* gs = chunk_gates(gsm, p.gcum, p.log_g, bi, h, p.t, p.hk, cs, cnt);
   const float Gt = gs[cnt - 1];
   bf16* ks = reinterpret_cast<bf16*>(region);
-  bf16* Qs = ks + kBM * LD;
-  bf16* DYs = Qs + kKB * LD;                                   // [64][LD] dy of the query tile
-  float2* qst = reinterpret_cast<float2*>(DYs + kKB * LD);      // [64] (1 / den, dy . y)
+  // query tiles: q [64][LD], dy [64][LD], (1 / den, dy . y) [64] float2; v8 (bf16): two buffers
+  bf16* const Qbuf = ks + kBM * LD;
+  constexpr int QB = 2 * kKB * LD + kKB * 4;  // elements (bf16-sized) of one buffer
+  const bool async = std::is_same<T, bf16>::value && p.gen >= 8;
+  auto issue_q = [&](int64_t hq_i, int qb, bf16* dst) {
+    if constexpr (std::is_same<T, bf16>::value) {
+      load_tile_async<d, false>(dst, LD, Q, tok0, p.hq, hq_i, qb, kKB, cnt);
+      load_tile_async<d, false>(dst + kKB * LD, LD, static_cast<const T*>(p.dy), tok0, p.hq, hq_i, qb, kKB, cnt);
+      // rowstat rows past cnt hold zeros (chunk_out writes every row up to tpad)
+      if (threadIdx.x < kKB / 2)
+        cp_async16(dst + 2 * kKB * LD + threadIdx.x * 8, p.rowstat + (bi * p.hq + hq_i) * p.tpad + cs + qb + threadIdx.x * 2);
+    }
+  };
+  if (async && lrow0 < cnt) {
+    issue_q(h * r, lrow0, Qbuf);
+    cp_commit();
+  }
   load_tile<d>(vs, V, tok0, p.hk, h, lrow0, kBM, cnt, [](int) { return 1.f; });
   load_tile<d>(ks, K, tok0, p.hk, h, lrow0, kBM, cnt, [](int) { return 1.f; });
   __syncthreads();
@@ -949,15 +1041,28 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dv[nt][e] = dk[nt][e] = 0.f;
 
+  float cdot[2] = {0.f, 0.f};  // v7: k.dk of the intra part in fp32 (see dq_kernel's rdot)
+  int it = 0;
   for (int rr = 0; rr < r; ++rr) {
     const int64_t hq_i = h * r + rr;
-    for (int qb0 = lrow0; qb0 < cnt; qb0 += kKB) {
+    for (int qb0 = lrow0; qb0 < cnt; qb0 += kKB, ++it) {
       __syncthreads();
-      load_tile<d>(Qs, Q, tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
-      load_tile<d>(DYs, static_cast<const T*>(p.dy), tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
-      if (tid < kKB) {
-        const int qi = qb0 + tid;
-        qst[tid] = qi < cnt ? p.rowstat[(bi * p.hq + hq_i) * p.tpad + cs + qi] : make_float2(0.f, 0.f);
+      bf16* Qs = Qbuf + (async ? (it & 1) * QB : 0);
+      bf16* DYs = Qs + kKB * LD;
+      float2* qst = reinterpret_cast<float2*>(DYs + kKB * LD);
+      if (async) {
+        bf16* nxt = Qbuf + ((it + 1) & 1) * QB;
+        if (qb0 + kKB < cnt) issue_q(hq_i, qb0 + kKB, nxt);
+        else if (rr + 1 < r) issue_q(hq_i + 1, lrow0, nxt);
+        cp_commit();
+        cp_wait<1>();
+      } else {
+        load_tile<d>(Qs, Q, tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
+        load_tile<d>(DYs, static_cast<const T*>(p.dy), tok0, p.hq, hq_i, qb0, kKB, cnt, [](int) { return 1.f; });
+        if (tid < kKB) {
+          const int qi = qb0 + tid;
+          qst[tid] = qi < cnt ? p.rowstat[(bi * p.hq + hq_i) * p.tpad + cs + qi] : make_float2(0.f, 0.f);
+        }
       }
       __syncthreads();
       if (lrow0 + warp * 16 > qb0 + kKB - 1) continue;
@@ -1003,7 +1108,9 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
               const float x = s[nt][e] * p.scale;
               const float ex = __expf(gqi - (hr ? gk1 : gk0));
               w[nt][e] = ok ? x * x * ex * sti.x : 0.f;  // times 1 / den: dv = sum w dy / den
-              s[nt][e] = ok ? 2.f * x * ex * (da[nt][e] - sti.y) * sti.x * p.scale : 0.f;
+              const float a = ok ? 2.f * x * ex * (da[nt][e] - sti.y) * sti.x * p.scale : 0.f;
+              cdot[hr] += a * x;
+              s[nt][e] = a;
             }
           }
 #pragma unroll
@@ -1032,6 +1139,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
       }
     }
   }
+  cp_wait<0>();  // (v8: the last, empty group) before the state part reuses the tiles' memory
   __syncthreads();
 
   const bool has_dS = n < p.N - 1 || p.has_s0;
@@ -1075,28 +1183,34 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   T* DK = static_cast<T*>(p.dk);
   T* DV = static_cast<T*>(p.dv);
   const bool v0 = kj0 < cnt, v1 = kj1 < cnt;
-  float dot0 = 0.f, dot1 = 0.f;
+  const bool fdots = p.gen >= 7;  // as in dq_kernel's epilogue
+  float dot0 = fdots ? cdot[0] / p.scale : 0.f, dot1 = fdots ? cdot[1] / p.scale : 0.f;
 #pragma unroll
   for (int nt = 0; nt < ND; ++nt) {
     const int col = nt * 8 + 2 * tq;
     float x0 = dk[nt][0], x1 = dk[nt][1], x2 = dk[nt][2], x3 = dk[nt][3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     if (has_dS) {
-      x0 += dka[wr0 * (d + 4) + col];
-      x1 += dka[wr0 * (d + 4) + col + 1];
-      x2 += dka[wr1 * (d + 4) + col];
-      x3 += dka[wr1 * (d + 4) + col + 1];
+      s0 = dka[wr0 * (d + 4) + col];
+      s1 = dka[wr0 * (d + 4) + col + 1];
+      s2 = dka[wr1 * (d + 4) + col];
+      s3 = dka[wr1 * (d + 4) + col + 1];
+      x0 += s0;
+      x1 += s1;
+      x2 += s2;
+      x3 += s3;
     }
     if (v0) {
       const int64_t o = ((tok0 + kj0) * p.hk + h) * d + col;
       const float2 kv = IO<T>::load2(K + o);
-      dot0 += kv.x * x0 + kv.y * x1;
+      dot0 += fdots ? bf16_round(kv.x) * s0 + bf16_round(kv.y) * s1 : kv.x * x0 + kv.y * x1;
       IO<T>::store2(DK + o, x0, x1);
       IO<T>::store2(DV + o, dv[nt][0], dv[nt][1]);
     }
     if (v1) {
       const int64_t o = ((tok0 + kj1) * p.hk + h) * d + col;
       const float2 kv = IO<T>::load2(K + o);
-      dot1 += kv.x * x2 + kv.y * x3;
+      dot1 += fdots ? bf16_round(kv.x) * s2 + bf16_round(kv.y) * s3 : kv.x * x2 + kv.y * x3;
       IO<T>::store2(DK + o, x2, x3);
       IO<T>::store2(DV + o, dv[nt][2], dv[nt][3]);
     }

@@ -37,7 +37,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1 .. v6 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v6"
+DEFAULT_KERNEL = "v8"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -48,6 +48,8 @@ KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # v3 = v2 + the backward reads the forward's kept chunk states (run_fwd keeps them, run_bwd passes them).
 # v4 = v3 with the per-chunk state contributions from state_local_kernel (bitwise equal to v3's).
 # v5 = v4 with dq/dkv compiled for two blocks per SM, v6 = v5 with chunk_out at three (bitwise v4).
+# v7 = v6 with one gate cumsum per chunk (chunks up to 8192; short sequences as a single chunk),
+# v8 = v7 with the intra-chunk tiles loaded by cp.async, double-buffered (bf16; bitwise v7).
 OLDER = ("v1", "v2")  # the generations that recompute the states (every later one keeps the forward's)
 TOL_DLOG_G = 6e-2 if KERNEL == "v1" else 1.5e-2
 
@@ -211,15 +213,28 @@ def test_forward_and_gradients(c):
         if ref is not None:
             checks.append((nm, got, ref))
     failures = []
+    zero_grads = ("dq", "dk") if t == 1 and not init else ()
     for nm, got, ref in checks:
+        if nm in zero_grads:
+            # y_0 = v_0 whatever q, k: these gradients are exactly zero. The kernels' dq, dk are the
+            # fp32 rounding left of (dy.v - dy.y), amplified by 1/den = 1/(s q.k)^2 (so by how
+            # close q.k is to 0): an H100 draw at d = 128 measured an RMS of 2.2e-5 (dy ~ N(0, 1)).
+            noise = (got.double().pow(2).mean().sqrt() / dy.double().pow(2).mean().sqrt()).item()
+            log_err(name, nm + "-rms", noise)
+            if not noise <= 1e-4:
+                failures.append(f"{nm}: RMS {noise:.3e} of an exactly-zero gradient (relative to dy) > 1e-4")
+            continue
         err = rel(got, ref)
         log_err(name, nm, err)
-        if not err <= (TOL_DLOG_G if nm == "dlog_g" else tol):
-            failures.append(f"{nm}: rel err {err:.3e} > {tol:.1e}")
+        bound = TOL_DLOG_G if nm == "dlog_g" else tol
+        if not err <= bound:
+            failures.append(f"{nm}: rel err {err:.3e} > {bound:.1e}")
     if exact is not None:  # fp32/fp16 inputs: the total error against the exact inputs
         refs = dict(zip(("y", "state", "sum_of_keys"), exact[:3]))
         refs.update(zip(("dq", "dk", "dv", "dlog_g", "ds0", "dz0"), exact[3]))
         for nm, got, _ in checks:
+            if nm in zero_grads:
+                continue
             err = rel(got, refs[nm])
             log_err(name + "-vs-exact-inputs", nm, err)
             if not err <= 4e-2:
@@ -462,11 +477,39 @@ def test_v7_matches_v6_at_the_same_chunk(monkeypatch, c):
         assert err < 5e-3, f"{nm}: {err:.3e}"
 
 
+@pytest.mark.parametrize("c", [(3, 1000, 5, 5, 64, torch.bfloat16, 1000), (2, 2500, 8, 2, 64, torch.bfloat16, 256),
+                               (2, 3000, 8, 2, 64, torch.bfloat16, 3000), (2, 700, 4, 4, 128, torch.bfloat16, 700),
+                               (2, 1300, 4, 2, 32, torch.bfloat16, 1300), (2, 900, 4, 4, 64, torch.float16, 900)])
+def test_v8_async_tiles_match_v7_bitwise(monkeypatch, c):
+    """v8 fills the intra-chunk tiles with cp.async, double-buffered, instead of through registers:
+    the same bits land in shared memory (bf16; other dtypes take v7's path), so every output and
+    gradient equals v7's bit for bit (single and several chunks, GQA, initial state, dS in)."""
+    b, t, hq, hk, d, dtype, chunk = c
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, True)
+    s0, z0 = prefix_state(b, hk, d, gen)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
+    dS = torch.randn_like(s0) * 1e-2
+    dz = torch.randn_like(z0) * 1e-2
+    res = {}
+    for ver in ("v7", "v8"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        plain = [run_fwd(q, k, v, log_g, None, None, chunk, False)[0],
+                 *run_bwd(q, k, v, log_g, None, None, dy, None, None, chunk)[:4]]
+        stateful = [*run_fwd(q, k, v, log_g, s0, z0, chunk, True), *run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk)]
+        res[ver] = plain + stateful
+    torch.cuda.synchronize()
+    names = ("y", "dq", "dk", "dv", "dlog_g", "y_s", "state", "sum_of_keys", "dq_s", "dk_s", "dv_s", "dlog_g_s",
+             "ds0", "dz0")
+    for nm, a, b_ in zip(names, res["v7"], res["v8"]):
+        assert torch.isfinite(a).all(), nm
+        assert torch.equal(a, b_), nm
+
+
 def test_v7_single_chunk_public_op(monkeypatch):
     """v7's default runs a short sequence as one chunk (the quadratic form; no chunk states, so the
     forward keeps none for the backward): the public op's output and gradients match the float64
     reference."""
-    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v7")
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", KERNEL if int(KERNEL[1:]) >= 7 else "v7")  # (v7 or later)
     b, t, hq, hk, d = 2, 2000, 8, 2, 64
     assert O.default_chunk_size(t, d, "cuda") == t
     q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)

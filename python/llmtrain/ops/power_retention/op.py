@@ -75,9 +75,12 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v6"
+DEFAULT_CUDA_KERNEL = "v8"
 # v7 and later: the longest sequence (per head dim) that default_chunk_size runs as a single chunk.
-SINGLE_CHUNK_MAX = {32: 1024, 64: 4096, 128: 8192}
+# H100, fwd+bwd, 65,536 tokens x 8 heads (docs/perf.md, session 5): d = 64 one chunk 6.5 ms vs
+# chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8 /
+# 71.4 at 2K / 4K / 8K. d = 32: not measured, so never (its chunk-128 default stands).
+SINGLE_CHUNK_MAX = {32: 0, 64: 2048, 128: 8192}
 
 
 def _cuda_generation() -> int:
