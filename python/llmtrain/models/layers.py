@@ -10,7 +10,16 @@ from llmtrain.ops import rmsnorm_linear
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm in at least float32 (float64 stays float64), returned in x's dtype."""
+    """RMSNorm accumulated in at least float32 (float64 stays float64), returned in x's dtype.
+
+    bf16/fp16 CUDA inputs go to torch's fused kernel as they are (it accumulates in float32 and
+    rounds once), with the weight cast to x's dtype and autocast off: a float32 round trip of x
+    (two casts forward, two backward) cost the retention-1b step ~14 ms of copies plus float32
+    norm traffic on an H100 (docs/perf.md, session 5). Elsewhere x is normalised in float32.
+    """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
     acc = torch.promote_types(x.dtype, torch.float32)
     return F.rms_norm(x.to(acc), (x.shape[-1],), weight.to(acc), eps).to(x.dtype)
 
