@@ -705,8 +705,12 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
       const int col = nt * 8 + 2 * tq;
       dy0[nt] = v0 ? IO<T>::load2(DY + ((tok0 + qi0) * p.hq + hqi) * d + col) : make_float2(0.f, 0.f);
       dy1[nt] = v1 ? IO<T>::load2(DY + ((tok0 + qi1) * p.hq + hqi) * d + col) : make_float2(0.f, 0.f);
-      dyy0 += dy0[nt].x * acc[nt][0] + dy0[nt].y * acc[nt][1];
-      dyy1 += dy1[nt].x * acc[nt][2] + dy1[nt].y * acc[nt][3];
+      // v7: dy . num with the bf16 dy that the dq / dkv kernels multiply v with (fp32 / fp16 dy:
+      // the exact one left a rounding-size gap in dy.v - dy.y, amplified in dq / dk)
+      const float2 e0 = p.gen >= 7 ? make_float2(bf16_round(dy0[nt].x), bf16_round(dy0[nt].y)) : dy0[nt];
+      const float2 e1 = p.gen >= 7 ? make_float2(bf16_round(dy1[nt].x), bf16_round(dy1[nt].y)) : dy1[nt];
+      dyy0 += e0.x * acc[nt][0] + e0.y * acc[nt][1];
+      dyy1 += e1.x * acc[nt][2] + e1.y * acc[nt][3];
     }
     dyy0 += __shfl_xor_sync(0xffffffffu, dyy0, 1);
     dyy0 += __shfl_xor_sync(0xffffffffu, dyy0, 2);
@@ -888,6 +892,18 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
     }
   }
   cp_wait<0>();  // (v8: the last, empty group) before the state part reuses the tiles' memory
+  // v7: q . dacc of the intra part, to swap for rdot in the epilogue (the state part below adds
+  // to dacc too, so the epilogue's q . dq still takes the whole dacc)
+  float idot[2] = {0.f, 0.f};
+  if (p.gen >= 7) {
+#pragma unroll
+    for (int nt = 0; nt < ND; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      const float2 q0 = unpack_bf16(ld32(qs + wr0 * LD + col)), q1 = unpack_bf16(ld32(qs + wr1 * LD + col));
+      idot[0] += q0.x * dacc[nt][0] + q0.y * dacc[nt][1];
+      idot[1] += q1.x * dacc[nt][2] + q1.y * dacc[nt][3];
+    }
+  }
   __syncthreads();
 
   const bool has_state = n > 0 || p.has_s0;
@@ -926,37 +942,35 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   }
 
   // epilogue: dq = dacc + dqa (both already in units of dq); dG = q . dq. v7: the intra part of
-  // q . dq from the fp32 row dots, the state part with the bf16 operand q the kernels used (fp32 /
-  // fp16 inputs: not the exact q, whose rounding difference broke the telescoping of dlog_g)
+  // q . dq from the fp32 row dots instead of q . (bf16-operand intra dq), and the rest with the bf16
+  // operand q the kernels used (fp32 / fp16 inputs: the exact q's rounding difference broke the
+  // telescoping of dlog_g over long chunks)
   T* DQ = static_cast<T*>(p.dq);
   const bool v0 = qi0 < cnt, v1 = qi1 < cnt;
   const bool fdots = p.gen >= 7;
-  float dot0 = fdots ? rdot[0] / p.scale : 0.f, dot1 = fdots ? rdot[1] / p.scale : 0.f;
+  float dot0 = fdots ? rdot[0] / p.scale - idot[0] : 0.f, dot1 = fdots ? rdot[1] / p.scale - idot[1] : 0.f;
 #pragma unroll
   for (int nt = 0; nt < ND; ++nt) {
     const int col = nt * 8 + 2 * tq;
     float x0 = dacc[nt][0], x1 = dacc[nt][1], x2 = dacc[nt][2], x3 = dacc[nt][3];
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     if (has_state) {
-      s0 = dqa[wr0 * (d + 4) + col];
-      s1 = dqa[wr0 * (d + 4) + col + 1];
-      s2 = dqa[wr1 * (d + 4) + col];
-      s3 = dqa[wr1 * (d + 4) + col + 1];
-      x0 += s0;
-      x1 += s1;
-      x2 += s2;
-      x3 += s3;
+      x0 += dqa[wr0 * (d + 4) + col];
+      x1 += dqa[wr0 * (d + 4) + col + 1];
+      x2 += dqa[wr1 * (d + 4) + col];
+      x3 += dqa[wr1 * (d + 4) + col + 1];
     }
     if (v0) {
       T* dst = DQ + ((tok0 + qi0) * p.hq + hqi) * d + col;
-      const float2 qv = IO<T>::load2(Q + ((tok0 + qi0) * p.hq + hqi) * d + col);
-      dot0 += fdots ? bf16_round(qv.x) * s0 + bf16_round(qv.y) * s1 : qv.x * x0 + qv.y * x1;
+      float2 qv = IO<T>::load2(Q + ((tok0 + qi0) * p.hq + hqi) * d + col);
+      if (fdots) qv = make_float2(bf16_round(qv.x), bf16_round(qv.y));
+      dot0 += qv.x * x0 + qv.y * x1;
       IO<T>::store2(dst, x0, x1);
     }
     if (v1) {
       T* dst = DQ + ((tok0 + qi1) * p.hq + hqi) * d + col;
-      const float2 qv = IO<T>::load2(Q + ((tok0 + qi1) * p.hq + hqi) * d + col);
-      dot1 += fdots ? bf16_round(qv.x) * s2 + bf16_round(qv.y) * s3 : qv.x * x2 + qv.y * x3;
+      float2 qv = IO<T>::load2(Q + ((tok0 + qi1) * p.hq + hqi) * d + col);
+      if (fdots) qv = make_float2(bf16_round(qv.x), bf16_round(qv.y));
+      dot1 += qv.x * x2 + qv.y * x3;
       IO<T>::store2(dst, x2, x3);
     }
   }
@@ -1140,6 +1154,17 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
     }
   }
   cp_wait<0>();  // (v8: the last, empty group) before the state part reuses the tiles' memory
+  // v7: k . dk of the intra part, swapped for cdot in the epilogue (as dq_kernel's idot)
+  float idot[2] = {0.f, 0.f};
+  if (p.gen >= 7) {
+#pragma unroll
+    for (int nt = 0; nt < ND; ++nt) {
+      const int col = nt * 8 + 2 * tq;
+      const float2 k0 = unpack_bf16(ld32(ks + wr0 * LD + col)), k1 = unpack_bf16(ld32(ks + wr1 * LD + col));
+      idot[0] += k0.x * dk[nt][0] + k0.y * dk[nt][1];
+      idot[1] += k1.x * dk[nt][2] + k1.y * dk[nt][3];
+    }
+  }
   __syncthreads();
 
   const bool has_dS = n < p.N - 1 || p.has_s0;
@@ -1184,33 +1209,30 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   T* DV = static_cast<T*>(p.dv);
   const bool v0 = kj0 < cnt, v1 = kj1 < cnt;
   const bool fdots = p.gen >= 7;  // as in dq_kernel's epilogue
-  float dot0 = fdots ? cdot[0] / p.scale : 0.f, dot1 = fdots ? cdot[1] / p.scale : 0.f;
+  float dot0 = fdots ? cdot[0] / p.scale - idot[0] : 0.f, dot1 = fdots ? cdot[1] / p.scale - idot[1] : 0.f;
 #pragma unroll
   for (int nt = 0; nt < ND; ++nt) {
     const int col = nt * 8 + 2 * tq;
     float x0 = dk[nt][0], x1 = dk[nt][1], x2 = dk[nt][2], x3 = dk[nt][3];
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     if (has_dS) {
-      s0 = dka[wr0 * (d + 4) + col];
-      s1 = dka[wr0 * (d + 4) + col + 1];
-      s2 = dka[wr1 * (d + 4) + col];
-      s3 = dka[wr1 * (d + 4) + col + 1];
-      x0 += s0;
-      x1 += s1;
-      x2 += s2;
-      x3 += s3;
+      x0 += dka[wr0 * (d + 4) + col];
+      x1 += dka[wr0 * (d + 4) + col + 1];
+      x2 += dka[wr1 * (d + 4) + col];
+      x3 += dka[wr1 * (d + 4) + col + 1];
     }
     if (v0) {
       const int64_t o = ((tok0 + kj0) * p.hk + h) * d + col;
-      const float2 kv = IO<T>::load2(K + o);
-      dot0 += fdots ? bf16_round(kv.x) * s0 + bf16_round(kv.y) * s1 : kv.x * x0 + kv.y * x1;
+      float2 kv = IO<T>::load2(K + o);
+      if (fdots) kv = make_float2(bf16_round(kv.x), bf16_round(kv.y));
+      dot0 += kv.x * x0 + kv.y * x1;
       IO<T>::store2(DK + o, x0, x1);
       IO<T>::store2(DV + o, dv[nt][0], dv[nt][1]);
     }
     if (v1) {
       const int64_t o = ((tok0 + kj1) * p.hk + h) * d + col;
-      const float2 kv = IO<T>::load2(K + o);
-      dot1 += fdots ? bf16_round(kv.x) * s2 + bf16_round(kv.y) * s3 : kv.x * x2 + kv.y * x3;
+      float2 kv = IO<T>::load2(K + o);
+      if (fdots) kv = make_float2(bf16_round(kv.x), bf16_round(kv.y));
+      dot1 += kv.x * x2 + kv.y * x3;
       IO<T>::store2(DK + o, x2, x3);
       IO<T>::store2(DV + o, dv[nt][2], dv[nt][3]);
     }
