@@ -248,10 +248,11 @@ int64_t retention_step(py::handle q_, py::handle k_, py::handle v_, py::handle l
 }
 
 // Bytes of CUDA workspace the power retention kernels need (0 without CUDA kernels).
-// which: 0 forward, 1 backward, 2 step, 3 backward given the forward's saved states.
+// which: 0 forward, 1 backward, 2 step, 3 backward given the forward's saved states, 4 forward of a
+// single chunk with no initial or final state.
 int64_t retention_workspace_size(int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t d, int64_t chunk, int which) {
 #ifdef LLMTRAIN_WITH_CUDA
-  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 3)
+  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 4)
     fail("power_retention_workspace_size: invalid sizes");
   RetentionDims m{b, t, hq, hk, d, sym_power_dim(d, 2), 2, 1.0, chunk, DType::BF16};
   return power_retention_workspace_bytes_cuda(m, which);
@@ -387,7 +388,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("power_retention_workspace_size", &retention_workspace_size, py::arg("b"), py::arg("t"), py::arg("hq"),
         py::arg("hk"), py::arg("d"), py::arg("chunk_size"), py::arg("which"),
         "Bytes of device workspace the CUDA power retention kernels need (which: 0 forward, 1 backward, "
-        "2 step, 3 backward with saved_states); pass a uint8 tensor of that size as `workspace`.");
+        "2 step, 3 backward with saved_states, 4 forward of one chunk without initial or final state); "
+        "pass a uint8 tensor of that size as `workspace`.");
   m.def("rmsnorm_linear_fwd", &rmslin_fwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),
         py::arg("bias"), py::arg("y"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0);
   m.def("rmsnorm_linear_bwd", &rmslin_bwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),

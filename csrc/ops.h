@@ -111,7 +111,8 @@ void rmsnorm_linear_bwd_cpu(const RmsLinBwdArgs& a);
 int64_t power_retention_fwd_cuda(const RetentionFwdArgs& a);
 void power_retention_bwd_cuda(const RetentionBwdArgs& a);
 int64_t power_retention_step_cuda(const RetentionStepArgs& a);
-// Workspace bytes for which = 0 (forward), 1 (backward), 2 (step); m.chunk as requested.
+// Workspace bytes for which = 0 (forward), 1 (backward), 2 (step), 3 (backward given the forward's
+// saved states), 4 (forward of one chunk without initial or final state); m.chunk as requested.
 int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which);
 void rmsnorm_linear_fwd_cuda(const RmsLinFwdArgs& a);
 void rmsnorm_linear_bwd_cuda(const RmsLinBwdArgs& a);

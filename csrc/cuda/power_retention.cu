@@ -50,6 +50,10 @@
 // statistics) double-buffered and filled by cp.async one tile ahead, for bf16 inputs (other dtypes
 // convert through registers as before). The same bits reach shared memory: bitwise v7.
 //
+// v9 (the default): v8, and a single chunk without states keeps the forward's fp32 y and 1 / den
+// (in its workspace, kept by the caller like v3's states), so the backward computes its row
+// statistics (1 / den, dy . y) with rowstat_kernel instead of chunk_out's ghat pass.
+//
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
 //   backward: states and state gradients (same size each), ghat [b, hq, t128, d+8] bf16,
@@ -73,7 +77,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 8;
+constexpr int kDefaultVersion = 9;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -85,7 +89,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v6")) return 6;
   if (!std::strcmp(e, "v7")) return 7;
   if (!std::strcmp(e, "v8")) return 8;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v8, got '") +
+  if (!std::strcmp(e, "v9")) return 9;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v9, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -242,6 +247,14 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   cudaStream_t st = static_cast<cudaStream_t>(A.stream);
   const bool need_scan = P.N > 1 || A.s0 || A.s_out;
   Carver ws{static_cast<char*>(A.workspace), A.workspace_bytes};
+  // v9, one chunk and no initial state: fp32 y and 1 / den for the backward, first in the
+  // workspace (which the caller keeps as the saved buffer; see backward_impl)
+  float* y32 = nullptr;
+  float* inv_den = nullptr;
+  if (kernel_version() >= 9 && P.N == 1 && !A.s0) {
+    y32 = ws.take<float>(P.b * P.t * P.hq * d);
+    inv_den = ws.take<float>(P.b * P.hq * P.t);
+  }
   bf16* Sws = need_scan ? ws.take<bf16>(P.b * P.hk * P.N * P.D * P.E) : nullptr;
   if (need_scan) {
     ScanArgs s{};
@@ -269,6 +282,8 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
   o.gcum = gate_cumsums(ws, o.log_g, P, st);
   o.gen = kernel_version();
+  o.y32 = y32;
+  o.inv_den = inv_den;
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
   launch_out<d, T, false>(o, P, st);
@@ -337,7 +352,20 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   o.gen = kernel_version();
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
-  launch_out<d, T, true>(o, P, st);
+  // v9: one chunk, no states in or out, the forward's saved buffer: the row statistics come from its
+  // fp32 y and 1 / den (ghat itself is only read by state parts, and there are none)
+  const bool rows_from_saved = kernel_version() >= 9 && A.saved && P.N == 1 && !A.s0 && !grad_final;
+  if (rows_from_saved) {
+    Carver sv{const_cast<char*>(static_cast<const char*>(A.saved)), A.saved_bytes};
+    const float* y32 = sv.take<float>(P.b * P.t * P.hq * d);
+    const float* inv_den = sv.take<float>(P.b * P.hq * P.t);
+    const int64_t rows = P.b * P.hq * P.tpad;
+    rowstat_kernel<d, T><<<(unsigned)div_up(rows, kThreads / 32), kThreads, 0, st>>>(
+        static_cast<const T*>(A.dy), y32, inv_den, rowstat, P.b, P.t, P.hq, P.tpad);
+    check_launch("rowstat_kernel");
+  } else {
+    launch_out<d, T, true>(o, P, st);
+  }
   if (need_dS) {
     ScanArgs s{};
     s.x = A.q; s.ghat = ghat; s.log_g = log_g;
@@ -446,7 +474,10 @@ int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) 
   const Plan P = make_plan(m);
   const int64_t nstate = align256(P.b * P.hk * P.N * P.D * P.E * 2);
   const int64_t gates = align256(P.b * P.hk * P.t * 4);  // v7's gate cumsums (carved last)
-  if (which == 0) return nstate + v2_extra_bytes(P) + gates;
+  // v9, one chunk: the forward's fp32 y and 1 / den (carved first)
+  const int64_t rows = P.N == 1 ? align256(P.b * P.t * P.hq * P.d * 4) + align256(P.b * P.hq * P.t * 4) : 0;
+  if (which == 0) return nstate + v2_extra_bytes(P) + gates + rows;
+  if (which == 4) return rows + gates;  // one chunk, no state in or out: no chunk states at all
   if (which == 1 || which == 3)  // 3: the chunk states come from the forward (saved_states)
     return (which == 1 ? 2 : 1) * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
            align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4) + gates;

@@ -523,6 +523,8 @@ struct OutArgs {
   float2* rowstat;  // ghat mode: [b, hq, tpad] (1 / den, dy . y)
   const float* gcum;  // v7: within-chunk gate cumsums [b * hk, t] (zeros ungated); null: scan here
   int gen;           // kernel generation: 7+ fp32 dlog_g dots (dq/dkv), 8+ cp.async tiles (bf16)
+  float* y32;        // v9 forward, one chunk: y in fp32 [b, t, hq, d] and 1 / den [b, hq, t], so the
+  float* inv_den;    //   backward gets its row statistics without recomputing the attention (or null)
   int64_t b, t, hq, hk;
   int C, N, tpad;
   float scale;
@@ -694,6 +696,22 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
       if (v0) IO<T>::store2(Y + ((tok0 + qi0) * p.hq + hqi) * d + col, acc[nt][0] * inv0, acc[nt][1] * inv0);
       if (v1) IO<T>::store2(Y + ((tok0 + qi1) * p.hq + hqi) * d + col, acc[nt][2] * inv1, acc[nt][3] * inv1);
     }
+    if (p.y32) {
+#pragma unroll
+      for (int nt = 0; nt < ND; ++nt) {
+        const int col = nt * 8 + 2 * tq;
+        if (v0)
+          *reinterpret_cast<float2*>(p.y32 + ((tok0 + qi0) * p.hq + hqi) * d + col) =
+              make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
+        if (v1)
+          *reinterpret_cast<float2*>(p.y32 + ((tok0 + qi1) * p.hq + hqi) * d + col) =
+              make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
+      }
+      if (tq == 0) {
+        if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + cs + qi0] = inv0;
+        if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + cs + qi1] = inv1;
+      }
+    }
   } else {
     const T* DY = static_cast<const T*>(p.dy);
     bf16* gh0 = p.ghat + ((bi * p.hq + hqi) * p.tpad + cs + qi0) * (int64_t)E;
@@ -732,6 +750,32 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
       rs[qi1] = v1 ? make_float2(inv1, dyy1 * inv1) : make_float2(0.f, 0.f);
     }
   }
+}
+
+// v9, one chunk without states: the backward's row statistics (1 / den, dy . y) from the forward's
+// fp32 y and 1 / den, one warp per row (zeros for the padding rows up to tpad), instead of
+// chunk_out's ghat pass recomputing the whole attention. dy . y with the bf16 dy, as chunk_out's.
+template <int d, typename T>
+__global__ void __launch_bounds__(kThreads) rowstat_kernel(const T* dy, const float* y32, const float* inv_den,
+                                                          float2* rowstat, int64_t b, int64_t t, int64_t hq, int tpad) {
+  const int64_t w = (int64_t)blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (w >= b * hq * tpad) return;
+  const int64_t row = w % tpad, bh = w / tpad, bi = bh / hq, h = bh % hq;
+  float2 out = make_float2(0.f, 0.f);
+  if (row < t) {
+    const int64_t o = ((bi * t + row) * hq + h) * d;
+    float s = 0.f;
+    for (int c = 2 * lane; c < d; c += 64) {
+      const float2 g = IO<T>::load2(dy + o + c);
+      const float2 y = *reinterpret_cast<const float2*>(y32 + o + c);
+      s += bf16_round(g.x) * y.x + bf16_round(g.y) * y.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    out = make_float2(inv_den[bh * t + row], s);
+  }
+  if (lane == 0) rowstat[bh * tpad + row] = out;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1 .. v6 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v8"
+DEFAULT_KERNEL = "v9"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -50,6 +50,7 @@ KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # v5 = v4 with dq/dkv compiled for two blocks per SM, v6 = v5 with chunk_out at three (bitwise v4).
 # v7 = v6 with one gate cumsum per chunk (chunks up to 8192; short sequences as a single chunk),
 # v8 = v7 with the intra-chunk tiles loaded by cp.async, double-buffered (bf16; bitwise v7).
+# v9 = v8, and one chunk without states keeps the forward's fp32 y and 1 / den for the backward.
 OLDER = ("v1", "v2")  # the generations that recompute the states (every later one keeps the forward's)
 TOL_DLOG_G = 6e-2 if KERNEL == "v1" else 1.5e-2
 
@@ -503,6 +504,36 @@ def test_v8_async_tiles_match_v7_bitwise(monkeypatch, c):
     for nm, a, b_ in zip(names, res["v7"], res["v8"]):
         assert torch.isfinite(a).all(), nm
         assert torch.equal(a, b_), nm
+
+
+@pytest.mark.parametrize("c", [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),
+                               (2, 700, 4, 4, 128, torch.float16, True), (2, 900, 4, 2, 64, torch.float32, False),
+                               (3, 77, 5, 5, 32, torch.bfloat16, True)])
+def test_v9_saved_rows_match_v8(monkeypatch, c):
+    """v9's backward of one chunk reads (1 / den, dy . y) from the forward's kept fp32 y and 1 / den
+    instead of recomputing the attention: the same quantities to fp32 rounding, so every gradient
+    matches v8's closely; without the kept buffer v9 recomputes (bitwise v8)."""
+    b, t, hq, hk, d, dtype, gated = c
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
+    res = {}
+    for ver in ("v8", "v9"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        kept = []
+        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
+        saved = run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
+        plain = run_bwd(q, k, v, log_g, None, None, dy, None, None, t)[:4]
+        res[ver] = (y, saved, plain)
+    torch.cuda.synchronize()
+    assert torch.equal(res["v8"][0], res["v9"][0])
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), res["v8"][2], res["v9"][2]):
+        if a is not None:
+            assert torch.equal(a, b_), nm
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), res["v8"][1], res["v9"][1]):
+        if a is not None:
+            err = rel(b_, a)
+            log_err(f"v9_vs_v8-{'-'.join(map(str, c))}", nm, err)
+            assert err < 2e-3, f"{nm}: {err:.3e}"
 
 
 def test_v7_single_chunk_public_op(monkeypatch):

@@ -75,7 +75,7 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v8"
+DEFAULT_CUDA_KERNEL = "v9"
 # v7 and later: the longest sequence (per head dim) that default_chunk_size runs as a single chunk.
 # H100, fwd+bwd, 65,536 tokens x 8 heads (docs/perf.md, session 5): d = 64 one chunk 6.5 ms vs
 # chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8 /
@@ -137,7 +137,7 @@ def _fwd_op(
     shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
     S = torch.empty(shape_S, dtype=acc, device=q.device)
     z = torch.empty(shape_z, dtype=acc, device=q.device)
-    ws = _workspace_tensor(q, k, chunk_size, 0)
+    ws = _workspace_tensor(q, k, chunk_size, _fwd_workspace_kind(t, chunk_size, s0, need_state))
     bad = _native.native().power_retention_fwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
@@ -151,11 +151,18 @@ def _fwd_op(
     return y, S, z, ws if keep else no_saved
 
 
-def _saved_bytes(q, k, chunk_size, keep_states) -> int:
+def _fwd_workspace_kind(t: int, chunk_size: int, s0: Optional[Tensor], need_state: bool) -> int:
+    """The forward's workspace: 4 (one chunk, no state in or out: no chunk states, only the gate sums
+    and, from v9 on, the fp32 y and 1 / den its backward reads) or 0 (the general one)."""
+    return 4 if s0 is None and not need_state and _cuda_chunk_count(t, chunk_size) == 1 else 0
+
+
+def _saved_bytes(q, k, s0, chunk_size, need_state, keep_states) -> int:
     if not (keep_states and q.device.type == "cuda" and _native.has_cuda_kernels()):
         return 0
     b, t, hq, d = (int(x) for x in q.shape)  # a size from the kernels' plan: specialises under dynamic shapes
-    return int(_native.native().power_retention_workspace_size(b, t, hq, int(k.shape[2]), d, chunk_size, 0))
+    which = _fwd_workspace_kind(t, chunk_size, s0, need_state)
+    return int(_native.native().power_retention_workspace_size(b, t, hq, int(k.shape[2]), d, chunk_size, which))
 
 
 @_fwd_op.register_fake
@@ -166,7 +173,7 @@ def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, keep_s
     acc = _acc_dtype(q.dtype)
     shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
     return (torch.empty_like(q), q.new_empty(shape_S, dtype=acc), q.new_empty(shape_z, dtype=acc),
-            q.new_empty(_saved_bytes(q, k, chunk_size, keep_states), dtype=torch.uint8))
+            q.new_empty(_saved_bytes(q, k, s0, chunk_size, need_state, keep_states), dtype=torch.uint8))
 
 
 @torch.library.custom_op("llmtrain::power_retention_bwd", mutates_args=())
@@ -345,10 +352,11 @@ def power_retention(
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = _check_state(initial_state, q, k, acc)
-    # (one chunk and no initial state: there are no chunk states to keep)
+    # (one chunk and no initial state: no chunk states to keep; from v9 on, the fp32 y and 1 / den
+    # that spare the backward a pass, 260 bytes per token and head at d = 64)
     keep = _keep_states(q) and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0)) and (
-        s0 is not None or _cuda_chunk_count(t, chunk_size) > 1)
+        s0 is not None or _cuda_chunk_count(t, chunk_size) > 1 or _cuda_generation() >= 9)
     y, S, z, _ = torch.ops.llmtrain.power_retention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state, keep)
     return (y, RetentionState(S, z)) if return_state else y
