@@ -752,6 +752,20 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
   }
 }
 
+// This lane's part of x_r . acc_r for the warp's rows r = wr0, wr0 + 8 (m16n8 accumulator layout),
+// x_r from a bf16 [rows][LD] tile.
+template <int ND, int LD>
+__device__ __forceinline__ void tile_row_dots(float (&out)[2], const bf16* tile, const float (&acc)[ND][4], int wr0,
+                                              int tq) {
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const float2 x0 = unpack_bf16(ld32(tile + wr0 * LD + col)), x1 = unpack_bf16(ld32(tile + (wr0 + 8) * LD + col));
+    out[0] += x0.x * acc[nt][0] + x0.y * acc[nt][1];
+    out[1] += x1.x * acc[nt][2] + x1.y * acc[nt][3];
+  }
+}
+
 // v9, one chunk without states: the backward's row statistics (1 / den, dy . y) from the forward's
 // fp32 y and 1 / den, one warp per row (zeros for the padding rows up to tpad), instead of
 // chunk_out's ghat pass recomputing the whole attention. dy . y with the bf16 dy, as chunk_out's.
@@ -939,15 +953,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   // v7: q . dacc of the intra part, to swap for rdot in the epilogue (the state part below adds
   // to dacc too, so the epilogue's q . dq still takes the whole dacc)
   float idot[2] = {0.f, 0.f};
-  if (p.gen >= 7) {
-#pragma unroll
-    for (int nt = 0; nt < ND; ++nt) {
-      const int col = nt * 8 + 2 * tq;
-      const float2 q0 = unpack_bf16(ld32(qs + wr0 * LD + col)), q1 = unpack_bf16(ld32(qs + wr1 * LD + col));
-      idot[0] += q0.x * dacc[nt][0] + q0.y * dacc[nt][1];
-      idot[1] += q1.x * dacc[nt][2] + q1.y * dacc[nt][3];
-    }
-  }
+  if (p.gen >= 7) tile_row_dots<ND, LD>(idot, qs, dacc, wr0, tq);
   __syncthreads();
 
   const bool has_state = n > 0 || p.has_s0;
@@ -1200,15 +1206,7 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   cp_wait<0>();  // (v8: the last, empty group) before the state part reuses the tiles' memory
   // v7: k . dk of the intra part, swapped for cdot in the epilogue (as dq_kernel's idot)
   float idot[2] = {0.f, 0.f};
-  if (p.gen >= 7) {
-#pragma unroll
-    for (int nt = 0; nt < ND; ++nt) {
-      const int col = nt * 8 + 2 * tq;
-      const float2 k0 = unpack_bf16(ld32(ks + wr0 * LD + col)), k1 = unpack_bf16(ld32(ks + wr1 * LD + col));
-      idot[0] += k0.x * dk[nt][0] + k0.y * dk[nt][1];
-      idot[1] += k1.x * dk[nt][2] + k1.y * dk[nt][3];
-    }
-  }
+  if (p.gen >= 7) tile_row_dots<ND, LD>(idot, ks, dk, wr0, tq);
   __syncthreads();
 
   const bool has_dS = n < p.N - 1 || p.has_s0;

@@ -91,6 +91,14 @@ def prefix_state(b, hk, d, g):
     return S.float().contiguous(), z.float().contiguous()
 
 
+def stateful_inputs(b, t, hq, hk, d, dtype, gated):
+    """Fresh inputs with an initial state and a final-state gradient: q, k, v, log_g, s0, z0, dy, dS, dz."""
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
+    s0, z0 = prefix_state(b, hk, d, gen)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
+    return q, k, v, log_g, s0, z0, dy, torch.randn_like(s0) * 1e-2, torch.randn_like(z0) * 1e-2
+
+
 def nan_like(x, dtype=None):
     return torch.full_like(x, float("nan"), dtype=dtype or x.dtype)
 
@@ -300,11 +308,7 @@ def test_decode_step_multi_token_and_fp32():
 
 def test_repeated_runs_bit_identical():
     b, t, hq, hk, d = 2, 2500, 8, 2, 64
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
-    s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-    dS = torch.randn_like(s0) * 1e-2
-    dz = torch.randn_like(z0) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = stateful_inputs(b, t, hq, hk, d, torch.bfloat16, True)
     outs = []
     for _ in range(3):
         f = run_fwd(q, k, v, log_g, s0, z0, 256, True)
@@ -328,11 +332,7 @@ def test_kernel_generations_agree(monkeypatch):
     """v1 (sequential scans) and v2 (parallel chunk states + prefix) compute the same function:
     forward, final state and every gradient within bf16 rounding of each other."""
     b, t, hq, hk, d = 2, 1300, 8, 2, 64
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
-    s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-    dS = torch.randn_like(s0) * 1e-2
-    dz = torch.randn_like(z0) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = stateful_inputs(b, t, hq, hk, d, torch.bfloat16, True)
     res = {}
     for ver in ("v1", "v2"):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
@@ -414,11 +414,7 @@ def test_v4_local_states_match_v3_bitwise(monkeypatch, c, newer):
     and every gradient equal v3's bit for bit (gated, initial state, the final state's gradient).
     v5 and v6 only change the register budget of dq/dkv and chunk_out: bitwise too."""
     b, t, hq, hk, d, dtype, chunk = c
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, True)
-    s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
-    dS = torch.randn_like(s0) * 1e-2
-    dz = torch.randn_like(z0) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = stateful_inputs(b, t, hq, hk, d, dtype, True)
     res = {}
     for ver in ("v3", newer):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
@@ -460,11 +456,7 @@ def test_v7_matches_v6_at_the_same_chunk(monkeypatch, c):
     at the same chunk size the rest is v6's arithmetic, so the two agree to the rounding of the
     gate sums (forward, final state and every gradient; gated with an initial state and dS in)."""
     b, t, hq, hk, d, gated, chunk = c
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, gated)
-    s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-    dS = torch.randn_like(s0) * 1e-2
-    dz = torch.randn_like(z0) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = stateful_inputs(b, t, hq, hk, d, torch.bfloat16, gated)
     res = {}
     for ver in ("v6", "v7"):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
@@ -486,11 +478,7 @@ def test_v8_async_tiles_match_v7_bitwise(monkeypatch, c):
     the same bits land in shared memory (bf16; other dtypes take v7's path), so every output and
     gradient equals v7's bit for bit (single and several chunks, GQA, initial state, dS in)."""
     b, t, hq, hk, d, dtype, chunk = c
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, True)
-    s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
-    dS = torch.randn_like(s0) * 1e-2
-    dz = torch.randn_like(z0) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = stateful_inputs(b, t, hq, hk, d, dtype, True)
     res = {}
     for ver in ("v7", "v8"):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
