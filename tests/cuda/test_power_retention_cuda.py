@@ -546,7 +546,7 @@ def test_v7_single_chunk_public_op(monkeypatch):
 
 
 def test_bad_kernel_selector(monkeypatch):
-    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v9")
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v99")
     q, k, v, log_g, _ = make(1, 300, 2, 2, 64, torch.bfloat16, True)
     with pytest.raises(ValueError, match="LLMTRAIN_RETENTION_KERNEL"):
         run_fwd(q, k, v, log_g, None, None, 128, False)
