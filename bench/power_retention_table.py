@@ -205,8 +205,9 @@ def main():
                     r = next((r for r in rows if r["d"] == d and r["mode"] == mode and r["t"] == t and r["impl"] == n), None)
                     cells.append("" if r is None or math.isnan(r["ms"]) else f"{r['ms']:.2f} ({r['tflops']:.0f})")
                 print(f"| {t} | {TOKENS // t} | " + " | ".join(cells) + " |")
-    print("\n**decode step, one token, 8 heads (us)**\n")
-    print("| d | kernel | batch 1 | batch 64 |\n|---|---|---|---|")
+    if not args.no_decode:  # (--no-decode: no decode rows, so no empty table either)
+        print("\n**decode step, one token, 8 heads (us)**\n")
+        print("| d | kernel | batch 1 | batch 64 |\n|---|---|---|---|")
     for d in ([] if args.no_decode else args.d):
         for ver in dec_vers:
             c = [next((r["ms"] for r in rows if r["mode"] == "decode" and r["d"] == d and r["b"] == b
