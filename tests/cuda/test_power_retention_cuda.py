@@ -545,6 +545,28 @@ def test_v7_single_chunk_public_op(monkeypatch):
     assert O._cuda_chunk_count(t, O.default_chunk_size(t, d, "cuda")) == 1  # so nothing was kept
 
 
+def test_generation_switch_between_forward_and_backward(monkeypatch):
+    """The kept buffer's layout depends on the generation (v7+ chunks up to 8192, v9 rows): a
+    backward run under another LLMTRAIN_RETENTION_KERNEL than its forward recomputes instead of
+    reading it. t = 3000 in one chunk under v9 is three chunks under v6 (cap 1024)."""
+    b, t, hq, hk, d = 2, 3000, 4, 2, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    grads = {}
+    for fwd_ver, bwd_ver in (("v9", "v9"), ("v9", "v6"), ("v6", "v9")):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", fwd_ver)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, log_g)]
+        y = O.power_retention(*leaves, chunk_size=t)
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", bwd_ver)
+        grads[fwd_ver + bwd_ver] = torch.autograd.grad((y.float() * dy.float()).sum(), leaves)
+    torch.cuda.synchronize()
+    for key in ("v9v6", "v6v9"):
+        for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), grads["v9v9"], grads[key]):
+            err = rel(b_, a)
+            log_err(f"switch-{key}", nm, err)
+            assert err < (3e-2 if nm == "dlog_g" else 2e-2), f"{key} {nm}: {err:.3e}"  # two bf16 results
+
+
 def test_bad_kernel_selector(monkeypatch):
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v99")
     q, k, v, log_g, _ = make(1, 300, 2, 2, 64, torch.bfloat16, True)

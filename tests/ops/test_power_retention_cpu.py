@@ -187,3 +187,21 @@ def test_cuda_chunk_policy_by_generation(monkeypatch):
     assert O.default_chunk_size(2048, 64, "cpu") == 512  # the CPU policy does not depend on it
     monkeypatch.delenv("LLMTRAIN_RETENTION_KERNEL")
     assert O._cuda_generation() == int(O.DEFAULT_CUDA_KERNEL[1:])
+
+
+def test_generation_switch_between_forward_and_backward(rng, monkeypatch):
+    """A backward under another LLMTRAIN_RETENTION_KERNEL than its forward's does not read the
+    forward's kept buffer (laid out for the other generation's chunk cap and v9 rows): it recomputes.
+    On the CPU the buffer is always empty; this checks the guard's bookkeeping and the gradients."""
+    from llmtrain.ops.power_retention import op as O
+
+    q, k, v = (torch.randn(1, 40, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v9")
+    y = O.power_retention(q, k, v)
+    assert y.grad_fn is not None
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v6")
+    g_switched = torch.autograd.grad(y.sum(), (q, k, v))
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v9")
+    g_same = torch.autograd.grad(O.power_retention(q, k, v).sum(), (q, k, v))
+    for a, b in zip(g_switched, g_same):
+        torch.testing.assert_close(a, b)

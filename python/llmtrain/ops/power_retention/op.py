@@ -217,10 +217,15 @@ def _setup_context(ctx, inputs, output):
     saved = output[3]  # the kept chunk states (v3 and later), empty otherwise
     ctx.save_for_backward(q, k, v, log_g, s0, z0, saved)
     ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
+    ctx.generation = _cuda_generation()  # what the kept buffer holds depends on it (chunk cap, v9 rows)
 
 
 def _backward(ctx, dy, ds, dz, _dsaved):
     q, k, v, log_g, s0, z0, saved = ctx.saved_tensors
+    if _cuda_generation() != ctx.generation:
+        # LLMTRAIN_RETENTION_KERNEL changed between this forward and its backward: the kept buffer
+        # may be laid out for the other generation, so recompute instead of reading it
+        saved = saved.new_empty(0)
     if not ctx.need_state:
         ds = dz = None
     dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
