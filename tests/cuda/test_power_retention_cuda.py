@@ -526,8 +526,8 @@ def test_v9_saved_rows_match_v8(monkeypatch, c):
 
 def test_v7_single_chunk_public_op(monkeypatch):
     """v7's default runs a short sequence as one chunk (the quadratic form; no chunk states, so the
-    forward keeps none for the backward): the public op's output and gradients match the float64
-    reference."""
+    forward keeps none for the backward; v9 keeps only its fp32 y and 1 / den): the public op's
+    output and gradients match the float64 reference."""
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", KERNEL if int(KERNEL[1:]) >= 7 else "v7")  # (v7 or later)
     b, t, hq, hk, d = 2, 2000, 8, 2, 64
     assert O.default_chunk_size(t, d, "cuda") == t
@@ -542,7 +542,7 @@ def test_v7_single_chunk_public_op(monkeypatch):
         err = rel(a, r)
         log_err("v7_single_public_op", nm, err)
         assert err < (TOL_DLOG_G if nm == "dlog_g" else TOL[torch.bfloat16]), f"{nm}: {err:.3e}"
-    assert O._cuda_chunk_count(t, O.default_chunk_size(t, d, "cuda")) == 1  # so nothing was kept
+    assert O._cuda_chunk_count(t, O.default_chunk_size(t, d, "cuda")) == 1  # one chunk: no chunk states
 
 
 def test_generation_switch_between_forward_and_backward(monkeypatch):
