@@ -16,7 +16,7 @@
 // reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
 // No atomics anywhere: repeated runs are bit-identical.
 //
-// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v6, below, is the default since its H100 run): the sequential
+// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v9, below, is the default): the sequential
 // scans become (a) state_scan_kernel<LOCAL>, every chunk's own contribution at once (grid: feature
 // tiles x chunks x b*hk), and (b) state_prefix_kernel, an element-wise walk over the chunks in
 // fp32 that turns the contributions into the states in place; same for the reverse dS scan.
@@ -37,7 +37,7 @@
 // blocks per SM at d <= 64 (128 registers instead of ~170-190: one block of 8 warps per SM could not
 // hide the latency of their MMA -> contraction chains). Same instructions' arithmetic: bitwise v4.
 //
-// v6 (the default since session 4's H100 runs: d = 64 fwd+bwd 8.0-8.8 ms, forward 1.8-2.0): v5 with
+// v6 (session 4's default: d = 64 fwd+bwd 8.0-8.8 ms on an H100, forward 1.8-2.0): v5 with
 // chunk_out_kernel compiled for three blocks per SM at d <= 64. Bitwise v5 (and v3).
 //
 // v7: v6 with the within-chunk gate cumsums computed once per (chunk, b * hk) by gate_cumsum_kernel
