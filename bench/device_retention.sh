@@ -92,7 +92,7 @@ if [ "${PR_PLAN:-full}" = next ]; then
   read -r -a nxt <<<"${PR_NEXT:-v4}"
   only=ours
   for v in "${nxt[@]}"; do
-    run_tests "$v" "$(cap 75 60)"
+    run_tests "$v" "$(cap 120 60)"
     only=$only,ours-$v
   done
   # PR_EXTRA: more rows for the tables (e.g. ours-v7-single,ours-v7-c256); PR_T: their t values

@@ -50,9 +50,14 @@
 // statistics) double-buffered and filled by cp.async one tile ahead, for bf16 inputs (other dtypes
 // convert through registers as before). The same bits reach shared memory: bitwise v7.
 //
-// v9 (the default): v8, and a single chunk without states keeps the forward's fp32 y and 1 / den
+// v9: v8, and a single chunk without states keeps the forward's fp32 y and 1 / den
 // (in its workspace, kept by the caller like v3's states), so the backward computes its row
 // statistics (1 / den, dy . y) with rowstat_kernel instead of chunk_out's ghat pass.
+//
+// v10 (the default): v9, with a single chunk without an initial state (forward) or without any
+// state (backward, from the saved rows) run by the FlashAttention-style kernels of
+// power_retention_flash.cuh: the gate factored through each 64-key tile below the diagonal, fp32
+// normaliser, no state code. Other shapes run v9's kernels.
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -66,6 +71,7 @@
 
 #include "../ops.h"
 #include "power_retention_kernels.cuh"
+#include "power_retention_flash.cuh"
 #include "power_retention_local.cuh"
 
 namespace llmtrain {
@@ -77,7 +83,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 9;
+constexpr int kDefaultVersion = 10;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -90,7 +96,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v7")) return 7;
   if (!std::strcmp(e, "v8")) return 8;
   if (!std::strcmp(e, "v9")) return 9;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v9, got '") +
+  if (!std::strcmp(e, "v10")) return 10;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v10, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -241,6 +248,23 @@ const float* gate_cumsums(Carver& ws, const float* log_g, const Plan& P, cudaStr
   return g;
 }
 
+// v10: the one-chunk flash kernels (2 blocks per SM at d <= 64, where they fit in 128 registers).
+template <typename K> void launch_flash(K kern, size_t smem, unsigned rows, unsigned heads, const Plan& P,
+                                        const FlashArgs& a, cudaStream_t st, const char* what) {
+  set_smem(kern, smem);
+  kern<<<dim3(rows, heads, (unsigned)P.b), kThreads, smem, st>>>(a);
+  check_launch(what);
+}
+template <int d> constexpr int flash_minb() { return d <= 64 ? 2 : 1; }
+
+FlashArgs flash_args(const Plan& P, const float* gcum, double scale) {
+  FlashArgs f{};
+  f.gcum = gcum;
+  f.b = P.b; f.t = P.t; f.hq = P.hq; f.hk = P.hk; f.tpad = P.tpad;
+  f.scale = (float)scale;
+  return f;
+}
+
 template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   const RetentionDims& m = A.dims;
   const Plan P = make_plan(m);
@@ -277,6 +301,13 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
     } else {
       launch_scan<d, T, false>(s, P, st);
     }
+  }
+  if (kernel_version() >= 10 && P.N == 1 && !A.s0) {  // (a final state, if asked for, came from the scan)
+    FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
+    f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
+    launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    return -1;
   }
   OutArgs o{};
   o.q = A.q; o.k = A.k; o.v = A.v; o.log_g = static_cast<const float*>(A.log_g); o.Sws = Sws; o.y = A.y;
@@ -388,49 +419,59 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       launch_scan<d, T, true>(s, P, st);
     }
   }
-  GradArgs g{};
-  g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
-  g.dq = A.dq; g.dk = A.dk; g.dv = A.dv;
-  g.gcum = gcum;
-  g.gen = kernel_version();
-  g.b = P.b; g.t = P.t; g.hq = P.hq; g.hk = P.hk; g.C = P.C; g.N = P.N; g.tpad = P.tpad;
-  g.scale = (float)m.scale;
-  {
-    GradArgs gq = g;
-    gq.Sws = Sws; gq.dG = dGq; gq.has_s0 = A.s0 != nullptr;
-    // v4: two triangle rows per state slab at d <= 64 (half the barriers; still 2 blocks per SM).
-    // Only the slab loading changes: the same u_contract calls run in the same order (bitwise v3).
-    auto launch_dq = [&](auto kern, size_t sm) {
-      set_smem(kern, sm);
-      kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
-      check_launch("dq_kernel");
-    };
-    const int ver = kernel_version();
-    bool done = false;
-    if constexpr (d <= 64) {
-      if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
-      else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
-      done = ver >= 4;
-    }
-    if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
-  }
-  {
-    GradArgs gk = g;
-    gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
-    auto launch_dkv = [&](auto kern) {
-      const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(gbytes);
-      set_smem(kern, sm);
-      kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
-      check_launch("dkv_kernel");
-    };
-    bool done = false;
-    if constexpr (d <= 64) {
-      if (kernel_version() >= 5) {
-        launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
-        done = true;
+  if (rows_from_saved && kernel_version() >= 10) {
+    FlashArgs f = flash_args(P, gcum, m.scale);
+    f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
+    f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
+    launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
+  } else {
+    GradArgs g{};
+    g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;
+    g.dq = A.dq; g.dk = A.dk; g.dv = A.dv;
+    g.gcum = gcum;
+    g.gen = kernel_version();
+    g.b = P.b; g.t = P.t; g.hq = P.hq; g.hk = P.hk; g.C = P.C; g.N = P.N; g.tpad = P.tpad;
+    g.scale = (float)m.scale;
+    {
+      GradArgs gq = g;
+      gq.Sws = Sws; gq.dG = dGq; gq.has_s0 = A.s0 != nullptr;
+      // v4: two triangle rows per state slab at d <= 64 (half the barriers; still 2 blocks per SM).
+      // Only the slab loading changes: the same u_contract calls run in the same order (bitwise v3).
+      auto launch_dq = [&](auto kern, size_t sm) {
+        set_smem(kern, sm);
+        kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(gq);
+        check_launch("dq_kernel");
+      };
+      const int ver = kernel_version();
+      bool done = false;
+      if constexpr (d <= 64) {
+        if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        done = ver >= 4;
       }
+      if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
     }
-    if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+    {
+      GradArgs gk = g;
+      gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
+      auto launch_dkv = [&](auto kern) {
+        const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(gbytes);
+        set_smem(kern, sm);
+        kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
+        check_launch("dkv_kernel");
+      };
+      bool done = false;
+      if constexpr (d <= 64) {
+        if (kernel_version() >= 5) {
+          launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
+          done = true;
+        }
+      }
+      if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+    }
   }
   if (gated && v2) {
     dlogg_local_kernel<<<dim3((unsigned)P.N, (unsigned)(P.b * P.hk)), kPT, 0, st>>>(

@@ -164,23 +164,28 @@ def test_step_with_grad_uses_autograd_path(rng):
 
 def test_cuda_chunk_policy_by_generation(monkeypatch):
     """The CUDA chunk policy (pure Python, mirrors csrc/ops.h retention_cuda_chunk): v7 and later run
-    a sequence up to SINGLE_CHUNK_MAX[d] as one chunk and accept chunks up to 8192; v1 .. v6 cap
-    chunks at 1024. Decides whether the forward keeps chunk states for the backward."""
+    a sequence up to single_chunk_max(d) as one chunk (v10's table: its flash kernels) and accept
+    chunks up to 8192; v1 .. v6 cap chunks at 1024. Decides whether the forward keeps chunk states
+    for the backward."""
     from llmtrain.ops.power_retention import op as O
 
-    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v7")
-    assert O._cuda_generation() == 7
-    for d, tmax in O.SINGLE_CHUNK_MAX.items():
-        if tmax == 0:  # never one chunk at this head dim
-            assert O.default_chunk_size(1000, d, "cuda") < 1000
-            continue
-        assert O.default_chunk_size(tmax, d, "cuda") == tmax
-        assert O.default_chunk_size(tmax + 1, d, "cuda") < tmax + 1
-        assert O._cuda_chunk_count(tmax, O.default_chunk_size(tmax, d, "cuda")) == 1
-    assert O._cuda_chunk_count(5000, 4096) == 2
-    assert O._cuda_chunk_count(20000, 20000) == 3  # capped at 8192
-    assert O._cuda_chunk_count(1, 256) == 1
+    for ver, table in (("v7", O.SINGLE_CHUNK_MAX_V7), ("v9", O.SINGLE_CHUNK_MAX_V7), ("v10", O.SINGLE_CHUNK_MAX)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        assert O._cuda_generation() == int(ver[1:])
+        for d, tmax in table.items():
+            assert O.single_chunk_max(d) == tmax
+            if tmax == 0:  # never one chunk at this head dim
+                assert O.default_chunk_size(1000, d, "cuda") < 1000
+                continue
+            assert O.default_chunk_size(tmax, d, "cuda") == tmax
+            assert O.default_chunk_size(tmax + 1, d, "cuda") < tmax + 1
+            assert O._cuda_chunk_count(tmax, O.default_chunk_size(tmax, d, "cuda")) == 1
+        assert O._cuda_chunk_count(5000, 4096) == 2
+        assert O._cuda_chunk_count(20000, 20000) == 3  # capped at 8192
+        assert O._cuda_chunk_count(1, 256) == 1
+    assert O.SINGLE_CHUNK_MAX[64] > O.SINGLE_CHUNK_MAX_V7[64]
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v6")
+    assert O.single_chunk_max(64) == 0
     assert O.default_chunk_size(2048, 64, "cuda") == 256
     assert O._cuda_chunk_count(5000, 4096) == 5  # capped at 1024
     assert O._cuda_chunk_count(900, 4096) == 1

@@ -42,12 +42,12 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
     """
     if device_type == "cuda":
         # The CUDA kernels round to a multiple of 128 (at most 1024; 8192 from v7 on) and cap it at
-        # the sequence. v7: a sequence up to SINGLE_CHUNK_MAX[d] runs as one chunk, the quadratic
+        # the sequence. v7: a sequence up to single_chunk_max(d) runs as one chunk, the quadratic
         # form with no states at all (fewer FLOPs than the state update + query below ~2 D (d+1) / d
         # tokens). Longer ones: larger chunks halve the bf16 state traffic, smaller ones the
         # intra-chunk work. H100 sweep (docs/perf.md, 2026-11-23): d = 64 fwd+bwd within 5% for
         # 256/512 (1024 is 13% slower at 64K); d = 128: 1024 is 1-22% faster than 512.
-        if _cuda_generation() >= 7 and t <= SINGLE_CHUNK_MAX.get(d, 0):
+        if t <= single_chunk_max(d):
             return max(1, t)
         return 128 if d <= 32 else (256 if d <= 64 else 1024)
     return max(1, t) if t <= 1024 else 512
@@ -75,12 +75,23 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v9"
-# v7 and later: the longest sequence (per head dim) that default_chunk_size runs as a single chunk.
-# H100, fwd+bwd, 65,536 tokens x 8 heads (docs/perf.md, session 5): d = 64 one chunk 6.5 ms vs
-# chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8 /
-# 71.4 at 2K / 4K / 8K. d = 32: not measured, so never (its chunk-128 default stands).
-SINGLE_CHUNK_MAX = {32: 0, 64: 2048, 128: 8192}
+DEFAULT_CUDA_KERNEL = "v10"
+# The longest sequence (per head dim) that default_chunk_size runs as a single chunk, by generation.
+# v7 .. v9 (H100, fwd+bwd, 65,536 tokens x 8 heads, docs/perf.md, session 5): d = 64 one chunk 6.5 ms
+# vs chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8
+# / 71.4 at 2K / 4K / 8K; d = 32 not measured, so never (its chunk-128 default stands).
+SINGLE_CHUNK_MAX_V7 = {32: 0, 64: 2048, 128: 8192}
+# v10, the FlashAttention-style one-chunk kernels (H100, fwd+bwd, same tokens, docs/perf.md session 6):
+# d = 32 one chunk 1.60 ms vs chunk 128 2.33 at 1K, 2.61 vs 2.42 at 2K; d = 64 3.79 vs 7.82 (c256)
+# at 2K, 6.61 vs 8.21 at 4K, 12.4 vs 8.4 at 8K; d = 128 25.3 vs 72.6 (c1024) at 8K.
+SINGLE_CHUNK_MAX = {32: 1024, 64: 4096, 128: 8192}
+
+
+def single_chunk_max(d: int) -> int:
+    """The longest t that the CUDA default runs as one chunk for head dim d (0: never)."""
+    gen = _cuda_generation()
+    table = SINGLE_CHUNK_MAX if gen >= 10 else SINGLE_CHUNK_MAX_V7 if gen >= 7 else {}
+    return table.get(d, 0)
 
 
 def _cuda_generation() -> int:

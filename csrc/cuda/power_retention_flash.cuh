@@ -1,0 +1,535 @@
+// v10: one chunk and no states (the quadratic form) as FlashAttention-2-style kernels.
+//
+//   y_i = sum_{j<=i} p_ij v_j / sum_{j<=i} p_ij,  p_ij = (s q_i.k_j)^2 e^{G_i - G_j}
+//
+// The general chunk kernels (power_retention_kernels.cuh) spend most of their issue slots on the
+// element-wise part: a bounds check, a gate load from shared memory and an exp per score. Here a
+// warp's 16 x 64 score tile that lies wholly below the diagonal (every key before every row: all
+// but one tile in ~t/64) factors the gate through the tile's last key kl:
+//   e^{G_i - G_j} = e^{G_i - G_kl} e^{G_kl - G_j},   both factors in (0, 1] because j <= kl < i,
+// so a score costs two exps per row and one per column instead of one per element, and no masks.
+// Diagonal tiles keep the per-element form. The normaliser is the row sum of the same bf16 weights
+// the value GEMM multiplies (one MMA against a constant ones fragment per 16 keys: no smem column).
+//
+// The forward keeps fp32 y and 1/den as v9 does; the backward takes (1/den, dy.y) per row from
+// rowstat_kernel. dq and dk/dv are two kernels (no atomics: bit-identical reruns). Both compute each
+// score's gradient a_ij and the dlog_g dots a_ij x_ij with the same float operations on the same
+// gate values (the tile rule depends on (i, j) alone), so the row and column sums of dlog_g
+// telescope as in v7.
+#pragma once
+
+#include <type_traits>
+
+#include "power_retention_kernels.cuh"
+
+namespace llmtrain {
+namespace pr {
+
+struct FlashArgs {
+  const void *q, *k, *v, *dy;
+  const float* gcum;       // [b * hk, t] inclusive cumsum of log_g (zeros ungated)
+  void* y;                 // forward: [b, t, hq, d]
+  float* y32;              //   fp32 y (or null)
+  float* inv_den;          //   [b, hq, t] (or null)
+  const float2* rowstat;   // backward: [b, hq, tpad] (1 / den, dy . y), zeros past t
+  void *dq, *dk, *dv;
+  float* dGq;              // [b, t, hq]: q . dq (null: ungated)
+  float* dGk;              // [b, t, hk]: k . dk summed over the GQA group (null: ungated)
+  int64_t b, t, hq, hk;
+  int tpad;
+  float scale;
+};
+
+constexpr int kFR = 128;  // rows (queries or keys) per block: 8 warps x 16
+constexpr int kFT = 64;   // keys (or queries) per inner tile
+
+template <int d> constexpr size_t flash_fwd_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD;
+  return (size_t)kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 4 + (size_t)tpad * 4;
+}
+template <int d> constexpr size_t flash_dq_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD;
+  return (size_t)2 * kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 4 + (size_t)tpad * 4;
+}
+template <int d> constexpr size_t flash_dkv_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD;
+  return (size_t)2 * kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 8 + 2 * 2 * kFT * 4 + (size_t)tpad * 4;
+}
+
+// Gs[i] = G_i for i in [i0, i1) (zeros from cnt on).
+__device__ __forceinline__ void stage_gates(float* Gs, const float* g, int i0, int i1, int cnt) {
+  for (int i = i0 + (int)threadIdx.x; i < i1; i += blockDim.x) Gs[i] = i < cnt ? g[i] : 0.f;
+}
+
+// Rows [r0, r0 + n) of a [b, t, heads, d] tensor into a bf16 [n][LD] tile: cp.async for bf16 (the
+// caller commits), through registers otherwise. Zeros past cnt.
+template <int d, typename T>
+__device__ __forceinline__ void flash_tile(bf16* dst, const T* src, int64_t tok0, int64_t heads, int64_t head, int r0,
+                                           int n, int cnt) {
+  if constexpr (std::is_same<T, bf16>::value)
+    load_tile_async<d, false>(dst, Cfg<d>::LD, src, tok0, heads, head, r0, n, cnt);
+  else
+    load_tile<d>(dst, src, tok0, heads, head, r0, n, cnt, [](int) { return 1.f; });
+}
+
+// The last key of the 64-key tile that holds key j: the reference of the factored gate.
+__device__ __forceinline__ int tile_last_key(int j, int cnt) { return min(j | (kFT - 1), cnt - 1); }
+
+// e^{G_kl - G_j} for the keys of the tile at kb0 (zeros past cnt), by the block's first 64 threads.
+__device__ __forceinline__ void column_factors(float* cb, const float* Gs, int kb0, int cnt) {
+  if (threadIdx.x < kFT) {
+    const int j = kb0 + threadIdx.x;
+    cb[threadIdx.x] = j < cnt ? __expf(Gs[tile_last_key(kb0, cnt)] - Gs[j]) : 0.f;
+  }
+}
+
+// A fragments of a warp's 16 rows x (16 * KS) columns of a [rows][LD] bf16 tile.
+template <int KS, int LD>
+__device__ __forceinline__ void load_a_frags(uint32_t (&a)[KS][4], const bf16* tile, int row0, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+    ldsm4(a[ks], tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+}
+
+// s[16 x 64] += A[16 x d] . B^T, B a [64][LD] tile (rows = the n index).
+template <int KS, int LD>
+__device__ __forceinline__ void gemm_abt(float (&s)[8][4], const uint32_t (&a)[KS][4], const bf16* b_tile, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm4(b, b_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+      mma(s[2 * np], a[ks], b[0], b[1]);
+      mma(s[2 * np + 1], a[ks], b[2], b[3]);
+    }
+}
+
+// acc[16 x d] += P[16 x 16 KK] . B, P in accumulator layout (rounded to bf16), B a [16 KK][LD] tile.
+// With den: also den[0] / den[2] += the row sums of the rounded P (an MMA against ones), so that the
+// normaliser sums exactly the weights the numerator used (at t = 1, y = v exactly; dq / dk = 0).
+template <int KK, int ND, int LD>
+__device__ __forceinline__ void gemm_pb(float (&acc)[ND][4], const float (&p)[2 * KK][4], const bf16* b_tile,
+                                        int lane, float* den = nullptr) {
+  constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    uint32_t A[4];
+    A[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    A[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    A[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    A[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    const bf16* bp = b_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+    for (int np = 0; np < ND / 2; ++np) {
+      uint32_t b[4];
+      ldsm4t(b, bp + np * 16);
+      mma(acc[2 * np], A, b[0], b[1]);
+      mma(acc[2 * np + 1], A, b[2], b[3]);
+    }
+    if (den) mma(*reinterpret_cast<float(*)[4]>(den), A, kOnes, kOnes);
+  }
+}
+
+// The same with P already packed into A fragments (pack_a_frag).
+template <int KK, int ND, int LD>
+__device__ __forceinline__ void gemm_ab(float (&acc)[ND][4], const uint32_t (&A)[KK][4], const bf16* b_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    const bf16* bp = b_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+    for (int np = 0; np < ND / 2; ++np) {
+      uint32_t b[4];
+      ldsm4t(b, bp + np * 16);
+      mma(acc[2 * np], A[kk], b[0], b[1]);
+      mma(acc[2 * np + 1], A[kk], b[2], b[3]);
+    }
+  }
+}
+
+template <int ND> __device__ __forceinline__ void zero(float (&a)[ND][4]) {
+#pragma unroll
+  for (int i = 0; i < ND; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[i][e] = 0.f;
+}
+
+// Sum over the 4 lanes of a quad (the lanes that hold one accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64
+// keys double-buffered (cp.async for bf16).
+// ------------------------------------------------------------------------------------------------
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashArgs p) {
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
+  bf16* kv = qs + kFR * LD;                      // 2 x {K [64][LD], V [64][LD]}
+  float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);  // 2 x [64] column factors
+  float* Gs = cbs + 2 * kFT;                                 // [tpad] gate cumsums
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int row0 = (gridDim.x - 1 - blockIdx.x) * kFR;
+  const int64_t hqi = blockIdx.y, bi = blockIdx.z, h = hqi / (p.hq / p.hk);
+  const int cnt = (int)p.t, nk = min(cnt, row0 + kFR);
+  const int64_t tok0 = bi * p.t;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  auto load_kv = [&](int kb0, bf16* dst) {
+    flash_tile<d>(dst, K, tok0, p.hk, h, kb0, kFT, cnt);
+    flash_tile<d>(dst + kFT * LD, V, tok0, p.hk, h, kb0, kFT, cnt);
+  };
+
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
+  load_tile<d>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
+  load_kv(0, kv);
+  cp_commit();
+  __syncthreads();
+  column_factors(cbs, Gs, 0, cnt);
+  uint32_t aq[KS][4];
+  load_a_frags<KS, LD>(aq, qs, warp * 16, lane);
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
+  const float sc2 = p.scale * p.scale;
+  float acc[ND][4];
+  zero(acc);
+  float den[4] = {0.f, 0.f, 0.f, 0.f};
+  const int ntiles = (nk + kFT - 1) / kFT;
+  for (int it = 0; it < ntiles; ++it) {
+    const int kb0 = it * kFT;
+    __syncthreads();  // every warp is done with the buffers of tile it - 1
+    if (it + 1 < ntiles) {
+      load_kv(kb0 + kFT, kv + ((it + 1) & 1) * 2 * kFT * LD);
+      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, kb0 + kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    if (kb0 > wfirst + 15) continue;  // every key after every row of this warp
+    const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
+    const float* cb = cbs + (it & 1) * kFT;
+    float s[8][4];
+    zero(s);
+    gemm_abt<KS, LD>(s, aq, Ks, lane);
+    const int kl = tile_last_key(kb0, cnt);
+    const float gkl = Gs[kl];
+    const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
+    if (wfirst > kl) {  // below the diagonal: p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j}
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
+        s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
+        s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
+        s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
+        s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+          float ex;
+          if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
+          else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
+          s[nt][e] = s[nt][e] * s[nt][e] * ex;
+        }
+    }
+    gemm_pb<4, ND, LD>(acc, s, Ks + kFT * LD, lane, den);
+  }
+  cp_wait<0>();
+
+  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
+  T* Y = static_cast<T*>(p.y);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
+    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
+    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
+    if (p.y32) {
+      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
+      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
+    }
+  }
+  if (p.inv_den && tq == 0) {
+    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
+    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
+  }
+}
+
+// The gradient of one score and its dlog_g term, shared by flash_dq_kernel and flash_dkv_kernel so
+// both round the same values: x = scale q.k, ex the gate factor, da = dy.v, (delta, c) = (dy.y,
+// 2 scale / den) of the query row. Returns a = d loss / d(q.k) (dq = sum a k, dk = sum a q); adds
+// a x to dot.
+__device__ __forceinline__ float score_grad(float x, float ex, float da, float delta, float c, float& dot) {
+  const float a = x * ex * (da - delta) * c;
+  dot += a * x;
+  return a;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dq: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64 keys.
+// Writes dq and q.dq per row (the dlog_g row term, summed in fp32 from the a_ij x_ij).
+// ------------------------------------------------------------------------------------------------
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArgs p) {
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
+  bf16* dys = qs + kFR * LD;                     // [128][LD]
+  bf16* kv = dys + kFR * LD;                     // 2 x {K, V}
+  float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);
+  float* Gs = cbs + 2 * kFT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int row0 = (gridDim.x - 1 - blockIdx.x) * kFR;
+  const int64_t hqi = blockIdx.y, bi = blockIdx.z, h = hqi / (p.hq / p.hk);
+  const int cnt = (int)p.t, nk = min(cnt, row0 + kFR);
+  const int64_t tok0 = bi * p.t;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  auto load_kv = [&](int kb0, bf16* dst) {
+    flash_tile<d>(dst, K, tok0, p.hk, h, kb0, kFT, cnt);
+    flash_tile<d>(dst + kFT * LD, V, tok0, p.hk, h, kb0, kFT, cnt);
+  };
+
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
+  load_tile<d>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
+  load_tile<d>(dys, static_cast<const T*>(p.dy), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
+  load_kv(0, kv);
+  cp_commit();
+  __syncthreads();
+  column_factors(cbs, Gs, 0, cnt);
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
+  const float2* rst = p.rowstat + (bi * p.hq + hqi) * p.tpad;
+  const float2 st0 = rst[i0], st1 = rst[i1];  // i < tpad
+  const float c0 = 2.f * st0.x * p.scale, c1 = 2.f * st1.x * p.scale;
+  float acc[ND][4];
+  zero(acc);
+  float dot0 = 0.f, dot1 = 0.f;
+  const int ntiles = (nk + kFT - 1) / kFT;
+  for (int it = 0; it < ntiles; ++it) {
+    const int kb0 = it * kFT;
+    __syncthreads();
+    if (it + 1 < ntiles) {
+      load_kv(kb0 + kFT, kv + ((it + 1) & 1) * 2 * kFT * LD);
+      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, kb0 + kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    if (kb0 > wfirst + 15) continue;
+    const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
+    const float* cb = cbs + (it & 1) * kFT;
+    float s[8][4], da[8][4];
+    zero(s);
+    zero(da);
+    {  // (q and dy fragments reloaded per tile: d = 64 stays within 128 registers, 2 blocks per SM)
+      uint32_t a[KS][4];
+      load_a_frags<KS, LD>(a, qs, warp * 16, lane);
+      gemm_abt<KS, LD>(s, a, Ks, lane);
+      load_a_frags<KS, LD>(a, dys, warp * 16, lane);
+      gemm_abt<KS, LD>(da, a, Ks + kFT * LD, lane);
+    }
+    const int kl = tile_last_key(kb0, cnt);
+    const float gkl = Gs[kl];
+    const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
+    const bool below = wfirst > kl;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+        float ex;
+        if (below || i > kl) ex = (e < 2 ? ra0 : ra1) * cb[nt * 8 + 2 * tq + (e & 1)];
+        else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) : 0.f;
+        const float x = s[nt][e] * p.scale;
+        s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
+      }
+    gemm_pb<4, ND, LD>(acc, s, Ks, lane);
+  }
+  cp_wait<0>();
+
+  T* DQ = static_cast<T*>(p.dq);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
+    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGq && tq == 0) {
+    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
+    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dk, dv: one block per (128 key rows, KV head, batch), the longest first; for each q head of the
+// GQA group, q / dy / row-statistic tiles of 64 queries from the block's first key on. Each warp's
+// 16 keys lie in one 64-key tile, so its gate reference kl is fixed; the query factors
+// e^{G_i - G_kl} of the two 64-key halves of the block are computed once per query tile.
+// KREG: the warp's k and v fragments stay in registers (off: reloaded per k-step from shared
+// memory, which keeps d = 64 within 128 registers for 2 blocks per SM).
+// ------------------------------------------------------------------------------------------------
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashArgs p) {
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  constexpr bool KREG = false;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
+  bf16* vs = ks + kFR * LD;                      // [128][LD]
+  bf16* qb = vs + kFR * LD;                      // 2 x {q [64][LD], dy [64][LD]}
+  float2* rsb = reinterpret_cast<float2*>(qb + 4 * kFT * LD);  // 2 x [64] (1 / den, dy . y)
+  float* ras = reinterpret_cast<float*>(rsb + 2 * kFT);         // 2 x [2][64] e^{G_i - G_kl}
+  float* Gs = ras + 2 * 2 * kFT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int kb = blockIdx.x * kFR;
+  const int64_t h = blockIdx.y, bi = blockIdx.z;
+  const int r = (int)(p.hq / p.hk);
+  const int cnt = (int)p.t;
+  const int64_t tok0 = bi * p.t;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* DY = static_cast<const T*>(p.dy);
+  auto load_q = [&](int64_t hq_i, int qb0, int buf) {
+    bf16* dst = qb + buf * 2 * kFT * LD;
+    flash_tile<d>(dst, Q, tok0, p.hq, hq_i, qb0, kFT, cnt);
+    flash_tile<d>(dst + kFT * LD, DY, tok0, p.hq, hq_i, qb0, kFT, cnt);
+    if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
+      cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
+    if (tid < 2 * kFT) {  // the query factors of both key halves
+      const int half = tid / kFT, i = qb0 + tid % kFT;
+      const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
+      ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
+    }
+  };
+
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, kb, p.tpad, cnt);
+  load_tile<d>(ks, static_cast<const T*>(p.k), tok0, p.hk, h, kb, kFR, cnt, [](int) { return 1.f; });
+  load_tile<d>(vs, static_cast<const T*>(p.v), tok0, p.hk, h, kb, kFR, cnt, [](int) { return 1.f; });
+  __syncthreads();  // Gs (load_q reads it)
+  load_q(h * r, kb, 0);
+  cp_commit();
+  const int wfirst = kb + warp * 16, j0 = wfirst + g, j1 = j0 + 8;
+  const int kl = tile_last_key(wfirst, cnt), half = warp / 4;
+  const float gkl = Gs[kl];
+  const float cb0 = j0 < cnt ? __expf(gkl - Gs[j0]) : 0.f, cb1 = j1 < cnt ? __expf(gkl - Gs[j1]) : 0.f;
+  uint32_t ak[KREG ? KS : 1][4], av[KREG ? KS : 1][4];
+  __syncthreads();  // ks, vs
+  if constexpr (KREG) {
+    load_a_frags<KS, LD>(ak, ks, warp * 16, lane);
+    load_a_frags<KS, LD>(av, vs, warp * 16, lane);
+  }
+  float dk[ND][4], dv[ND][4];
+  zero(dk);
+  zero(dv);
+  float dot0 = 0.f, dot1 = 0.f;
+  const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
+  const int total = r * nq;
+  for (int it = 0; it < total; ++it) {
+    const int qb0 = kb + (it % nq) * kFT;
+    __syncthreads();
+    if (it + 1 < total) load_q(h * r + (it + 1) / nq, kb + ((it + 1) % nq) * kFT, (it + 1) & 1);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+    const bf16* Qs = qb + (it & 1) * 2 * kFT * LD;
+    const bf16* DYs = Qs + kFT * LD;
+    const float2* rs = rsb + (it & 1) * kFT;
+    const float* ra = ras + ((it & 1) * 2 + half) * kFT;
+#pragma unroll
+    for (int qh = 0; qh < 2; ++qh) {
+      const int qh0 = qb0 + qh * 32;
+      if (qh0 + 31 < wfirst) continue;  // every query before every key of this warp
+      float s[4][4], da[4][4];
+      zero(s);
+      zero(da);
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a_k[4], a_v[4];
+        if constexpr (KREG) {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) a_k[u] = ak[kk][u], a_v[u] = av[kk][u];
+        } else {
+          const int off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
+          ldsm4(a_k, ks + off);
+          ldsm4(a_v, vs + off);
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b[4];
+          const int off = (qh * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+          ldsm4(b, Qs + off);
+          mma(s[2 * np], a_k, b[0], b[1]);
+          mma(s[2 * np + 1], a_k, b[2], b[3]);
+          ldsm4(b, DYs + off);
+          mma(da[2 * np], a_v, b[0], b[1]);
+          mma(da[2 * np + 1], a_v, b[2], b[3]);
+        }
+      }
+      const bool below = qh0 > kl;  // every query after the reference key: factored, no masks
+      uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int li = qh * 32 + nt * 8 + 2 * tq;
+        const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
+        const float2 rai = *reinterpret_cast<const float2*>(ra + li);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int j = hr ? j1 : j0;
+          const float cbj = hr ? cb1 : cb0;
+          float w2[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int e = 2 * hr + c, i = qb0 + li + c;
+            const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
+            float ex;
+            if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
+            else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
+            const float x = s[nt][e] * p.scale;
+            w2[c] = x * ex * x * r_i;
+            s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
+          }
+          aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
+        }
+      }
+      gemm_ab<2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
+      gemm_pb<2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
+    }
+  }
+  cp_wait<0>();
+
+  T* DK = static_cast<T*>(p.dk);
+  T* DV = static_cast<T*>(p.dv);
+  const bool v0 = j0 < cnt, v1 = j1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
+    if (v0) {
+      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
+      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
+    }
+    if (v1) {
+      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
+      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
+    }
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGk && tq == 0) {
+    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
+    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
+  }
+}
+
+}  // namespace pr
+}  // namespace llmtrain
