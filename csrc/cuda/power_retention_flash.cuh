@@ -160,6 +160,51 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The query-row blocks of the forward and of dq: one block per (128 rows, q head, batch), the
+// longest rows first; keys [0, nk) in 64-key K / V tiles, double-buffered (cp.async for bf16) with
+// their column factors.
+template <int d, typename T> struct QueryBlock {
+  static constexpr int LD = Cfg<d>::LD;
+  const FlashArgs& p;
+  int row0, cnt, nk, ntiles;
+  int64_t hqi, bi, h, tok0;
+
+  __device__ explicit QueryBlock(const FlashArgs& a) : p(a) {
+    row0 = (gridDim.x - 1 - blockIdx.x) * kFR;
+    hqi = blockIdx.y;
+    bi = blockIdx.z;
+    h = hqi / (p.hq / p.hk);
+    cnt = (int)p.t;
+    nk = min(cnt, row0 + kFR);
+    ntiles = (nk + kFT - 1) / kFT;
+    tok0 = bi * p.t;
+  }
+  __device__ void load_rows(bf16* dst, const void* src) const {
+    load_tile<d>(dst, static_cast<const T*>(src), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
+  }
+  __device__ void load_kv(int kb0, bf16* dst) const {
+    flash_tile<d>(dst, static_cast<const T*>(p.k), tok0, p.hk, h, kb0, kFT, cnt);
+    flash_tile<d>(dst + kFT * LD, static_cast<const T*>(p.v), tok0, p.hk, h, kb0, kFT, cnt);
+  }
+  // Before the rows are loaded: the gates and the first K / V tile (in flight).
+  __device__ void start(float* Gs, bf16* kv) const {
+    stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
+    load_kv(0, kv);
+  }
+  // Top of key tile it: every warp is done with tile it - 1's buffers, tile it + 1 starts loading,
+  // tile it (K, V, column factors) is visible to all.
+  __device__ void next_tile(int it, bf16* kv, float* cbs, const float* Gs) const {
+    __syncthreads();
+    if (it + 1 < ntiles) {
+      load_kv((it + 1) * kFT, kv + ((it + 1) & 1) * 2 * kFT * LD);
+      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, (it + 1) * kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Forward: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64
 // keys double-buffered (cp.async for bf16).
@@ -173,20 +218,11 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);  // 2 x [64] column factors
   float* Gs = cbs + 2 * kFT;                                 // [tpad] gate cumsums
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-  const int row0 = (gridDim.x - 1 - blockIdx.x) * kFR;
-  const int64_t hqi = blockIdx.y, bi = blockIdx.z, h = hqi / (p.hq / p.hk);
-  const int cnt = (int)p.t, nk = min(cnt, row0 + kFR);
-  const int64_t tok0 = bi * p.t;
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  auto load_kv = [&](int kb0, bf16* dst) {
-    flash_tile<d>(dst, K, tok0, p.hk, h, kb0, kFT, cnt);
-    flash_tile<d>(dst + kFT * LD, V, tok0, p.hk, h, kb0, kFT, cnt);
-  };
-
-  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
-  load_tile<d>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
-  load_kv(0, kv);
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt;
+  const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0;
+  blk.start(Gs, kv);
+  blk.load_rows(qs, p.q);
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
@@ -198,17 +234,9 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   float acc[ND][4];
   zero(acc);
   float den[4] = {0.f, 0.f, 0.f, 0.f};
-  const int ntiles = (nk + kFT - 1) / kFT;
-  for (int it = 0; it < ntiles; ++it) {
+  for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
-    __syncthreads();  // every warp is done with the buffers of tile it - 1
-    if (it + 1 < ntiles) {
-      load_kv(kb0 + kFT, kv + ((it + 1) & 1) * 2 * kFT * LD);
-      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, kb0 + kFT, cnt);
-    }
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
+    blk.next_tile(it, kv, cbs, Gs);
     if (kb0 > wfirst + 15) continue;  // every key after every row of this warp
     const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
     const float* cb = cbs + (it & 1) * kFT;
@@ -287,21 +315,12 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);
   float* Gs = cbs + 2 * kFT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-  const int row0 = (gridDim.x - 1 - blockIdx.x) * kFR;
-  const int64_t hqi = blockIdx.y, bi = blockIdx.z, h = hqi / (p.hq / p.hk);
-  const int cnt = (int)p.t, nk = min(cnt, row0 + kFR);
-  const int64_t tok0 = bi * p.t;
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  auto load_kv = [&](int kb0, bf16* dst) {
-    flash_tile<d>(dst, K, tok0, p.hk, h, kb0, kFT, cnt);
-    flash_tile<d>(dst + kFT * LD, V, tok0, p.hk, h, kb0, kFT, cnt);
-  };
-
-  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
-  load_tile<d>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
-  load_tile<d>(dys, static_cast<const T*>(p.dy), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
-  load_kv(0, kv);
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt;
+  const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0;
+  blk.start(Gs, kv);
+  blk.load_rows(qs, p.q);
+  blk.load_rows(dys, p.dy);
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
@@ -313,17 +332,9 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   float acc[ND][4];
   zero(acc);
   float dot0 = 0.f, dot1 = 0.f;
-  const int ntiles = (nk + kFT - 1) / kFT;
-  for (int it = 0; it < ntiles; ++it) {
+  for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
-    __syncthreads();
-    if (it + 1 < ntiles) {
-      load_kv(kb0 + kFT, kv + ((it + 1) & 1) * 2 * kFT * LD);
-      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, kb0 + kFT, cnt);
-    }
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
+    blk.next_tile(it, kv, cbs, Gs);
     if (kb0 > wfirst + 15) continue;
     const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
     const float* cb = cbs + (it & 1) * kFT;
