@@ -56,8 +56,10 @@
 //
 // v10 (the default): v9, with a single chunk without an initial state (forward) or without any
 // state (backward, from the saved rows) run by the FlashAttention-style kernels of
-// power_retention_flash.cuh: the gate factored through each 64-key tile below the diagonal, fp32
-// normaliser, no state code. Other shapes run v9's kernels.
+// power_retention_flash.cuh: the gate factored through each 64-key tile below the diagonal, the
+// normaliser from an MMA against ones, no state code. Other shapes run v9's kernels, and so does a
+// sequence whose flash kernels need more shared memory than the device allows (their gate staging
+// grows with t: d = 128 at 8K needs ~173 KB; sm_86/89/120 allow 99 KB per block, A100 163).
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
@@ -257,6 +259,14 @@ template <typename K> void launch_flash(K kern, size_t smem, unsigned rows, unsi
 }
 template <int d> constexpr int flash_minb() { return d <= 64 ? 2 : 1; }
 
+// The most dynamic shared memory a block of the current device may opt into.
+size_t max_smem_optin() {
+  int dev = 0, bytes = 0;
+  PR_CHECK(cudaGetDevice(&dev));
+  PR_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return (size_t)bytes;
+}
+
 FlashArgs flash_args(const Plan& P, const float* gcum, double scale) {
   FlashArgs f{};
   f.gcum = gcum;
@@ -302,7 +312,8 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
       launch_scan<d, T, false>(s, P, st);
     }
   }
-  if (kernel_version() >= 10 && P.N == 1 && !A.s0) {  // (a final state, if asked for, came from the scan)
+  // (a final state, if asked for, came from the scan)
+  if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
     launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
@@ -419,7 +430,8 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       launch_scan<d, T, true>(s, P, st);
     }
   }
-  if (rows_from_saved && kernel_version() >= 10) {
+  if (rows_from_saved && kernel_version() >= 10 &&
+      std::max(flash_dq_smem<d>(P.tpad), flash_dkv_smem<d>(P.tpad)) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
