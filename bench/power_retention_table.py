@@ -80,7 +80,7 @@ def make_impls(d):
         return fn
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
-    for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10"):
+    for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows;
         # -single: the whole sequence as one chunk (v7 and later: up to 8192 tokens, else 1024)

@@ -249,10 +249,11 @@ int64_t retention_step(py::handle q_, py::handle k_, py::handle v_, py::handle l
 
 // Bytes of CUDA workspace the power retention kernels need (0 without CUDA kernels).
 // which: 0 forward, 1 backward, 2 step, 3 backward given the forward's saved states, 4 forward of a
-// single chunk with no initial or final state.
+// single chunk with no initial or final state, 5 forward whose workspace the backward reads (v11: chunk
+// states, then the fp32 y and 1 / den).
 int64_t retention_workspace_size(int64_t b, int64_t t, int64_t hq, int64_t hk, int64_t d, int64_t chunk, int which) {
 #ifdef LLMTRAIN_WITH_CUDA
-  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 4)
+  if (b < 0 || t < 0 || hq < 1 || hk < 1 || d < 1 || chunk < 1 || which < 0 || which > 5)
     fail("power_retention_workspace_size: invalid sizes");
   RetentionDims m{b, t, hq, hk, d, sym_power_dim(d, 2), 2, 1.0, chunk, DType::BF16};
   return power_retention_workspace_bytes_cuda(m, which);

@@ -16,7 +16,7 @@
 // reverse cumsum for dlog_g (homogeneity: dG = (q.dq - k.dk)/2, + <dS_T, S_T> at the end).
 // No atomics anywhere: repeated runs are bit-identical.
 //
-// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v9, below, is the default): the sequential
+// v2 (LLMTRAIN_RETENTION_KERNEL=v2; v11, below, is the default): the sequential
 // scans become (a) state_scan_kernel<LOCAL>, every chunk's own contribution at once (grid: feature
 // tiles x chunks x b*hk), and (b) state_prefix_kernel, an element-wise walk over the chunks in
 // fp32 that turns the contributions into the states in place; same for the reverse dS scan.
@@ -54,7 +54,13 @@
 // (in its workspace, kept by the caller like v3's states), so the backward computes its row
 // statistics (1 / den, dy . y) with rowstat_kernel instead of chunk_out's ghat pass.
 //
-// v10 (the default): v9, with a single chunk without an initial state (forward) or without any
+// v11 (the default): v10, and a forward whose workspace the caller keeps (kind 5) also writes the
+// fp32 y and 1 / den after the chunk states, so every backward that has the saved buffer gets its
+// row statistics and ghat from rowstat_kernel (a pass over dy and y) instead of chunk_out's ghat
+// pass (the whole attention and state query again: ~11% of a chunked forward+backward at d = 64).
+// Costs 260 bytes per token and head at d = 64 kept from forward to backward (chunk states: ~1.2 KB).
+//
+// v10: v9, with a single chunk without an initial state (forward) or without any
 // state (backward, from the saved rows) run by the FlashAttention-style kernels of
 // power_retention_flash.cuh: the gate factored through each 64-key tile below the diagonal, the
 // normaliser from an MMA against ones, no state code. Other shapes run v9's kernels, and so does a
@@ -85,7 +91,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 10;
+constexpr int kDefaultVersion = 11;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -99,7 +105,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v8")) return 8;
   if (!std::strcmp(e, "v9")) return 9;
   if (!std::strcmp(e, "v10")) return 10;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v10, got '") +
+  if (!std::strcmp(e, "v11")) return 11;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v11, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -285,11 +292,19 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   // workspace (which the caller keeps as the saved buffer; see backward_impl)
   float* y32 = nullptr;
   float* inv_den = nullptr;
-  if (kernel_version() >= 9 && P.N == 1 && !A.s0) {
+  const bool rows_first = kernel_version() >= 9 && P.N == 1 && !A.s0;
+  if (rows_first) {
     y32 = ws.take<float>(P.b * P.t * P.hq * d);
     inv_den = ws.take<float>(P.b * P.hq * P.t);
   }
   bf16* Sws = need_scan ? ws.take<bf16>(P.b * P.hk * P.N * P.D * P.E) : nullptr;
+  // v11: a workspace of kind 5 (the caller keeps it for the backward) holds the same rows after the
+  // chunk states, so the chunked backward skips chunk_out's ghat pass as well
+  if (!rows_first && kernel_version() >= 11 && need_scan &&
+      A.workspace_bytes >= power_retention_workspace_bytes_cuda(m, 5)) {
+    y32 = ws.take<float>(P.b * P.t * P.hq * d);
+    inv_den = ws.take<float>(P.b * P.hq * P.t);
+  }
   if (need_scan) {
     ScanArgs s{};
     s.x = A.k; s.yv = A.v; s.log_g = static_cast<const float*>(A.log_g);
@@ -394,16 +409,32 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   o.gen = kernel_version();
   o.b = P.b; o.t = P.t; o.hq = P.hq; o.hk = P.hk; o.C = P.C; o.N = P.N; o.tpad = P.tpad;
   o.scale = (float)m.scale; o.has_s0 = A.s0 != nullptr;
-  // v9: one chunk, no states in or out, the forward's saved buffer: the row statistics come from its
-  // fp32 y and 1 / den (ghat itself is only read by state parts, and there are none)
-  const bool rows_from_saved = kernel_version() >= 9 && A.saved && P.N == 1 && !A.s0 && !grad_final;
-  if (rows_from_saved) {
+  // The forward's fp32 y and 1 / den from its saved buffer give the row statistics (and, v11, ghat)
+  // without chunk_out's ghat pass recomputing the attention. v9: one chunk, no state in or out, where
+  // ghat itself is not needed (only state parts read it). v11: any saved buffer holding the rows
+  // (kind 4, kind 0 of one chunk without initial state: rows first; kind 5: rows after the states).
+  const float* y32 = nullptr;
+  const float* inv_den = nullptr;
+  if (A.saved && kernel_version() >= 9) {
     Carver sv{const_cast<char*>(static_cast<const char*>(A.saved)), A.saved_bytes};
-    const float* y32 = sv.take<float>(P.b * P.t * P.hq * d);
-    const float* inv_den = sv.take<float>(P.b * P.hq * P.t);
+    const int64_t row_bytes = align256(P.b * P.t * P.hq * d * 4) + align256(P.b * P.hq * P.t * 4);
+    if (P.N == 1 && !A.s0) {
+      if (!grad_final || kernel_version() >= 11) {
+        y32 = sv.take<float>(P.b * P.t * P.hq * d);
+        inv_den = sv.take<float>(P.b * P.hq * P.t);
+      }
+    } else if (kernel_version() >= 11 && A.saved_bytes >= align256(nstate * 2) + row_bytes) {
+      sv.take<bf16>(nstate);
+      y32 = sv.take<float>(P.b * P.t * P.hq * d);
+      inv_den = sv.take<float>(P.b * P.hq * P.t);
+    }
+  }
+  const bool rows_from_saved = y32 != nullptr;
+  const bool no_states = P.N == 1 && !A.s0 && !grad_final;  // nothing reads ghat
+  if (rows_from_saved) {
     const int64_t rows = P.b * P.hq * P.tpad;
     rowstat_kernel<d, T><<<(unsigned)div_up(rows, kThreads / 32), kThreads, 0, st>>>(
-        static_cast<const T*>(A.dy), y32, inv_den, rowstat, P.b, P.t, P.hq, P.tpad);
+        static_cast<const T*>(A.dy), y32, inv_den, rowstat, no_states ? nullptr : ghat, P.b, P.t, P.hq, P.tpad);
     check_launch("rowstat_kernel");
   } else {
     launch_out<d, T, true>(o, P, st);
@@ -430,7 +461,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       launch_scan<d, T, true>(s, P, st);
     }
   }
-  if (rows_from_saved && kernel_version() >= 10 &&
+  if (rows_from_saved && no_states && kernel_version() >= 10 &&
       std::max(flash_dq_smem<d>(P.tpad), flash_dkv_smem<d>(P.tpad)) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
@@ -531,6 +562,8 @@ int64_t power_retention_workspace_bytes_cuda(const RetentionDims& m, int which) 
   const int64_t rows = P.N == 1 ? align256(P.b * P.t * P.hq * P.d * 4) + align256(P.b * P.hq * P.t * 4) : 0;
   if (which == 0) return nstate + v2_extra_bytes(P) + gates + rows;
   if (which == 4) return rows + gates;  // one chunk, no state in or out: no chunk states at all
+  if (which == 5)  // v11, a forward whose workspace is kept: the chunk states, then fp32 y and 1 / den
+    return nstate + align256(P.b * P.t * P.hq * P.d * 4) + align256(P.b * P.hq * P.t * 4) + v2_extra_bytes(P) + gates;
   if (which == 1 || which == 3)  // 3: the chunk states come from the forward (saved_states)
     return (which == 1 ? 2 : 1) * nstate + v2_extra_bytes(P) + align256(P.b * P.hq * P.tpad * P.E * 2) + align256(P.b * P.hq * P.tpad * 8) +
            align256(P.b * P.t * P.hq * 4) + align256(P.b * P.t * P.hk * 4) + align256(P.b * P.hk * P.ntiles * 4) + gates;

@@ -769,27 +769,37 @@ __device__ __forceinline__ void tile_row_dots(float (&out)[2], const bf16* tile,
 // v9, one chunk without states: the backward's row statistics (1 / den, dy . y) from the forward's
 // fp32 y and 1 / den, one warp per row (zeros for the padding rows up to tpad), instead of
 // chunk_out's ghat pass recomputing the whole attention. dy . y with the bf16 dy, as chunk_out's.
+// v11 (ghat != nullptr): also ghat = [dy / den, -(dy . y) / den, 0 ...] (E columns, bf16), what
+// chunk_out's ghat pass writes for the state parts, so chunked sequences skip that pass too.
 template <int d, typename T>
 __global__ void __launch_bounds__(kThreads) rowstat_kernel(const T* dy, const float* y32, const float* inv_den,
-                                                          float2* rowstat, int64_t b, int64_t t, int64_t hq, int tpad) {
+                                                          float2* rowstat, bf16* ghat, int64_t b, int64_t t,
+                                                          int64_t hq, int tpad) {
+  constexpr int E = d + 8;
   const int64_t w = (int64_t)blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (w >= b * hq * tpad) return;
   const int64_t row = w % tpad, bh = w / tpad, bi = bh / hq, h = bh % hq;
+  bf16* gh = ghat ? ghat + w * (int64_t)E : nullptr;
   float2 out = make_float2(0.f, 0.f);
   if (row < t) {
     const int64_t o = ((bi * t + row) * hq + h) * d;
+    const float inv = inv_den[bh * t + row];
     float s = 0.f;
     for (int c = 2 * lane; c < d; c += 64) {
       const float2 g = IO<T>::load2(dy + o + c);
       const float2 y = *reinterpret_cast<const float2*>(y32 + o + c);
       s += bf16_round(g.x) * y.x + bf16_round(g.y) * y.y;
+      if (gh) *reinterpret_cast<uint32_t*>(gh + c) = pack_bf16(g.x * inv, g.y * inv);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    out = make_float2(inv_den[bh * t + row], s);
+    out = make_float2(inv, s);
+    if (gh && lane < 4) *reinterpret_cast<uint32_t*>(gh + d + 2 * lane) = pack_bf16(lane == 0 ? -s * inv : 0.f, 0.f);
+  } else if (gh) {
+    for (int c = 2 * lane; c < E; c += 64) *reinterpret_cast<uint32_t*>(gh + c) = 0u;
   }
-  if (lane == 0) rowstat[bh * tpad + row] = out;
+  if (lane == 0) rowstat[w] = out;
 }
 
 // ------------------------------------------------------------------------------------------------

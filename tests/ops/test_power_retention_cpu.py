@@ -85,6 +85,35 @@ def test_gradients_match_reference(rng, b, t, hq, hk, d, chunk, gating, initial_
         assert (g.double() - w).norm() <= tol * max(w.norm().item(), floor)
 
 
+@pytest.mark.parametrize("used", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True), (True, True, False)])
+def test_gradients_when_some_outputs_are_unused(rng, used):
+    """Outputs that get no gradient reach the backward as None (no zero tensors are materialised, in
+    particular none as large as the kept buffer): y, S or z unused gives the same gradients as a
+    zero cotangent for it."""
+    q, k, v, log_g, state = make_inputs(2, 40, 4, 2, 8, dtype=torch.float64, initial_state=True, gen=rng,
+                                        requires_grad=True)
+    inputs = (q, k, v, log_g, *state)
+
+    def outs(fn):
+        y, (S, z) = fn(q, k, v, log_g, chunk_size=16, initial_state=state, return_state=True)
+        return y, S, z
+
+    def ref_fn(*a, chunk_size, initial_state, return_state):
+        return R.chunked(*a, chunk_size=8, initial_state=initial_state)
+
+    cot = [torch.randn(o.shape, generator=rng, dtype=torch.float64) for o in outs(ref_fn)]
+    def loss(fn):
+        return sum((o * c).sum() for o, c, u in zip(outs(fn), cot, used) if u)
+
+    got = torch.autograd.grad(loss(ops.power_retention), inputs)
+    want = torch.autograd.grad(loss(ref_fn), inputs, allow_unused=True)  # q does not reach S, z
+    for g, w, x in zip(got, want, inputs):
+        w = torch.zeros_like(x) if w is None else w
+        assert torch.isfinite(g).all()
+        assert (g - w).norm() <= 1e-9 * max(w.norm().item(), 1e-12)
+
+
 def test_gradcheck_float64(rng):
     q, k, v, log_g, state = make_inputs(1, 9, 2, 1, 4, dtype=torch.float64, initial_state=True, gen=rng,
                                         requires_grad=True)
@@ -169,7 +198,8 @@ def test_cuda_chunk_policy_by_generation(monkeypatch):
     for the backward."""
     from llmtrain.ops.power_retention import op as O
 
-    for ver, table in (("v7", O.SINGLE_CHUNK_MAX_V7), ("v9", O.SINGLE_CHUNK_MAX_V7), ("v10", O.SINGLE_CHUNK_MAX)):
+    for ver, table in (("v7", O.SINGLE_CHUNK_MAX_V7), ("v9", O.SINGLE_CHUNK_MAX_V7), ("v10", O.SINGLE_CHUNK_MAX),
+                       ("v11", O.SINGLE_CHUNK_MAX)):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
         assert O._cuda_generation() == int(ver[1:])
         for d, tmax in table.items():
@@ -184,6 +214,16 @@ def test_cuda_chunk_policy_by_generation(monkeypatch):
         assert O._cuda_chunk_count(20000, 20000) == 3  # capped at 8192
         assert O._cuda_chunk_count(1, 256) == 1
     assert O.SINGLE_CHUNK_MAX[64] > O.SINGLE_CHUNK_MAX_V7[64]
+    # the forward's workspace kind: 4 for one chunk without states; v11 keeps rows after the chunk
+    # states (kind 5) when the buffer is kept for the backward, else the general kind 0
+    s0 = torch.zeros(1)
+    for ver, kept_kind in (("v10", 0), ("v11", 5)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        assert O._fwd_workspace_kind(1000, 1024, None, False, True) == 4
+        assert O._fwd_workspace_kind(5000, 256, None, False, True) == kept_kind
+        assert O._fwd_workspace_kind(1000, 1024, s0, False, True) == kept_kind
+        assert O._fwd_workspace_kind(1000, 1024, None, True, True) == kept_kind
+        assert O._fwd_workspace_kind(5000, 256, None, False, False) == 0
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v6")
     assert O.single_chunk_max(64) == 0
     assert O.default_chunk_size(2048, 64, "cuda") == 256

@@ -75,7 +75,7 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v10"
+DEFAULT_CUDA_KERNEL = "v11"
 # The longest sequence (per head dim) that default_chunk_size runs as a single chunk, by generation.
 # v7 .. v9 (H100, fwd+bwd, 65,536 tokens x 8 heads, docs/perf.md, session 5): d = 64 one chunk 6.5 ms
 # vs chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8
@@ -148,7 +148,7 @@ def _fwd_op(
     shape_S, shape_z = ((b, hk, D, d), (b, hk, D)) if need_state else ((0,), (0,))
     S = torch.empty(shape_S, dtype=acc, device=q.device)
     z = torch.empty(shape_z, dtype=acc, device=q.device)
-    ws = _workspace_tensor(q, k, chunk_size, _fwd_workspace_kind(t, chunk_size, s0, need_state))
+    ws = _workspace_tensor(q, k, chunk_size, _fwd_workspace_kind(t, chunk_size, s0, need_state, keep_states))
     bad = _native.native().power_retention_fwd(
         _native.dl(q), _native.dl(k), _native.dl(v), _native.dl(log_g), _native.dl(s0), _native.dl(z0),
         _native.dl(y), _native.dl(S) if need_state else None, _native.dl(z) if need_state else None,
@@ -162,17 +162,22 @@ def _fwd_op(
     return y, S, z, ws if keep else no_saved
 
 
-def _fwd_workspace_kind(t: int, chunk_size: int, s0: Optional[Tensor], need_state: bool) -> int:
+def _fwd_workspace_kind(t: int, chunk_size: int, s0: Optional[Tensor], need_state: bool,
+                        keep_states: bool = False) -> int:
     """The forward's workspace: 4 (one chunk, no state in or out: no chunk states, only the gate sums
-    and, from v9 on, the fp32 y and 1 / den its backward reads) or 0 (the general one)."""
-    return 4 if s0 is None and not need_state and _cuda_chunk_count(t, chunk_size) == 1 else 0
+    and, from v9 on, the fp32 y and 1 / den its backward reads), 5 (v11 and later, kept for the
+    backward: the chunk states, then the same fp32 y and 1 / den, 260 bytes per token and head at
+    d = 64, which spare the backward chunk_out's ghat pass) or 0 (the general one)."""
+    if s0 is None and not need_state and _cuda_chunk_count(t, chunk_size) == 1:
+        return 4
+    return 5 if keep_states and _cuda_generation() >= 11 else 0
 
 
 def _saved_bytes(q, k, s0, chunk_size, need_state, keep_states) -> int:
     if not (keep_states and q.device.type == "cuda" and _native.has_cuda_kernels()):
         return 0
     b, t, hq, d = (int(x) for x in q.shape)  # a size from the kernels' plan: specialises under dynamic shapes
-    which = _fwd_workspace_kind(t, chunk_size, s0, need_state)
+    which = _fwd_workspace_kind(t, chunk_size, s0, need_state, keep_states)
     return int(_native.native().power_retention_workspace_size(b, t, hq, int(k.shape[2]), d, chunk_size, which))
 
 
@@ -229,6 +234,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, log_g, s0, z0, saved)
     ctx.deg, ctx.scale, ctx.chunk_size, ctx.need_state = deg, scale, chunk_size, need_state
     ctx.generation = _cuda_generation()  # what the kept buffer holds depends on it (chunk cap, v9 rows)
+    # Outputs without a gradient arrive as None instead of zeros: autograd would otherwise fill a
+    # zero "gradient" as large as the kept buffer (~0.6 GB and 0.19 ms per call at 64K x 8 heads)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, ds, dz, _dsaved):
@@ -239,6 +247,15 @@ def _backward(ctx, dy, ds, dz, _dsaved):
         saved = saved.new_empty(0)
     if not ctx.need_state:
         ds = dz = None
+    if dy is None:  # only the final state is used
+        dy = torch.zeros_like(q)
+    if (ds is None) != (dz is None):  # one of the final state's two tensors is used: the other's is zero
+        b, _, _, d = q.shape
+        D, acc = reference.feature_dim(d, ctx.deg), _acc_dtype(q.dtype)
+        if ds is None:
+            ds = q.new_zeros(b, k.shape[2], D, d, dtype=acc)
+        else:
+            dz = q.new_zeros(b, k.shape[2], D, dtype=acc)
     dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
         q, k, v, log_g, s0, z0, dy.contiguous(),
         ds.contiguous() if ds is not None else None, dz.contiguous() if dz is not None else None,
