@@ -267,10 +267,21 @@ template <typename K> void launch_flash(K kern, size_t smem, unsigned rows, unsi
 template <int d> constexpr int flash_minb() { return d <= 64 ? 2 : 1; }
 
 // The most dynamic shared memory a block of the current device may opt into.
+// The shared memory a flash kernel may use: the device's opt-in limit, or less with
+// LLMTRAIN_RETENTION_FLASH_SMEM=<bytes> (read per call), so that a GPU with more shared memory can
+// exercise the fallback that sm_86/89/120 take for long one-chunk sequences (tests).
 size_t max_smem_optin() {
   int dev = 0, bytes = 0;
   PR_CHECK(cudaGetDevice(&dev));
   PR_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH_SMEM"); e && *e) {
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (*end || v <= 0)
+      throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH_SMEM must be a "
+                                              "positive number of bytes, got '") + e + "'");
+    return std::min((size_t)bytes, (size_t)v);
+  }
   return (size_t)bytes;
 }
 

@@ -617,6 +617,32 @@ def test_v11_generation_switch_chunked(monkeypatch):
             assert err < 2e-3, f"{key} {nm}: {err:.3e}"
 
 
+def test_flash_shared_memory_fallback(monkeypatch):
+    """A one-chunk sequence whose flash kernels need more shared memory than the device allows (d = 128
+    at 8K on sm_86/89/120) runs v9's chunk kernels instead: forced here with a lower limit, the same
+    function within two bf16 roundings, and a bad limit is a clear error."""
+    b, t, hq, hk, d = 2, 2000, 4, 2, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v11")
+    res = {}
+    for limit in ("", "32768"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", limit)
+        kept = []
+        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
+        res[limit] = (y,) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
+    torch.cuda.synchronize()
+    for nm, a, b_ in zip(("y", "dq", "dk", "dv", "dlog_g"), res[""], res["32768"]):
+        assert torch.isfinite(b_).all(), nm
+        err = rel(b_, a)
+        log_err("flash_smem_fallback", nm, err)
+        assert err < (2e-2 if nm == "dlog_g" else 1e-2), f"{nm}: {err:.3e}"
+    assert not torch.equal(res[""][1], res["32768"][1])  # the other kernels did run
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", "lots")
+    with pytest.raises(ValueError, match="LLMTRAIN_RETENTION_FLASH_SMEM"):
+        run_fwd(q, k, v, log_g, None, None, t, False)
+
+
 def test_v7_single_chunk_public_op(monkeypatch):
     """v7's default runs a short sequence as one chunk (the quadratic form; no chunk states, so the
     forward keeps none for the backward; v9 keeps only its fp32 y and 1 / den): the public op's
