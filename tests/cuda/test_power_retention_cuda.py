@@ -189,10 +189,10 @@ def case_id(c):
             f"{'-init' if init else ''}{'-dS' if gstate else ''}-c{chunk or 'auto'}")
 
 
-@pytest.mark.parametrize("c", CASES, ids=[case_id(c) for c in CASES])
-def test_forward_and_gradients(c):
-    b, t, hq, hk, d, dtype, gated, init, gstate, chunk = c
-    chunk = chunk or O.default_chunk_size(t, d, "cuda")
+def case_inputs(c):
+    """Fresh random inputs for a CASES-style tuple: q, k, v, log_g, s0, z0, dy, dS, dz (None where the
+    case has no initial state or no gradient of the final state)."""
+    b, t, hq, hk, d, dtype, gated, init, gstate, _ = c
     q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
     s0 = z0 = None
     if init:
@@ -202,6 +202,14 @@ def test_forward_and_gradients(c):
     if gstate:
         dS = torch.randn(b, hk, R.feature_dim(d), d, device=DEV, generator=gen) * 1e-2
         dz = torch.randn(b, hk, R.feature_dim(d), device=DEV, generator=gen) * 1e-2
+    return q, k, v, log_g, s0, z0, dy, dS, dz
+
+
+@pytest.mark.parametrize("c", CASES, ids=[case_id(c) for c in CASES])
+def test_forward_and_gradients(c):
+    b, t, hq, hk, d, dtype, gated, init, gstate, chunk = c
+    chunk = chunk or O.default_chunk_size(t, d, "cuda")
+    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
     if dtype != torch.bfloat16:
         # fp32 and fp16 inputs become bf16 tensor-core operands inside (as documented): measure the
         # kernel's arithmetic against the float64 function of those operands, and bound the total
@@ -569,15 +577,7 @@ def test_v11_saved_rows_match_v10(monkeypatch, c):
     keeps v10's path), one chunk with an initial state."""
     b, t, hq, hk, d, dtype, gated, init, gstate, chunk = c
     chunk = chunk or O.default_chunk_size(t, d, "cuda")
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
-    s0 = z0 = None
-    if init:
-        s0, z0 = prefix_state(b, hk, d, gen)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
-    dS = dz = None
-    if gstate:
-        dS = torch.randn(b, hk, R.feature_dim(d), d, device=DEV, generator=gen) * 1e-2
-        dz = torch.randn(b, hk, R.feature_dim(d), device=DEV, generator=gen) * 1e-2
+    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
     res = {}
     for ver in ("v10", "v11"):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
