@@ -93,3 +93,17 @@ def test_out_feature_padding_is_invisible(rng, monkeypatch, bias):
     assert rel_err(y1, y0) < 1e-12
     for a, c in zip(g1, g0):
         assert a.shape == c.shape and rel_err(a, c) < 1e-12
+
+
+def test_rstd_output_is_not_differentiable():
+    """The forward op's rstd output is marked non-differentiable (its gradient is never materialized)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    y, rstd = torch.ops.llmtrain.rmsnorm_linear_fwd(x, g, w, None, 1e-6)
+    assert y.requires_grad and not rstd.requires_grad
+    dx, dg, dw = torch.autograd.grad(y.sum(), (x, g, w))
+    ref = torch.autograd.grad(R.rmsnorm_linear(x, g, w, None, 1e-6).sum(), (x, g, w))
+    for got, want in zip((dx, dg, dw), ref):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)

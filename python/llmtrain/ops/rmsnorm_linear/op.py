@@ -71,10 +71,17 @@ def _setup_context(ctx, inputs, output):
     x, norm_weight, weight, bias, eps = inputs
     ctx.save_for_backward(x, norm_weight, weight, output[1])
     ctx.has_bias, ctx.eps = bias is not None, eps
+    # rstd is an internal output (saved for the backward, never differentiated). Without these two
+    # lines autograd materializes a zero gradient for it on every backward: one fill kernel plus its
+    # launch gap on the GPU (the FillFunctor<float> of the session-3 profile).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _drstd):
     x, norm_weight, weight, rstd = ctx.saved_tensors
+    if dy is None:  # y did not reach the loss (grads are not materialized): no gradient at all
+        return None, None, None, None, None
     dx, dg, dw, db = torch.ops.llmtrain.rmsnorm_linear_bwd(
         x, norm_weight, weight, rstd, dy.contiguous(), ctx.has_bias, ctx.eps)
     return dx, dg, dw, (db if ctx.has_bias else None), None
