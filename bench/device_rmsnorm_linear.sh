@@ -55,7 +55,7 @@ sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("nopdl", {"LLMTRAIN_RMSLIN_PDL": "0"}),
+for label_env, env in (("default", {}), ("pdl", {"LLMTRAIN_RMSLIN_PDL": "1"}),
                        ("sepred", {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
@@ -71,7 +71,7 @@ for label_env, env in (("default", {}), ("nopdl", {"LLMTRAIN_RMSLIN_PDL": "0"}),
             print(f"  {e.device_time_total/10:9.1f}  x{e.count//10:<3d} {e.key[:110]}")
 PY
 # 4. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
-#    RMS_IMPLS=ours,ours_nopdl,ours_sepred,compiled / RMS_SHAPES=0: a subset (eager always measured).
+#    RMS_IMPLS=ours,ours_pdl,ours_sepred,compiled / RMS_SHAPES=0: a subset (eager always measured).
 step table 90 bash -c "python3 bench/rmsnorm_linear_table.py ${RMS_IMPLS:+--impls $RMS_IMPLS} ${RMS_SHAPES:+--shapes $RMS_SHAPES} --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
 tail -3 "$R/table.err" 2>/dev/null
 echo "rmsnorm_linear: $(( $(date +%s) - T0 )) s of ${BUDGET_S} s"

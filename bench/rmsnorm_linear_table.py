@@ -5,9 +5,9 @@ triton.testing.do_bench, each the median over ROUNDS interleaved rounds. "ours" 
 pre-pass + GEMM forward, v3 register-resident row pass), "ours_v2" the whole previous generation
 (LLMTRAIN_RMSLIN=v2), "ours_v3" LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward), "ours_ro" v3 with
 LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), "ours_sm80" the portable
-mma.sync path forced on this GPU, "ours_nopdl" / "ours_sepred" the default without programmatic
+mma.sync path forced on this GPU, "ours_pdl" / "ours_sepred" the default with programmatic
 dependent launch / with the separate reduce_parts kernel; all in the same process.
-`--impls ours,ours_nopdl,compiled` measures a subset (eager always).
+`--impls ours,ours_pdl,compiled` measures a subset (eager always).
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
@@ -40,7 +40,7 @@ def make_impls():
         "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
-        "ours_nopdl": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_pdl": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
@@ -108,7 +108,7 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"},
        # session 7 A/B: the default without programmatic dependent launch / with the separate
        # reduce_parts kernel instead of the row pass's fused last-block reduction
-       "ours_nopdl": {"LLMTRAIN_RMSLIN_PDL": "0"}, "ours_sepred": {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}}
+       "ours_pdl": {"LLMTRAIN_RMSLIN_PDL": "1"}, "ours_sepred": {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}}
 
 
 def measure_with_env(name, fn):

@@ -253,15 +253,23 @@ def test_forward_and_gradients(c):
         if not err <= bound:
             failures.append(f"{nm}: rel err {err:.3e} > {bound:.1e}")
     if exact is not None:  # fp32/fp16 inputs: the total error against the exact inputs
+        # The function itself moves when its inputs are rounded to the bf16 operands (a draw with a
+        # near-zero normaliser amplifies that in dq/dk: an H100 run in session 7 measured 5e-2 for
+        # fp32 d = 128 where five earlier draws gave 4.5e-3, while the kernel stayed at 3.7e-3 of the
+        # function of its operands). Bound the total by 4e-2 plus that per-draw movement, measured
+        # here in float64 (reference of the operands vs reference of the exact inputs).
         refs = dict(zip(("y", "state", "sum_of_keys"), exact[:3]))
         refs.update(zip(("dq", "dk", "dv", "dlog_g", "ds0", "dz0"), exact[3]))
-        for nm, got, _ in checks:
+        for nm, got, ref_ops in checks:
             if nm in zero_grads:
                 continue
             err = rel(got, refs[nm])
+            moved = rel(ref_ops, refs[nm])
             log_err(name + "-vs-exact-inputs", nm, err)
-            if not err <= 4e-2:
-                failures.append(f"{nm}: rel err {err:.3e} > 4e-2 against the exact {dtype} inputs")
+            log_err(name + "-input-rounding", nm, moved)
+            if not err <= 4e-2 + moved:
+                failures.append(f"{nm}: rel err {err:.3e} > 4e-2 + {moved:.1e} (the function's own movement "
+                                f"under bf16 operand rounding) against the exact {dtype} inputs")
     assert not failures, "; ".join(failures)
 
 
