@@ -2,7 +2,8 @@
 # CUDA RMSNorm+Linear on the GPU machine: tests (v2 default path and the opt-in v3 path,
 # LLMTRAIN_RMSLIN=v3, then the SIMT path), a kernel breakdown, and the benchmark table
 # (ours v2 / v3 vs eager, torch.compile, Liger, bare GEMM; forward and forward+backward).
-# Usage (repo root): [SKIP_BUILD=1] [BUDGET_S=80] bash bench/device_rmsnorm_linear.sh
+# Usage (repo root): [SKIP_BUILD=1] [BUDGET_S=80] [RMS_PLAN=verify] [RMS_IMPLS=a,b] [RMS_SHAPES=0,1]
+#   bash bench/device_rmsnorm_linear.sh
 #   SKIP_BUILD=1: llmtrain and the wheels are already installed (the lead's wrapper); otherwise the
 #   carried .whl/ wheels are installed and llmtrain is built for sm_90a first (not counted in BUDGET_S).
 # Results: $OUT/rmsnorm_linear/ (tests.txt, tests_v3.txt, tests_portable.txt, table.md,
@@ -41,20 +42,23 @@ step() {
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
-step tests 40 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+step tests 90 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
 # 2. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
 [ "${RMS_PLAN:-full}" = verify ] || step tests_v3 30 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
 [ "${RMS_PLAN:-full}" = verify ] || step tests_portable 30 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
-# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): v2, v3, and ro (read-only fused forward + v3 backward).
+# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, without PDL, with the separate
+#    reduce_parts kernel, and v2. A profiled run serializes differently from do_bench: compare the sum
+#    of kernel times with the table's wall times for the launch gaps.
 [ "${RMS_PLAN:-full}" = verify ] || step profile 25 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("v2", {"LLMTRAIN_RMSLIN": "v2"}), ("v3", {"LLMTRAIN_RMSLIN": "v3"}),
-                       ("ro", {"LLMTRAIN_RMSLIN": "v3", "LLMTRAIN_RMSLIN_FWD": "ro"})):
-    os.environ.pop("LLMTRAIN_RMSLIN_FWD", None)
+for label_env, env in (("default", {}), ("pdl", {"LLMTRAIN_RMSLIN_PDL": "1"}),
+                       ("sepred", {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+    for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
+        os.environ.pop(key)
     os.environ.update(env)
     for label, fn in (("fwd", fwd_fn(impls["ours"], x, g, w)), ("fwd+bwd", fwd_bwd_fn(impls["ours"], x, g, w, dy))):
         for _ in range(3): fn()
@@ -63,10 +67,11 @@ for label_env, env in (("v2", {"LLMTRAIN_RMSLIN": "v2"}), ("v3", {"LLMTRAIN_RMSL
             for _ in range(10): fn()
             torch.cuda.synchronize()
         print(f"== ours {label_env} {label} (us per iteration)")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
             print(f"  {e.device_time_total/10:9.1f}  x{e.count//10:<3d} {e.key[:110]}")
 PY
 # 4. The table at 2048 (the two targets), then 5632 and 8192; rows print as they finish.
-step table 90 bash -c "python3 bench/rmsnorm_linear_table.py --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
+#    RMS_IMPLS=ours,ours_pdl,ours_sepred,compiled / RMS_SHAPES=0: a subset (eager always measured).
+step table 90 bash -c "python3 bench/rmsnorm_linear_table.py ${RMS_IMPLS:+--impls $RMS_IMPLS} ${RMS_SHAPES:+--shapes $RMS_SHAPES} --json '$R/table.json' 2>'$R/table.err' | tee '$R/table.md'"
 tail -3 "$R/table.err" 2>/dev/null
 echo "rmsnorm_linear: $(( $(date +%s) - T0 )) s of ${BUDGET_S} s"

@@ -5,7 +5,9 @@ triton.testing.do_bench, each the median over ROUNDS interleaved rounds. "ours" 
 pre-pass + GEMM forward, v3 register-resident row pass), "ours_v2" the whole previous generation
 (LLMTRAIN_RMSLIN=v2), "ours_v3" LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward), "ours_ro" v3 with
 LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), "ours_sm80" the portable
-mma.sync path forced on this GPU; all in the same process.
+mma.sync path forced on this GPU, "ours_pdl" / "ours_sepred" the default with programmatic
+dependent launch / with the separate reduce_parts kernel; all in the same process.
+`--impls ours,ours_pdl,compiled` measures a subset (eager always).
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 """
@@ -38,6 +40,8 @@ def make_impls():
         "ours_ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_pdl": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -101,7 +105,10 @@ def measure(fn, warmup=25, rep=100):
 # ours_sm80: the portable mma.sync path (what sm_80 / sm_120 run), forced on this GPU.
 ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3", "LLMTRAIN_RMSLIN_FWD": "ro"},
        "ours_v2": {"LLMTRAIN_RMSLIN": "v2"},
-       "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"}}
+       "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"},
+       # session 7 A/B: the default without programmatic dependent launch / with the separate
+       # reduce_parts kernel instead of the row pass's fused last-block reduction
+       "ours_pdl": {"LLMTRAIN_RMSLIN_PDL": "1"}, "ours_sepred": {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}}
 
 
 def measure_with_env(name, fn):
@@ -174,10 +181,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--impls", help="comma-separated implementations to measure (default: all; eager is "
+                    "always kept: the speed-up columns divide by it)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     impls = make_impls()
+    if args.impls:
+        keep = set(args.impls.split(",")) | {"eager"}
+        unknown = keep - set(impls)
+        if unknown:
+            ap.error(f"unknown implementations {sorted(unknown)}; known: {sorted(impls)}")
+        impls = {name: f for name, f in impls.items() if name in keep}
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; times in ms (do_bench median)")
     print(header(list(impls.keys())), flush=True)
     rows = []

@@ -19,9 +19,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../ops.h"
 #include "rmsnorm_linear_common.cuh"
@@ -215,28 +218,149 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
 // LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
 // forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2).
-inline bool env_is(const char* name, const char* value) {
+// Session 7 switches: LLMTRAIN_RMSLIN_PDL=0|1 (default 0: programmatic dependent launch between the
+// sm_90a path's kernels) and LLMTRAIN_RMSLIN_REDUCE=fused|kernel (default fused: the row pass's last
+// blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
+// An unknown value of any switch is an error (a typo must not silently measure the default).
+enum class Gen { Default, V2, V3, RO };
+inline const char* env_value(const char* name) {
   const char* e = std::getenv(name);
-  return e && std::strcmp(e, value) == 0;
+  return e && e[0] ? e : nullptr;
+}
+// Parses a generation switch; allowed lists the accepted names (space-separated).
+inline Gen parse_gen(const char* name, const char* allowed) {
+  const char* e = env_value(name);
+  if (!e) return Gen::Default;
+  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}};
+  const std::string list = std::string(" ") + allowed + " ";
+  for (const auto& n : names)
+    if (std::strcmp(e, n.s) == 0 && list.find(std::string(" ") + n.s + " ") != std::string::npos) return n.g;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not a kernel generation (" +
+                           allowed + ")");
+}
+// A 0/1 switch: unset -> dflt, "0" / "1" -> false / true, anything else an error.
+inline bool parse_flag(const char* name, bool dflt) {
+  const char* e = env_value(name);
+  if (!e) return dflt;
+  if (std::strcmp(e, "0") == 0) return false;
+  if (std::strcmp(e, "1") == 0) return true;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not 0 or 1");
 }
 inline bool legacy() {
-  const char* e = std::getenv("LLMTRAIN_RMSLIN_LEGACY");
-  return (e && e[0] && e[0] != '0') || env_is("LLMTRAIN_RMSLIN", "v2");
+  return parse_flag("LLMTRAIN_RMSLIN_LEGACY", false) || parse_gen("LLMTRAIN_RMSLIN", "v2 v3") == Gen::V2;
 }
-inline bool v3_selected() { return !legacy() && env_is("LLMTRAIN_RMSLIN", "v3"); }
-inline bool fused_read_only() { return !legacy() && env_is("LLMTRAIN_RMSLIN_FWD", "ro"); }
-inline bool fwd_v2() {
-  if (legacy() || env_is("LLMTRAIN_RMSLIN_FWD", "v2")) return true;
-  if (env_is("LLMTRAIN_RMSLIN_FWD", "v3") || fused_read_only()) return false;
-  return !v3_selected();
+inline Gen fwd_gen() {
+  const Gen all = parse_gen("LLMTRAIN_RMSLIN", "v2 v3");
+  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro");
+  if (legacy()) return Gen::V2;
+  if (side != Gen::Default) return side;
+  return all == Gen::V3 ? Gen::V3 : Gen::V2;  // the default forward is v2
 }
-inline bool bwd_v2() {
-  if (legacy() || env_is("LLMTRAIN_RMSLIN_BWD", "v2")) return true;
-  return false;
+inline Gen bwd_gen() {
+  const Gen side = parse_gen("LLMTRAIN_RMSLIN_BWD", "v2 v3");
+  if (legacy()) return Gen::V2;
+  return side == Gen::V2 ? Gen::V2 : Gen::V3;  // the default backward is v3
+}
+// PDL is opt-in: the H100 table of session 7 measured no gain from it (fwd+bwd 0.712 ms with, 0.709
+// without), and v2's dg differed between runs with it on; stream order is the simpler guarantee.
+inline bool pdl_enabled() { return parse_flag("LLMTRAIN_RMSLIN_PDL", false); }
+inline bool fused_reduce() {
+  const char* e = env_value("LLMTRAIN_RMSLIN_REDUCE");
+  if (!e || std::strcmp(e, "fused") == 0) return true;
+  if (std::strcmp(e, "kernel") == 0) return false;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_REDUCE=") + e +
+                           " is not a reduction mode (fused kernel)");
+}
+
+// ---- per-stream ticket counters for finish_parts ----
+// One zero-initialized counter per (device, stream): kernels on one stream run in order and each
+// leaves its counter at 0, while two streams running the op at once must not share one. A static
+// __device__ array needs no allocation. More streams than slots, or a stream being captured into a
+// CUDA graph (the graph bakes in the slot, and two graphs captured on one stream may later be
+// replayed concurrently on two streams): nullptr, and the caller launches reduce_parts instead.
+constexpr int kTicketSlots = 256;
+__device__ unsigned g_tickets[kTicketSlots];
+
+unsigned* ticket_for(cudaStream_t s) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, int> slot;
+  static unsigned* base[64] = {};
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(s, &cap), "cudaStreamIsCapturing");
+  if (cap != cudaStreamCaptureStatusNone) return nullptr;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) return nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!base[dev]) check(cudaGetSymbolAddress(reinterpret_cast<void**>(&base[dev]), g_tickets), "cudaGetSymbolAddress");
+  auto it = slot.find({dev, s});
+  if (it == slot.end()) {
+    int used = 0;
+    for (const auto& kv : slot) used += kv.first.first == dev;
+    if (used >= kTicketSlots) return nullptr;
+    it = slot.emplace(std::make_pair(dev, s), used).first;
+  }
+  return base[dev] + it->second;
+}
+
+// Launch with an optional PDL attribute (cudaLaunchKernelEx); kernels launched this way call
+// fast::pdl_wait() before touching global memory.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, const char* what,
+            Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), what);
+}
+
+// cudaFuncSetAttribute once per (device, kernel, size) instead of on every call.
+inline void ensure_dynamic_smem(const void* fn, size_t bytes, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, size_t> done;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = done[{dev, fn}];
+  if (have >= bytes) return;
+  check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
+  have = bytes;
+}
+
+// Resident blocks per SM of a kernel (cached per device and kernel): sizes persistent grids.
+inline int blocks_per_sm(const void* fn, int threads, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, int> cache;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({dev, fn});
+  if (it != cache.end()) return it->second;
+  int b = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, fn, threads, smem), "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  b = std::max(b, 1);
+  cache[{dev, fn}] = b;
+  return b;
+}
+
+// Finalizer blocks for finish_parts over cols columns: about 128 columns (32 float4 lanes) each, at
+// most 32, and few enough to wait on the rest without starving them (sms / 2; a GPU runs >= 1 block
+// of these kernels per SM).
+inline int finalizers(int64_t cols, int nb, int sms) {
+  const int64_t f = std::min<int64_t>({(cols + 127) / 128, (int64_t)32, (int64_t)nb, (int64_t)std::max(1, sms / 2)});
+  return (int)std::max<int64_t>(1, f);
 }
 
 template <typename T>
-using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t);
+using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int64_t, int64_t, T*, unsigned*, int);
 template <typename T> struct RowBwdV3 {
   RowBwdFn<T> fn = nullptr;
   int w = 1;
@@ -255,13 +379,25 @@ template <typename T> RowBwdV3<T> pick_row_bwd_v3(int64_t k) {
   return {fast::row_bwd_v3<T, 1, 8>, 1};
 }
 
+template <typename T>
+using PrepFn = void (*)(const T*, const T*, const T*, float*, T*, int64_t, int64_t, int64_t, float);
+// J 16-byte chunks per lane per pass: the whole row in one pass up to k = 2048, passes of 8 beyond.
+template <typename T> PrepFn<T> pick_prep_rows(int64_t k) {
+  const int64_t j = (k / 8 + 31) / 32;
+  if (j <= 1) return fast::prep_fwd_rows<T, 1>;
+  if (j <= 2) return fast::prep_fwd_rows<T, 2>;
+  if (j <= 4) return fast::prep_fwd_rows<T, 4>;
+  return fast::prep_fwd_rows<T, 8>;
+}
+
 template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
-  const bool fused = !fwd_v2() && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
+  const Gen gen = fwd_gen();
+  const bool fused = (gen == Gen::V3 || gen == Gen::RO) && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
                      sm90_fwd_fused_available(a.dims.dtype);
-  if (fused && !fused_read_only()) {
+  if (fused && gen == Gen::V3) {
     // v3: one GEMM kernel computes rstd, folds g into the x tiles and scales the rows.
     return sm90_gemm_fwd_fused(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
                                (float)a.dims.eps, s);
@@ -279,21 +415,22 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
     wg.release(s);
     return;
   }
-  const int row_blocks = (int)std::min<int64_t>((n + 7) / 8, (int64_t)sms * 8);
-  const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
-  fast::prep_fwd<T><<<row_blocks + w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,
-                                                          static_cast<float*>(a.rstd), wg.get(), n, k, m,
-                                                          (float)a.dims.eps, row_blocks);
-  check_launch("prep_fwd");
-  if (m > 0) sm90_gemm_fwd(a.dims.dtype, a.x, wg.get(), static_cast<const float*>(a.rstd), a.bias, a.y, n, k, m, s);
+  // Pre-pass (rstd and wg in one launch, a warp per row of x or of W, persistent grid) then the GEMM,
+  // launched with PDL so that its prologue overlaps the pre-pass's tail (k = 0: no PDL, the GEMM's
+  // consumers would have no mainloop to order their stores after the wait).
+  const bool pdl = pdl_enabled() && k > 0;
+  const PrepFn<T> prep = pick_prep_rows<T>(k);
+  const int64_t warps = (int64_t)sms * blocks_per_sm(reinterpret_cast<const void*>(prep), 256, 0) * 8;
+  const int blocks = (int)std::max<int64_t>(1, (std::min<int64_t>(warps, n + m) + 7) / 8);
+  launch(prep, dim3(blocks), dim3(256), 0, s, pdl, "prep_fwd_rows", static_cast<const T*>(a.x),
+         static_cast<const T*>(a.g), w, static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps);
+  if (m > 0)
+    sm90_gemm_fwd(a.dims.dtype, a.x, wg.get(), static_cast<const float*>(a.rstd), a.bias, a.y, n, k, m, s, pdl);
   wg.release(s);
 }
 
 // LLMTRAIN_RMSLIN_SM80=1: take the portable tensor-core path even where the sm_90a one could run (A/B, tests).
-inline bool force_sm80() {
-  const char* e = std::getenv("LLMTRAIN_RMSLIN_SM80");
-  return e && e[0] && e[0] != '0';
-}
+inline bool force_sm80() { return parse_flag("LLMTRAIN_RMSLIN_SM80", false); }
 // The portable tensor-core path: on unless the whole v2 path is asked for (its H100 run passed the
 // full test grid, forced with LLMTRAIN_RMSLIN_SM80=1).
 inline bool sm80_enabled() { return force_sm80() || !legacy(); }
@@ -313,49 +450,68 @@ template <typename T> void forward_tc(const RmsLinFwdArgs& a) {
 }
 
 // sm80 = true: the same schedule with the portable mma.sync GEMMs instead of the sm_90a ones.
+// Session 7: one workspace (xn, then the fp32 partials) allocated before the first kernel and freed
+// after the last, so nothing stream-ordered sits between the kernels (PDL pairs adjacent launches);
+// on the sm_90a path every kernel is launched with PDL; the dg (and dbias) partials are reduced by
+// the last blocks of the kernel that wrote them (finish_parts), reduce_parts only as the fallback.
 template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = false) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* dy = static_cast<const T*>(a.dy);
   T* dx = static_cast<T*>(a.dx);
   const int sms = num_sms();
-  // dxn = dy W into dx.
-  (sm80 ? sm80_gemm_dgrad : sm90_gemm_dgrad)(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
-  // Row pass: dx, xn and dg partials.
-  DeviceBuffer<T> xn(n * k, s);
-  const RowBwdV3<T> v3 = bwd_v2() ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
+  const bool pdl = !sm80 && pdl_enabled();
+  const RowBwdV3<T> v3 = bwd_gen() == Gen::V2 ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
   const int rows_per_block = v3.fn ? 8 / v3.w : 16;
   const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + rows_per_block - 1) / rows_per_block, (int64_t)sms * 2));
-  DeviceBuffer<float> part((size_t)nb * (size_t)std::max(k, m), s);
+  // xn [n, k] (T), then the dg partials [nb, k] and the dbias partials [nb, m] (fp32), each at a
+  // 256-byte aligned offset. Two regions, not one reused: with PDL the dbias pass may start while an
+  // earlier reader of the dg partials (reduce_parts on the v2 path) is still running, and a shared
+  // region made v2's dg differ between runs (H100, session 7).
+  const size_t xn_bytes = ((size_t)n * (size_t)k * sizeof(T) + 255) / 256 * 256;
+  const size_t dg_bytes = ((size_t)nb * (size_t)k * sizeof(float) + 255) / 256 * 256;
+  DeviceBuffer<uint8_t> ws(xn_bytes + dg_bytes + (a.dbias ? (size_t)nb * (size_t)m * sizeof(float) : 0), s);
+  T* xn = reinterpret_cast<T*>(ws.get());
+  float* part = reinterpret_cast<float*>(ws.get() + xn_bytes);
+  float* part_b = reinterpret_cast<float*>(ws.get() + xn_bytes + dg_bytes);
+  unsigned* ticket = fused_reduce() ? ticket_for(s) : nullptr;
+  // dxn = dy W into dx.
+  if (sm80)
+    sm80_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
+  else
+    sm90_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s, pdl);
+  // Row pass: dx, xn and dg partials (and dg itself with a ticket).
+  bool dg_done = false;
   if (v3.fn) {
     const size_t smem = (size_t)(k + 16) * sizeof(float);
-    if (smem > 48 * 1024)
-      check(cudaFuncSetAttribute(v3.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-            "cudaFuncSetAttribute(row_bwd_v3)");
-    v3.fn<<<nb, 256, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
-                                static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
-    check_launch("row_bwd_v3");
+    ensure_dynamic_smem(reinterpret_cast<const void*>(v3.fn), smem, "cudaFuncSetAttribute(row_bwd_v3)");
+    launch(v3.fn, dim3(nb), dim3(256), smem, s, pdl, "row_bwd_v3", static_cast<const T*>(a.x),
+           static_cast<const T*>(a.g), static_cast<const float*>(a.rstd), dx, xn, part, n, k, static_cast<T*>(a.dg),
+           ticket, finalizers(k, nb, sms));
+    dg_done = ticket != nullptr;
   } else {
     const size_t smem = (size_t)k * sizeof(float);
-    if (smem > 48 * 1024)
-      check(cudaFuncSetAttribute(fast::row_bwd<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-            "cudaFuncSetAttribute(row_bwd)");
+    ensure_dynamic_smem(reinterpret_cast<const void*>(fast::row_bwd<T>), smem, "cudaFuncSetAttribute(row_bwd)");
     fast::row_bwd<T><<<nb, 512, smem, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g),
-                                           static_cast<const float*>(a.rstd), dx, xn.get(), part.get(), n, k);
+                                           static_cast<const float*>(a.rstd), dx, xn, part, n, k);
     check_launch("row_bwd");
   }
-  fast::reduce_parts<T><<<(unsigned)((k + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dg), nb, k);
-  check_launch("reduce_parts(dg)");
+  if (!dg_done)
+    launch(fast::reduce_parts<T>, dim3(fast::reduce_parts_blocks(k)), dim3(32, 8), 0, s, pdl, "reduce_parts(dg)",
+           static_cast<const float*>(part), static_cast<T*>(a.dg), nb, k);
   // dW = dy^T xn.
-  (sm80 ? sm80_gemm_wgrad : sm90_gemm_wgrad)(a.dims.dtype, a.dy, xn.get(), a.dw, n, k, m, s);
-  xn.release(s);
+  if (sm80)
+    sm80_gemm_wgrad(a.dims.dtype, a.dy, xn, a.dw, n, k, m, s);
+  else
+    sm90_gemm_wgrad(a.dims.dtype, a.dy, xn, a.dw, n, k, m, s, pdl);
   if (a.dbias) {
-    fast::colsum_part<T><<<nb, 256, 0, s>>>(dy, part.get(), n, m);
-    check_launch("colsum_part(dbias)");
-    fast::reduce_parts<T><<<(unsigned)((m + 255) / 256), 256, 0, s>>>(part.get(), static_cast<T*>(a.dbias), nb, m);
-    check_launch("reduce_parts(dbias)");
+    launch(fast::colsum_part<T>, dim3(nb), dim3(256), 0, s, pdl, "colsum_part(dbias)", dy, part_b, n, m,
+           static_cast<T*>(a.dbias), ticket, finalizers(m, nb, sms));
+    if (!ticket)
+      launch(fast::reduce_parts<T>, dim3(fast::reduce_parts_blocks(m)), dim3(32, 8), 0, s, pdl,
+             "reduce_parts(dbias)", static_cast<const float*>(part_b), static_cast<T*>(a.dbias), nb, m);
   }
-  part.release(s);
+  ws.release(s);
 }
 
 template <typename T> void forward(const RmsLinFwdArgs& a) {

@@ -32,6 +32,92 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float f
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with the PDL attribute may start while
+// its predecessor on the stream is still finishing, so it must wait here before its first global
+// memory access (read or write). griddepcontrol.wait is a no-op for a kernel launched without the
+// attribute, and the instructions do not exist before sm_90 (the sm_80 path never launches with PDL).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Lets the next PDL-launched kernel get its blocks resident (they then wait in pdl_wait) as soon as
+// this grid's blocks are all running; only a scheduling hint, never a correctness condition.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Forward pre-pass (session 7), one launch, a warp per "row task": tasks [0, n) are rows of x (sum of
+// squares -> rstd), tasks [n, n + m) rows of W (wg = W diag(g)). Both kinds are k long, so the
+// grid-stride walk over n + m tasks balances the two jobs over every warp (the older prep_fwd gave
+// them separate blocks, and the W blocks only started once the x blocks drained). Each lane issues
+// its J 16-byte loads of a 32 J-chunk pass before using any (J = 8 at k = 2048: the whole 4 KB row in
+// flight per warp), so the pass is bandwidth- not latency-bound. rstd sums each lane's chunks in the
+// same order as prep_fwd (c8 = lane, lane + 32, ...) then the same shuffle tree: same bits.
+template <typename T, int J>
+__global__ void __launch_bounds__(256) prep_fwd_rows(const T* __restrict__ x, const T* __restrict__ g,
+                                                     const T* __restrict__ w, float* __restrict__ rstd,
+                                                     T* __restrict__ wg, int64_t n, int64_t k, int64_t m, float eps) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31;
+  const int64_t k8 = k / 8;
+  const int64_t nw = (int64_t)gridDim.x * 8;
+  const uint4* g4 = reinterpret_cast<const uint4*>(g);
+  for (int64_t t = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5); t < n + m; t += nw) {
+    if (t < n) {  // warp-uniform
+      const uint4* src = reinterpret_cast<const uint4*>(x + t * k);
+      float ss = 0.f;
+      for (int64_t c0 = 0; c0 < k8; c0 += 32 * J) {
+        uint4 v[J];
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c8 = c0 + lane + 32 * j;
+          v[j] = c8 < k8 ? __ldg(src + c8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const T* h = reinterpret_cast<const T*>(&v[j]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float f = to_f(h[e]);
+            ss = fmaf(f, f, ss);
+          }
+        }
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) rstd[t] = 1.f / sqrtf(ss / (float)k + eps);
+    } else {
+      const uint4* src = reinterpret_cast<const uint4*>(w + (t - n) * k);
+      uint4* dst = reinterpret_cast<uint4*>(wg + (t - n) * k);
+      for (int64_t c0 = 0; c0 < k8; c0 += 32 * J) {
+        uint4 v[J], gv[J];
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c8 = c0 + lane + 32 * j;
+          if (c8 < k8) {
+            v[j] = __ldg(src + c8);
+            gv[j] = __ldg(g4 + c8);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c8 = c0 + lane + 32 * j;
+          if (c8 >= k8) continue;
+          const T* a = reinterpret_cast<const T*>(&v[j]);
+          const T* b = reinterpret_cast<const T*>(&gv[j]);
+          float f[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) f[e] = to_f(a[e]) * to_f(b[e]);
+          store8(reinterpret_cast<T*>(dst + c8), f);
+        }
+      }
+    }
+  }
+}
+
 // Forward pre-pass, one launch: blocks [0, row_blocks) write rstd (a warp per row); the rest write
 // wg = W diag(g) (16-byte chunks, grid-stride).
 template <typename T>
@@ -100,6 +186,82 @@ __global__ void __launch_bounds__(256) prep_xn(const T* __restrict__ x, const T*
   }
 }
 
+// ---- deterministic column sums of per-block partials part[nb, cols] (fp32) into out (T) ----
+// Order, for every column: 8 interleaved slices of the nb rows (slice r: rows r, r + 8, ..., summed
+// in increasing row order from 0.f), then slice 0 + slice 1 + ... + slice 7. The reduce_parts kernel
+// and finish_parts (the last blocks of the grid that wrote part) both follow it: the same bits either
+// way, and the same bits on every run (no atomics in the arithmetic).
+
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Called at the end by every block of a grid whose block b wrote part[b, 0:cols] (cols % 4 == 0,
+// part 16-byte aligned). Each block takes a ticket; the last `fin` blocks to arrive wait until all
+// nb = gridDim.x have (they only wait on blocks that are already running or about to: fin is kept
+// well under the number of blocks the GPU holds at once), then finalizer s sums column quads
+// [s per, (s + 1) per). This replaces a separate reduce_parts launch (5-9 us plus a launch gap at
+// 2048 columns). The counter returns to 0 at the end (the last finalizer resets it), ready for the
+// next kernel on the stream; each stream has its own counter (rmsnorm_linear.cu: ticket_for).
+// blockDim.x must be 256.
+template <typename T>
+__device__ void finish_parts(const float* part, T* __restrict__ out, int64_t cols, unsigned* ticket, int fin) {
+  __shared__ unsigned s_ticket;
+  __shared__ float4 sl[8][32];
+  __threadfence();  // this thread's part writes are visible device-wide before the block is counted
+  __syncthreads();
+  const unsigned nb = gridDim.x;
+  if (threadIdx.x == 0) s_ticket = atomicAdd(ticket, 1u);
+  __syncthreads();
+  const unsigned t = s_ticket;
+  if (t + (unsigned)fin < nb) return;  // not among the last fin arrivals (block-uniform)
+  if (threadIdx.x == 0)
+    while (ld_acquire_gpu(ticket) < nb) __nanosleep(32);
+  __threadfence();
+  __syncthreads();
+  const int64_t nq = cols / 4;
+  const int64_t per = (nq + fin - 1) / fin;
+  const int64_t slice = (int64_t)t - (int64_t)(nb - (unsigned)fin);
+  const int64_t lo = slice * per, hi = min(nq, lo + per);
+  const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
+  const float4* p4 = reinterpret_cast<const float4*>(part);
+  for (int64_t q0 = lo; q0 < hi; q0 += 32) {
+    const int64_t q = q0 + lx;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (q < hi) {
+#pragma unroll 8
+      for (int b = ly; b < (int)nb; b += 8) {
+        const float4 v = __ldcg(p4 + (int64_t)b * nq + q);  // L2: written by other blocks
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+      }
+    }
+    sl[ly][lx] = acc;
+    __syncthreads();
+    if (ly == 0 && q < hi) {
+#pragma unroll
+      for (int r = 1; r < 8; ++r) {
+        acc.x += sl[r][lx].x;
+        acc.y += sl[r][lx].y;
+        acc.z += sl[r][lx].z;
+        acc.w += sl[r][lx].w;
+      }
+      out[q * 4 + 0] = from_f<T>(acc.x);
+      out[q * 4 + 1] = from_f<T>(acc.y);
+      out[q * 4 + 2] = from_f<T>(acc.z);
+      out[q * 4 + 3] = from_f<T>(acc.w);
+    }
+    __syncthreads();
+  }
+  // Every finalizer has seen the count reach nb before adding its second increment, so the last of
+  // those (count nb + fin - 1) can reset it without stranding a waiter.
+  if (threadIdx.x == 0 && atomicAdd(ticket, 1u) == nb + (unsigned)fin - 1) atomicExch(ticket, 0u);
+}
+
 // Backward row pass. dx holds dxn = dy W on entry (from the dgrad GEMM) and is overwritten row by
 // row (each warp reads its whole row before writing it):
 //   proj_i = sum_c dxn_ic g_c x_ic;  dx_i = r_i g dxn_i - r_i^3 / k proj_i x_i;  xn_i = r_i g x_i
@@ -137,6 +299,8 @@ __global__ void __launch_bounds__(512) row_bwd(const T* __restrict__ x, const T*
       for (int j = 0; j < 8; ++j) {
         o[j] = r * gv[j] * d[j] - coef * xv[j];
         q[j] = r * gv[j] * xv[j];
+        // (shared-memory atomics: the order across warps varies, so v2's dg may differ in the last
+        // bit between runs; the default v3 row pass sums in a fixed order)
         atomicAdd(&dgs[c * 8 + j], d[j] * xv[j] * r);
       }
       store8(dr + c * 8, o);
@@ -154,11 +318,16 @@ __global__ void __launch_bounds__(512) row_bwd(const T* __restrict__ x, const T*
 // are loaded once into registers, and the dg partials meet in shared memory only once per block,
 // in a fixed warp order (deterministic). dx may alias nothing but is read before it is written by
 // the same thread.
+// Session 7: launched with PDL on the sm_90a path (waits for the dgrad GEMM here), and with a
+// ticket the last blocks also turn the partials into dg (finish_parts) instead of a reduce_parts launch.
 template <typename T, int W, int J>
 __global__ void __launch_bounds__(256) row_bwd_v3(const T* __restrict__ x, const T* __restrict__ g,
                                                   const float* __restrict__ rstd, T* dx, T* __restrict__ xn,
-                                                  float* __restrict__ part, int64_t n, int64_t k) {
+                                                  float* __restrict__ part, int64_t n, int64_t k,
+                                                  T* __restrict__ dg, unsigned* ticket, int fin) {
   static_assert(8 % W == 0, "block of 8 warps");
+  pdl_wait();
+  pdl_launch_dependents();
   constexpr int R = 8 / W, TPR = 32 * W;
   extern __shared__ float red[];  // [k] block dg sums, then [2][8] row-sum partials (W > 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -248,12 +417,15 @@ __global__ void __launch_bounds__(256) row_bwd_v3(const T* __restrict__ x, const
   }
   __syncthreads();
   for (int64_t c = threadIdx.x; c < k; c += blockDim.x) part[(int64_t)blockIdx.x * k + c] = red[c];
+  if (ticket) finish_parts<T>(part, dg, k, ticket, fin);
 }
 
 // Column partial sums of a row-major [n, cols] matrix: part[b, c] = sum over block b's rows.
+// With a ticket, the last blocks also write out = the column sums (finish_parts).
 template <typename T>
 __global__ void __launch_bounds__(256) colsum_part(const T* __restrict__ a, float* __restrict__ part, int64_t n,
-                                                   int64_t cols) {
+                                                   int64_t cols, T* __restrict__ out, unsigned* ticket, int fin) {
+  pdl_wait();
   const int64_t c8n = cols / 8;
   const int64_t rows_per = (n + gridDim.x - 1) / gridDim.x;
   const int64_t r0 = (int64_t)blockIdx.x * rows_per, r1 = min(n, r0 + rows_per);
@@ -268,17 +440,31 @@ __global__ void __launch_bounds__(256) colsum_part(const T* __restrict__ a, floa
 #pragma unroll
     for (int j = 0; j < 8; ++j) part[(int64_t)blockIdx.x * cols + c8 * 8 + j] = s[j];
   }
+  if (ticket) finish_parts<T>(part, out, cols, ticket, fin);
 }
 
-// out[c] = sum_b part[b, c], in T.
+// out[c] = sum_b part[b, c], in T, in finish_parts' order. Block (32, 8): 32 columns, 8 interleaved
+// slices of the nb parts, then the 8 slice sums in a fixed order: deterministic, and 8x the
+// parallelism of a thread per column (nb = 2 x SMs parts of 2048 columns took 7 us that way, 5 us
+// this way; from branch rmslin-v4-experiment). The fallback when no ticket counter is available.
 template <typename T>
-__global__ void reduce_parts(const float* __restrict__ part, T* __restrict__ out, int nb, int64_t cols) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+__global__ void __launch_bounds__(256) reduce_parts(const float* __restrict__ part, T* __restrict__ out, int nb,
+                                                    int64_t cols) {
+  __shared__ float sl[8][33];
+  pdl_wait();
+  const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
   float s = 0.f;
-  for (int b = 0; b < nb; ++b) s += part[(int64_t)b * cols + c];
-  out[c] = from_f<T>(s);
+  if (c < cols)
+    for (int b = threadIdx.y; b < nb; b += 8) s += __ldcg(part + (int64_t)b * cols + c);
+  sl[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+#pragma unroll
+    for (int r = 1; r < 8; ++r) s += sl[r][threadIdx.x];
+    out[c] = from_f<T>(s);
+  }
 }
+inline unsigned reduce_parts_blocks(int64_t cols) { return (unsigned)((cols + 31) / 32); }
 
 }  // namespace fast
 }  // namespace rmslin

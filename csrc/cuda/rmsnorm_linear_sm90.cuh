@@ -19,8 +19,10 @@ namespace rmslin {
 bool sm90_usable(DType dtype, int64_t k, int64_t m);
 
 // y[n, m] = rstd[i] * (x[n, k] . wg[m, k]^T) + bias[m]   (bias may be null)
+// pdl: launch with programmatic dependent launch (the kernel waits for its stream predecessor before
+// its first global load; built with CUTLASS_ENABLE_GDC_FOR_SM90, rmsnorm_linear_sm90_gemm.cuh).
 void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd, const void* bias, void* y,
-                   int64_t n, int64_t k, int64_t m, cudaStream_t s);
+                   int64_t n, int64_t k, int64_t m, cudaStream_t s, bool pdl = false);
 // v3 forward in one kernel (bf16): y = (x diag(g) . w^T) * rstd[row] + bias, with rstd computed from
 // the A tiles inside the GEMM mainloop and written to rstd[n]. See rmsnorm_linear_sm90_fused.cu.
 // g == nullptr: w is already W diag(g) and the mainloop only sums x^2 (read-only variant).
@@ -29,10 +31,10 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
-                     cudaStream_t s);
+                     cudaStream_t s, bool pdl = false);
 // dw[m, k] = dy[n, m]^T . xn[n, k]
 void sm90_gemm_wgrad(DType dtype, const void* dy, const void* xn, void* dw, int64_t n, int64_t k, int64_t m,
-                     cudaStream_t s);
+                     cudaStream_t s, bool pdl = false);
 
 }  // namespace rmslin
 }  // namespace llmtrain

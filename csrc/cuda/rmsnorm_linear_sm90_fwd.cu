@@ -52,7 +52,7 @@ namespace sm90 {
 
 template <class Element, class TileShape, class ClusterShape>
 void fwd(const void* x, const void* wg, const float* rstd, const void* bias, void* y, int64_t n, int64_t k, int64_t m,
-         cudaStream_t s) {
+         cudaStream_t s, bool pdl) {
   constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
   using namespace cutlass::epilogue::fusion;
   // D = rstd[m-index] * acc + bias[n-index]
@@ -76,14 +76,14 @@ void fwd(const void* x, const void* wg, const float* rstd, const void* bias, voi
       {},                                                // acc
       {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
       {}};
-  run_gemm<Gemm>(args, s, "forward GEMM");
+  run_gemm<Gemm>(args, s, "forward GEMM", pdl);
 }
 
 }  // namespace sm90
 #endif
 
 void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd, const void* bias, void* y,
-                   int64_t n, int64_t k, int64_t m, cudaStream_t s) {
+                   int64_t n, int64_t k, int64_t m, cudaStream_t s, bool pdl) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   using namespace cute;
@@ -93,10 +93,10 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
     return e && e[0] == '1';
   }();
   if (dtype == DType::BF16) {
-    if (alt) return sm90::fwd<cutlass::bfloat16_t, Shape<_256, _128, _64>, Shape<_1, _2, _1>>(x, wg, rstd, bias, y, n, k, m, s);
-    return sm90::fwd<cutlass::bfloat16_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s);
+    if (alt) return sm90::fwd<cutlass::bfloat16_t, Shape<_256, _128, _64>, Shape<_1, _2, _1>>(x, wg, rstd, bias, y, n, k, m, s, pdl);
+    return sm90::fwd<cutlass::bfloat16_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s, pdl);
   }
-  if (dtype == DType::F16) return sm90::fwd<cutlass::half_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s);
+  if (dtype == DType::F16) return sm90::fwd<cutlass::half_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s, pdl);
 #endif
   throw std::runtime_error("rmsnorm_linear (CUDA): sm_90a GEMM not built for this dtype");
 }

@@ -13,13 +13,13 @@ namespace llmtrain {
 namespace rmslin {
 
 void sm90_gemm_wgrad(DType dtype, const void* dy, const void* xn, void* dw, int64_t n, int64_t k, int64_t m,
-                     cudaStream_t s) {
+                     cudaStream_t s, bool pdl) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   using Layout = cutlass::layout::ColumnMajor;
   if (dtype == DType::BF16)
-    return sm90::plain_gemm<cutlass::bfloat16_t, Layout>(dy, m, xn, k, dw, m, k, n, s, "backward weight GEMM");
-  if (dtype == DType::F16) return sm90::plain_gemm<cutlass::half_t, Layout>(dy, m, xn, k, dw, m, k, n, s, "backward weight GEMM");
+    return sm90::plain_gemm<cutlass::bfloat16_t, Layout>(dy, m, xn, k, dw, m, k, n, s, "backward weight GEMM", pdl);
+  if (dtype == DType::F16) return sm90::plain_gemm<cutlass::half_t, Layout>(dy, m, xn, k, dw, m, k, n, s, "backward weight GEMM", pdl);
 #endif
   throw std::runtime_error("rmsnorm_linear (CUDA): sm_90a GEMM not built for this dtype");
 }
