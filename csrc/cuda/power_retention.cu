@@ -428,13 +428,14 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   const float* inv_den = nullptr;
   if (A.saved && kernel_version() >= 9) {
     Carver sv{const_cast<char*>(static_cast<const char*>(A.saved)), A.saved_bytes};
-    const int64_t row_bytes = align256(P.b * P.t * P.hq * d * 4) + align256(P.b * P.hq * P.t * 4);
     if (P.N == 1 && !A.s0) {
       if (!grad_final || kernel_version() >= 11) {
         y32 = sv.take<float>(P.b * P.t * P.hq * d);
         inv_den = sv.take<float>(P.b * P.hq * P.t);
       }
-    } else if (kernel_version() >= 11 && A.saved_bytes >= align256(nstate * 2) + row_bytes) {
+    } else if (kernel_version() >= 11 && A.saved_bytes >= power_retention_workspace_bytes_cuda(m, 5)) {
+      // (the forward wrote the rows exactly when its workspace had this size: a smaller, kind-0 buffer
+      // may still exceed states + rows, its v2 scratch and gate sums included, but holds no rows)
       sv.take<bf16>(nstate);
       y32 = sv.take<float>(P.b * P.t * P.hq * d);
       inv_den = sv.take<float>(P.b * P.hq * P.t);

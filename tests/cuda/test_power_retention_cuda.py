@@ -604,6 +604,30 @@ def test_v11_saved_rows_match_v10(monkeypatch, c):
             assert err < 2e-3, f"{nm}: {err:.3e}"
 
 
+def test_v11_kind0_buffer_has_no_rows(monkeypatch):
+    """A general (kind 0) forward workspace holds chunk states but no rows, though at small sizes it is
+    larger than states + rows (its v2 scratch): a v11 backward given it must recompute ghat instead of
+    reading rows that were never written (same gradients as with the kind-5 buffer)."""
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v11")
+    b, t, hq, hk, d = 1, 1000, 1, 1, 64
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, torch.bfloat16, True)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    dl = _native.dl
+    ws0 = O._workspace_tensor(q, k, 256, 0)
+    ws0.fill_(0x7f)  # poison: rows read from here would be garbage
+    y = nan_like(q)
+    _native.native().power_retention_fwd(dl(q), dl(k), dl(v), dl(log_g), None, None, dl(y), None, None, 2,
+                                         1 / math.sqrt(d), 256, _native.stream_of(q), workspace=dl(ws0))
+    got = run_bwd(q, k, v, log_g, None, None, dy, None, None, 256, saved=ws0)[:4]
+    kept = []
+    run_fwd(q, k, v, log_g, None, None, 256, False, keep=kept)
+    want = run_bwd(q, k, v, log_g, None, None, dy, None, None, 256, saved=kept[0])[:4]
+    torch.cuda.synchronize()
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), got, want):
+        assert torch.isfinite(a).all(), nm
+        assert rel(a, b_) < 2e-3, f"{nm}: {rel(a, b_):.3e}"
+
+
 def test_v11_generation_switch_chunked(monkeypatch):
     """A kind-5 buffer (v11: rows after the chunk states) is only read by a v11 backward: a backward
     under v10 recomputes, and a v11 backward of a v10 forward does too."""
