@@ -2,8 +2,8 @@
 # One device call for everything GPU-side: install the carried wheels, build llmtrain once for the
 # device's arch, then run each area's device script with its own time budget, most important first.
 # Usage (repo root, on the GPU machine): bash bench/device_session.sh [area ...]
-#   areas: retention rmsnorm_linear train (default: all three, in that order)
-# Budgets (seconds) come from RETENTION_S, RMSNORM_LINEAR_S, TRAIN_S. Results: $OUT/results.tar.gz
+#   areas: retention rmsnorm_linear train ncu (default: the first three, in that order)
+# Budgets (seconds) come from RETENTION_S, RMSNORM_LINEAR_S, TRAIN_S, NCU_S. Results: $OUT/results.tar.gz
 # (<area>/ folders inside).
 set -uo pipefail
 # The device tool brings back at most 8 files from $OUT, so every area writes under $RESULTS and the
@@ -40,7 +40,8 @@ for area in "${areas[@]}"; do
     retention) budget=${RETENTION_S:-220} ;;
     rmsnorm_linear) budget=${RMSNORM_LINEAR_S:-80} ;;
     train) budget=${TRAIN_S:-150} ;;
-    *) echo "unknown area '$area' (retention, rmsnorm_linear, train)"; exit 2 ;;
+    ncu) budget=${NCU_S:-240} ;;
+    *) echo "unknown area '$area' (retention, rmsnorm_linear, train, ncu)"; exit 2 ;;
   esac
   echo "=== $area (budget ${budget} s, $(( $(date +%s) - start )) s since start)"
   mkdir -p "$OUT/$area"

@@ -54,11 +54,16 @@
 // (in its workspace, kept by the caller like v3's states), so the backward computes its row
 // statistics (1 / den, dy . y) with rowstat_kernel instead of chunk_out's ghat pass.
 //
-// v11 (the default): v10, and a forward whose workspace the caller keeps (kind 5) also writes the
+// v11: v10, and a forward whose workspace the caller keeps (kind 5) also writes the
 // fp32 y and 1 / den after the chunk states, so every backward that has the saved buffer gets its
 // row statistics and ghat from rowstat_kernel (a pass over dy and y) instead of chunk_out's ghat
 // pass (the whole attention and state query again: ~11% of a chunked forward+backward at d = 64).
 // Costs 260 bytes per token and head at d = 64 kept from forward to backward (chunk states: ~1.2 KB).
+//
+// v12 (the default): v11 with dq_kernel and dkv_kernel contracting the state part through
+// u_contract_tiles (kernels.cuh): the same terms, with the triangle-row tiles unrolled per a / 8 so
+// their MMA chains interleave, and the masks and row scales off the tiles right of the diagonal
+// (ncu: v11's u_contract was ~75% of dq_kernel's instructions, HMMA 4.7% of them).
 //
 // v10: v9, with a single chunk without an initial state (forward) or without any
 // state (backward, from the saved rows) run by the FlashAttention-style kernels of
@@ -91,7 +96,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 11;
+constexpr int kDefaultVersion = 12;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -106,7 +111,8 @@ int kernel_version() {
   if (!std::strcmp(e, "v9")) return 9;
   if (!std::strcmp(e, "v10")) return 10;
   if (!std::strcmp(e, "v11")) return 11;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v11, got '") +
+  if (!std::strcmp(e, "v12")) return 12;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -237,9 +243,13 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   };
   // v6: three blocks per SM at d <= 64 (75 KB of shared memory each; 80 registers instead of 122).
   // (if constexpr: the d = 128 instances would only be compiled, never launched)
+  // v12: the state query's phi tiles unrolled per a / 8 (phi_pair_tiles; bitwise v11).
+  const int ver = kernel_version();
   if constexpr (d <= 64) {
-    if (kernel_version() >= 6) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
+    if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3, 2>);
+    if (ver >= 6) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
   }
+  if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 0, 2>);
   launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
 }
 
@@ -503,11 +513,15 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       const int ver = kernel_version();
       bool done = false;
       if constexpr (d <= 64) {
-        if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        if (ver >= 12) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        else if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
         else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
         done = ver >= 4;
       }
-      if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
+      if (!done && ver >= 12)
+        launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF, 0, 2>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
+      else if (!done)
+        launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
     }
     {
       GradArgs gk = g;
@@ -519,13 +533,14 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
         check_launch("dkv_kernel");
       };
       bool done = false;
+      const int ver = kernel_version();
       if constexpr (d <= 64) {
-        if (kernel_version() >= 5) {
-          launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
-          done = true;
-        }
+        if (ver >= 12) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2, 2>);
+        else if (ver >= 5) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
+        done = ver >= 5;
       }
-      if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+      if (!done && ver >= 12) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 0, 2>);
+      else if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
     }
   }
   if (gated && v2) {

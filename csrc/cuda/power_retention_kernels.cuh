@@ -333,6 +333,86 @@ __device__ __forceinline__ void phi_pair_gemm(float (&acc)[NTILES][4], const bf1
   }
 }
 
+// v12: phi_pair_gemm with the triangle-row tiles unrolled per BD = a / 8 (a even: a + 1 has the
+// same BD). The diagonal tile is masked as before; right of it every feature weight is 1 (sqrt2
+// sits in x_a), so an A element costs one multiply: ncu (H100, 64K) counted ~65 other
+// instructions per 9 HMMA in chunk_out's tile loop. Same products, same bf16 operands (bitwise).
+template <int d, int NTILES, int STRIDE, int BD>
+__device__ __forceinline__ void phi_pair_tiles(float (&acc)[NTILES][4], const bf16* xs, const bf16* sl, int base,
+                                               int zrow, int a, int wr0, int lane) {
+  constexpr int LD = Cfg<d>::LD;
+  const int tq = lane & 3;
+  const int wr1 = wr0 + 8;
+  const float xa0 = bf2f(xs[wr0 * LD + a]) * kSqrt2, xa1 = bf2f(xs[wr1 * LD + a]) * kSqrt2;
+  const float xn0 = bf2f(xs[wr0 * LD + a + 1]) * kSqrt2, xn1 = bf2f(xs[wr1 * LD + a + 1]) * kSqrt2;
+  const int arow = ((lane >> 3) & 1) ? a + 1 : a;
+  const int rsa = row_start(arow, d) - base;
+  auto mma_tile = [&](const uint32_t (&A)[4], const bf16* bp) {
+#pragma unroll
+    for (int np = 0; np < NTILES / 2; ++np) {
+      uint32_t b[4];
+      ldsm4t(b, bp + np * 16);
+      mma(acc[2 * np], A, b[0], b[1]);
+      mma(acc[2 * np + 1], A, b[2], b[3]);
+    }
+    if constexpr (NTILES % 2 == 1) {
+      uint32_t b2[2];
+      ldsm2t(b2, bp + (NTILES - 1) * 8);
+      mma(acc[NTILES - 1], A, b2[0], b2[1]);
+    }
+  };
+  {  // the diagonal tile: phi_pair_gemm's masks
+    const int bc = 8 * BD + 2 * tq;
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    const float w00 = bc > a ? 1.f : (bc == a ? kInvSqrt2 : 0.f);
+    const float w01 = bc + 1 > a ? 1.f : (bc + 1 == a ? kInvSqrt2 : 0.f);
+    const float w10 = bc > a + 1 ? 1.f : (bc == a + 1 ? kInvSqrt2 : 0.f);
+    const float w11 = bc + 1 > a + 1 ? 1.f : (bc + 1 == a + 1 ? kInvSqrt2 : 0.f);
+    uint32_t A[4];
+    A[0] = pack_bf16(xa0 * w00 * xb0.x, xa0 * w01 * xb0.y);
+    A[1] = pack_bf16(xa1 * w00 * xb1.x, xa1 * w01 * xb1.y);
+    A[2] = pack_bf16(xn0 * w10 * xb0.x, xn0 * w11 * xb0.y);
+    A[3] = pack_bf16(xn1 * w10 * xb1.x, xn1 * w11 * xb1.y);
+    const int brow = 8 * BD + (lane & 7);
+    const int srow = brow >= arow ? rsa + brow - arow : zrow;
+    mma_tile(A, sl + srow * STRIDE + (lane >> 4) * 8);
+  }
+  const bf16* bp0 = sl + (rsa - arow + (lane & 7)) * STRIDE + (lane >> 4) * 8;  // + 8 B rows: tile B
+#pragma unroll
+  for (int B = BD + 1; B < d / 8; ++B) {
+    const int bc = 8 * B + 2 * tq;
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    // phi_pair_gemm's products with w = 1 ((x_a sqrt2 * 1) * x_b is x_a sqrt2 * x_b exactly)
+    uint32_t A[4];
+    A[0] = pack_bf16(xa0 * xb0.x, xa0 * xb0.y);
+    A[1] = pack_bf16(xa1 * xb1.x, xa1 * xb1.y);
+    A[2] = pack_bf16(xn0 * xb0.x, xn0 * xb0.y);
+    A[3] = pack_bf16(xn1 * xb1.x, xn1 * xb1.y);
+    mma_tile(A, bp0 + 8 * B * STRIDE);
+  }
+}
+
+template <int d, int NTILES, int STRIDE, int BD = 0>
+__device__ __forceinline__ void phi_pair_bd(float (&acc)[NTILES][4], const bf16* xs, const bf16* sl, int base, int zrow,
+                                            int a, int wr0, int lane) {
+  if constexpr (BD < d / 8) {
+    if ((a >> 3) == BD)
+      phi_pair_tiles<d, NTILES, STRIDE, BD>(acc, xs, sl, base, zrow, a, wr0, lane);
+    else
+      phi_pair_bd<d, NTILES, STRIDE, BD + 1>(acc, xs, sl, base, zrow, a, wr0, lane);
+  }
+}
+
+// phi_pair_gemm's interface; UCV = 1: phi_pair_gemm (v1 .. v11), 2: the v12 tiles.
+template <int d, int NTILES, int STRIDE, int UCV>
+__device__ __forceinline__ void phi_pair_v(float (&acc)[NTILES][4], const bf16* xs, const bf16* sl, int base, int zrow,
+                                           int a, int wr0, int lane) {
+  if constexpr (UCV == 1)
+    phi_pair_gemm<d, NTILES, STRIDE>(acc, xs, sl, base, zrow, a, wr0, lane);
+  else
+    phi_pair_bd<d, NTILES, STRIDE>(acc, xs, sl, base, zrow, a, wr0, lane);
+}
+
 // u = Y_rows @ S[f(a, .), :d]^T (+ rank-1 zc * z_f) for the n-tiles B >= a/8, contracted at once
 // through J_phi(x)^T: dx[b] += w x_a u_ab (registers, C-fragment layout) and
 // dx[a] += sum_b w x_b u_ab (quad-reduced, written to xa_out[row][a]).
@@ -386,6 +466,121 @@ __device__ __forceinline__ void u_contract(float (&dacc)[d / 8][4], const uint32
   if (tq == 0) {
     xa_out[wr0 * xa_ld + a] = pa0;
     xa_out[wr1 * xa_ld + a] = pa1;
+  }
+}
+
+// v12: u_contract's arithmetic with the triangle-row tiles unrolled at compile time. ncu (H100,
+// 64K): in v11's dq_kernel, HMMA was 4.7% of the issued instructions and u_contract ~75% of them,
+// each tile a 4-deep HMMA chain (NOPs between) followed by ~55 masking / scaling instructions, one
+// runtime-guarded tile at a time. Here the diagonal tile (B = a / 8, masked as before) and the
+// tiles right of it (B > a / 8: weight sqrt2, no masks, no zero row) are instantiated per BD = a / 8,
+// so the compiler interleaves the independent tiles' MMA chains; the row scale us and sqrt2 are
+// applied once per a (folded into x_a for dx[b], and into the finished sum for dx[a]) instead of
+// per element. Same terms as u_contract, summed in another order (fp32).
+template <int d, int BD>
+__device__ __forceinline__ void u_contract_tiles(float (&dacc)[d / 8][4], const uint32_t (&Ay)[d / 16][4],
+                                                 const bf16* xs, const bf16* sl, int rsa, int zrow, int a, int wr0,
+                                                 int lane, float zc0, float zc1, float us0, float us1, float xa0,
+                                                 float xa1, float& pa0, float& pa1) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  const int tq = lane & 3;
+  const int wr1 = wr0 + 8;
+  float pd0 = 0.f, pd1 = 0.f;  // diagonal tile, weighted and scaled
+  {
+    constexpr int B = BD;
+    float u[4] = {0.f, 0.f, 0.f, 0.f};
+    const int bl = 8 * B + (lane & 7);
+    const int srow = bl >= a ? rsa + bl - a : zrow;
+    const bf16* bp = sl + srow * E + (lane >> 3) * 8;
+#pragma unroll
+    for (int kp = 0; kp < d / 32; ++kp) {
+      uint32_t b[4];
+      ldsm4(b, bp + kp * 32);
+      mma(u, Ay[2 * kp], b[0], b[1]);
+      mma(u, Ay[2 * kp + 1], b[2], b[3]);
+    }
+    const int bc = 8 * B + 2 * tq;
+    const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
+    const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
+    u[0] = (u[0] + z0 * zc0) * us0;
+    u[1] = (u[1] + z1 * zc0) * us0;
+    u[2] = (u[2] + z0 * zc1) * us1;
+    u[3] = (u[3] + z1 * zc1) * us1;
+    const float w0 = bc > a ? kSqrt2 : (bc == a ? 1.f : 0.f);
+    const float w1 = bc + 1 > a ? kSqrt2 : (bc + 1 == a ? 1.f : 0.f);
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    dacc[B][0] += w0 * xa0 * u[0];
+    dacc[B][1] += w1 * xa0 * u[1];
+    dacc[B][2] += w0 * xa1 * u[2];
+    dacc[B][3] += w1 * xa1 * u[3];
+    pd0 += w0 * xb0.x * u[0] + w1 * xb0.y * u[1];
+    pd1 += w0 * xb1.x * u[2] + w1 * xb1.y * u[3];
+  }
+  const float ca0 = kSqrt2 * us0 * xa0, ca1 = kSqrt2 * us1 * xa1;
+  float po0 = 0.f, po1 = 0.f;  // tiles right of the diagonal, unweighted and unscaled
+  const int r0 = rsa - a;      // slab row of feature (a, b) is r0 + b for b >= a
+#pragma unroll
+  for (int B = BD + 1; B < d / 8; ++B) {
+    float u[4] = {0.f, 0.f, 0.f, 0.f};
+    const bf16* bp = sl + (r0 + 8 * B + (lane & 7)) * E + (lane >> 3) * 8;
+#pragma unroll
+    for (int kp = 0; kp < d / 32; ++kp) {
+      uint32_t b[4];
+      ldsm4(b, bp + kp * 32);
+      mma(u, Ay[2 * kp], b[0], b[1]);
+      mma(u, Ay[2 * kp + 1], b[2], b[3]);
+    }
+    const int bc = 8 * B + 2 * tq;
+    const float z0 = bf2f(sl[(r0 + bc) * E + d]), z1 = bf2f(sl[(r0 + bc + 1) * E + d]);
+    const float u0 = fmaf(z0, zc0, u[0]), u1 = fmaf(z1, zc0, u[1]);
+    const float u2 = fmaf(z0, zc1, u[2]), u3 = fmaf(z1, zc1, u[3]);
+    dacc[B][0] = fmaf(ca0, u0, dacc[B][0]);
+    dacc[B][1] = fmaf(ca0, u1, dacc[B][1]);
+    dacc[B][2] = fmaf(ca1, u2, dacc[B][2]);
+    dacc[B][3] = fmaf(ca1, u3, dacc[B][3]);
+    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
+    po0 = fmaf(xb0.x, u0, fmaf(xb0.y, u1, po0));
+    po1 = fmaf(xb1.x, u2, fmaf(xb1.y, u3, po1));
+  }
+  pa0 = fmaf(kSqrt2 * us0, po0, pd0);
+  pa1 = fmaf(kSqrt2 * us1, po1, pd1);
+}
+
+// Compile-time BD = a / 8 for u_contract_tiles (an if-chain per triangle row a, not per tile).
+template <int d, int BD = 0>
+__device__ __forceinline__ void u_contract_bd(float (&dacc)[d / 8][4], const uint32_t (&Ay)[d / 16][4],
+                                              const bf16* xs, const bf16* sl, int rsa, int zrow, int a, int wr0,
+                                              int lane, float zc0, float zc1, float us0, float us1, float xa0,
+                                              float xa1, float& pa0, float& pa1) {
+  if constexpr (BD < d / 8) {
+    if ((a >> 3) == BD)
+      u_contract_tiles<d, BD>(dacc, Ay, xs, sl, rsa, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pa0, pa1);
+    else
+      u_contract_bd<d, BD + 1>(dacc, Ay, xs, sl, rsa, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pa0, pa1);
+  }
+}
+
+// u_contract's interface; UCV = 1: u_contract (v1 .. v11), 2: the v12 tiles above.
+template <int d, int UCV>
+__device__ __forceinline__ void u_contract_v(float (&dacc)[d / 8][4], const uint32_t (&Ay)[d / 16][4], const bf16* xs,
+                                             const bf16* sl, int base, int zrow, int a, int wr0, int lane, float zc0,
+                                             float zc1, float us0, float us1, float* xa_out, int xa_ld) {
+  if constexpr (UCV == 1) {
+    u_contract<d>(dacc, Ay, xs, sl, base, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa_out, xa_ld);
+  } else {
+    constexpr int LD = Cfg<d>::LD;
+    const float xa0 = bf2f(xs[wr0 * LD + a]), xa1 = bf2f(xs[(wr0 + 8) * LD + a]);
+    float pa0 = 0.f, pa1 = 0.f;
+    u_contract_bd<d>(dacc, Ay, xs, sl, row_start(a, d) - base, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pa0,
+                     pa1);
+    pa0 += __shfl_xor_sync(0xffffffffu, pa0, 1);
+    pa0 += __shfl_xor_sync(0xffffffffu, pa0, 2);
+    pa1 += __shfl_xor_sync(0xffffffffu, pa1, 1);
+    pa1 += __shfl_xor_sync(0xffffffffu, pa1, 2);
+    if ((lane & 3) == 0) {
+      xa_out[wr0 * xa_ld + a] = pa0;
+      xa_out[(wr0 + 8) * xa_ld + a] = pa1;
+    }
   }
 }
 
@@ -539,7 +734,7 @@ template <int d, int G, int NBUF> constexpr size_t out_smem(int gate_bytes) {
 }
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v6: 3 at d <= 64).
-template <int d, typename T, bool GHAT, int G, int NBUF, int MINB = 0>
+template <int d, typename T, bool GHAT, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
@@ -598,7 +793,7 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
       const bf16* sl = slab + (grp % NBUF) * SL * E;
       const int a0 = grp * G, base = row_start(a0, d);
 #pragma unroll 1
-      for (int ap = 0; ap < G; ap += 2) phi_pair_gemm<d, NT, E>(acc, xs, sl, base, SL - 1, a0 + ap, warp * 16 + g, lane);
+      for (int ap = 0; ap < G; ap += 2) phi_pair_v<d, NT, E, UCV>(acc, xs, sl, base, SL - 1, a0 + ap, warp * 16 + g, lane);
       __syncthreads();
       if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
     }
@@ -832,7 +1027,7 @@ template <int d, int G, int NBUF> constexpr size_t dq_smem(int gate_bytes) {
 }
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v5: 2 at d <= 64).
-template <int d, typename T, int G, int NBUF, int MINB = 0>
+template <int d, typename T, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
@@ -995,7 +1190,8 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
       const int a0 = grp * G, base = row_start(a0, d);
 #pragma unroll 1
       for (int ai = 0; ai < G; ++ai)
-        u_contract<d>(dacc, Ag, xs, sl, base, SL - 1, a0 + ai, wr0, lane, -st0.y, -st1.y, st0.x, st1.x, dqa, d + 4);
+        u_contract_v<d, UCV>(dacc, Ag, xs, sl, base, SL - 1, a0 + ai, wr0, lane, -st0.y, -st1.y, st0.x, st1.x, dqa,
+                             d + 4);
       __syncthreads();
       if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
     }
@@ -1057,7 +1253,7 @@ template <int d, int G, int NBUF> constexpr size_t dkv_smem(int gate_bytes) {
   return (size_t)kBM * LD * 2 + gate_bytes + (intra > state ? intra : state);
 }
 
-template <int d, typename T, int G, int NBUF, int MINB = 0>
+template <int d, typename T, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
   constexpr int SL = slab_rows(d, G) + 1;
@@ -1248,9 +1444,9 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
       const int a0 = grp * G, base = row_start(a0, d);
 #pragma unroll 1
       for (int ap = 0; ap < G; ap += 2) {
-        phi_pair_gemm<d, ND, E>(dv, xk, sl, base, SL - 1, a0 + ap, wr0, lane);
-        u_contract<d>(dk, Av, xk, sl, base, SL - 1, a0 + ap, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
-        u_contract<d>(dk, Av, xk, sl, base, SL - 1, a0 + ap + 1, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+        phi_pair_v<d, ND, E, UCV>(dv, xk, sl, base, SL - 1, a0 + ap, wr0, lane);
+        u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+        u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap + 1, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
       }
       __syncthreads();
       if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);

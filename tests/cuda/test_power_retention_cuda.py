@@ -37,7 +37,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1 .. v6 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v11"
+DEFAULT_KERNEL = "v12"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -602,6 +602,39 @@ def test_v11_saved_rows_match_v10(monkeypatch, c):
             err = rel(b_, a)
             log_err(f"v11_vs_v10-{'-'.join(map(str, c))}", nm, err)
             assert err < 2e-3, f"{nm}: {err:.3e}"
+
+
+@pytest.mark.parametrize("c", [(2, 700, 4, 1, 64, torch.bfloat16, True, False, False, 256),
+                               (1, 1000, 4, 4, 64, torch.bfloat16, True, True, True, 256),
+                               (2, 700, 4, 2, 64, torch.bfloat16, False, False, True, 256),
+                               (2, 1000, 8, 2, 128, torch.float16, True, False, False, 256),
+                               (3, 1000, 5, 5, 32, torch.float32, True, True, False, 128),
+                               (1, 3000, 2, 2, 64, torch.float16, True, False, False, 512)])
+def test_v12_state_contraction_matches_v11(monkeypatch, c):
+    """v12 changes only how dq_kernel and dkv_kernel contract their state part (u_contract_tiles:
+    the same terms in another fp32 order), so the forward, dv and the initial-state gradients are
+    bitwise v11's, and dq, dk and dlog_g match v11's to fp32 rounding. Cases: several chunks, GQA
+    4:1 and 2:1, an initial state, the gradient of the final state, d = 32 / 64 / 128, fp16 / fp32."""
+    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
+    chunk = c[-1]
+    res = {}
+    for ver in ("v11", "v12"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        kept = []
+        fwd = run_fwd(q, k, v, log_g, s0, z0, chunk, True, keep=kept)
+        res[ver] = fwd + run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=kept[0])
+    torch.cuda.synchronize()
+    names = ("y", "state", "sum_of_keys", "dq", "dk", "dv", "dlog_g", "ds0", "dz0")
+    for nm, a, b_ in zip(names, res["v11"], res["v12"]):
+        if a is None:
+            continue
+        if nm in ("y", "state", "sum_of_keys", "dv", "ds0", "dz0"):
+            assert torch.equal(a, b_), nm
+        else:
+            assert torch.isfinite(b_).all(), nm
+            err = rel(b_, a)
+            log_err(f"v12_vs_v11-{'-'.join(map(str, c))}", nm, err)
+            assert err < 1e-3, f"{nm}: {err:.3e}"
 
 
 def test_v11_kind0_buffer_has_no_rows(monkeypatch):
