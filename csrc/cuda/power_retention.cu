@@ -63,7 +63,9 @@
 // v12 (the default): v11 with dq_kernel and dkv_kernel contracting the state part through
 // u_contract_tiles (kernels.cuh): the same terms, with the triangle-row tiles unrolled per a / 8 so
 // their MMA chains interleave, and the masks and row scales off the tiles right of the diagonal
-// (ncu: v11's u_contract was ~75% of dq_kernel's instructions, HMMA 4.7% of them).
+// (ncu: v11's u_contract was ~75% of dq_kernel's instructions, HMMA 4.7% of them); the forward's
+// state query likewise (phi_pair_tiles, bitwise). At d <= 64; d = 128 runs v11's kernels (the
+// unrolled instances of 16 triangle-row blocks would double the build for a path at 1 / 20 of d = 64's speed).
 //
 // v10: v9, with a single chunk without an initial state (forward) or without any
 // state (backward, from the saved rows) run by the FlashAttention-style kernels of
@@ -243,13 +245,16 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   };
   // v6: three blocks per SM at d <= 64 (75 KB of shared memory each; 80 registers instead of 122).
   // (if constexpr: the d = 128 instances would only be compiled, never launched)
-  // v12: the state query's phi tiles unrolled per a / 8 (phi_pair_tiles; bitwise v11).
+  // v12: the state query's phi tiles unrolled per a / 8 (phi_pair_tiles; bitwise v11), for the
+  // forward at d <= 64 (the ghat pass, which only the gated final-state gradient still runs, and
+  // d = 128 keep phi_pair_gemm: same bits, and each unrolled instance costs compile time).
   const int ver = kernel_version();
   if constexpr (d <= 64) {
-    if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3, 2>);
+    if constexpr (!GHAT) {
+      if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3, 2>);
+    }
     if (ver >= 6) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3>);
   }
-  if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 0, 2>);
   launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF>);
 }
 
@@ -518,10 +523,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
         else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
         done = ver >= 4;
       }
-      if (!done && ver >= 12)
-        launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF, 0, 2>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
-      else if (!done)
-        launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
+      if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
     }
     {
       GradArgs gk = g;
@@ -539,8 +541,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
         else if (ver >= 5) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
         done = ver >= 5;
       }
-      if (!done && ver >= 12) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 0, 2>);
-      else if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+      if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
     }
   }
   if (gated && v2) {
