@@ -53,17 +53,17 @@ fi
 # 2. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
 [ "${RMS_PLAN:-full}" = verify ] || step tests_v3 30 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
 [ "${RMS_PLAN:-full}" = verify ] || step tests_portable 30 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
-# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, without PDL, with the separate
-#    reduce_parts kernel, and v2. A profiled run serializes differently from do_bench: compare the sum
+# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, session 7's row kernels
+#    (LLMTRAIN_RMSLIN_ROWS=s7), the row pass's L2 prefetch, and v2. A profiled run serializes differently from do_bench: compare the sum
 #    of kernel times with the table's wall times for the launch gaps.
-[ "${RMS_PLAN:-full}" = verify ] || step profile 25 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
+[ "${RMS_PLAN:-full}" = verify ] || step profile 30 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("s7rows", {"LLMTRAIN_RMSLIN_ROWS": "s7"}), ("pdl", {"LLMTRAIN_RMSLIN_PDL": "1"}),
-                       ("sepred", {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+for label_env, env in (("default", {}), ("s7rows", {"LLMTRAIN_RMSLIN_ROWS": "s7"}),
+                       ("prefetch", {"LLMTRAIN_RMSLIN_PREFETCH": "1"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
     os.environ.update(env)

@@ -1,6 +1,7 @@
 // Micro-benchmark of the RMSNorm + Linear row kernels alone (session 8): the forward pre-pass
 // (rstd and W diag(g)) and the backward row pass (dx in place, xn, dg partials + finish_parts), the
-// session-7 kernels (prep_fwd_rows, row_bwd_v3) against the session-8 ones (prep_fwd_s8, row_bwd_s8),
+// session-7 kernels (prep_fwd_rows, row_bwd_v3) against the session-8 ones (prep_fwd_s8, row_bwd_s8,
+// also with its opt-in L2 prefetch of the next row, LLMTRAIN_RMSLIN_PREFETCH=1),
 // with a device-to-device copy of the row pass's byte count as the bandwidth reference. Launches
 // and grids as csrc/cuda/rmsnorm_linear.cu makes them (PDL off, fused reduction). Each timed launch
 // starts from freshly restored inputs with L2 flushed (a 256 MB write), so the times are
@@ -103,18 +104,19 @@ static RowPick pick_s7(int64_t k) {
   if (j <= 4) return {fast::row_bwd_v3<T, 1, 4>, 1, smem, 2};
   return {fast::row_bwd_v3<T, 1, 8>, 1, smem, 2};
 }
-static RowPick pick_s8(int64_t k) {
+template <bool PF> static RowPick pick_s8_pf(int64_t k) {
   const int64_t k8 = k / 8;
   RowPick r;
-  if (k8 > 512) r = {fast::row_bwd_s8<T, 4, 8>, 4, 0, 2};
-  else if (k8 > 256) r = {fast::row_bwd_s8<T, 2, 8>, 2, 0, 2};
-  else if (k8 > 128) r = {fast::row_bwd_s8<T, 1, 8>, 1, 0, 2};
-  else if (k8 > 64) r = {fast::row_bwd_s8<T, 1, 4>, 1, 0, 3};
-  else if (k8 > 32) r = {fast::row_bwd_s8<T, 1, 2>, 1, 0, 4};
-  else r = {fast::row_bwd_s8<T, 1, 1>, 1, 0, 4};
+  if (k8 > 512) r = {fast::row_bwd_s8<T, 4, 8, PF>, 4, 0, 2};
+  else if (k8 > 256) r = {fast::row_bwd_s8<T, 2, 8, PF>, 2, 0, 2};
+  else if (k8 > 128) r = {fast::row_bwd_s8<T, 1, 8, PF>, 1, 0, 2};
+  else if (k8 > 64) r = {fast::row_bwd_s8<T, 1, 4, PF>, 1, 0, 3};
+  else if (k8 > 32) r = {fast::row_bwd_s8<T, 1, 2, PF>, 1, 0, 4};
+  else r = {fast::row_bwd_s8<T, 1, 1, PF>, 1, 0, 4};
   r.smem = fast::row_bwd_s8_smem(k, r.w);
   return r;
 }
+static RowPick pick_s8(int64_t k, bool pf = false) { return pf ? pick_s8_pf<true>(k) : pick_s8_pf<false>(k); }
 using PrepFn = void (*)(const T*, const T*, const T*, float*, T*, int64_t, int64_t, int64_t, float);
 using PrepS8Fn = void (*)(const T*, const T*, const T*, float*, T*, int64_t, int64_t, int64_t, float, int);
 static PrepFn pick_prep_s7(int64_t k) {
@@ -143,19 +145,19 @@ static int occupancy(const void* fn, size_t smem) {
 static void run(int64_t n, int64_t k, int64_t m, int reps, int sms) {
   const float eps = 1e-6f;
   const size_t nk = (size_t)n * k, mk = (size_t)m * k;
-  T *x, *g, *w, *wg[2], *dxn, *dx[2], *xn[2], *dg[2];
-  float *rstd[2], *part[2];
+  T *x, *g, *w, *wg[2], *dxn, *dx[3], *xn[3], *dg[3];
+  float *rstd[2], *part[3];
   unsigned* ticket;
   CK(cudaMalloc(&x, nk * 2));
   CK(cudaMalloc(&g, k * 2));
   CK(cudaMalloc(&w, mk * 2));
   CK(cudaMalloc(&dxn, nk * 2));
-  for (int i = 0; i < 2; ++i) {
-    CK(cudaMalloc(&wg[i], mk * 2));
+  for (int i = 0; i < 3; ++i) {
+    if (i < 2) CK(cudaMalloc(&wg[i], mk * 2));
+    if (i < 2) CK(cudaMalloc(&rstd[i], n * 4));
     CK(cudaMalloc(&dx[i], nk * 2));
     CK(cudaMalloc(&xn[i], nk * 2));
     CK(cudaMalloc(&dg[i], k * 2));
-    CK(cudaMalloc(&rstd[i], n * 4));
     CK(cudaMalloc(&part[i], (size_t)4 * sms * k * 4));
   }
   CK(cudaMalloc(&ticket, 4));
@@ -215,9 +217,9 @@ static void run(int64_t n, int64_t k, int64_t m, int reps, int sms) {
 
   // Backward row pass (fused dg reduction, as in the op).
   const double row_bytes = 4.0 * nk * 2 + (double)n * 4;
-  int nbs[2];
-  for (int v = 0; v < 2; ++v) {
-    const RowPick p = v == 0 ? pick_s7(k) : pick_s8(k);
+  int nbs[3];
+  for (int v = 0; v < 3; ++v) {
+    const RowPick p = v == 0 ? pick_s7(k) : pick_s8(k, v == 2);
     CK(cudaFuncSetAttribute((const void*)p.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem));
     const int occ = occupancy((const void*)p.fn, p.smem);
     const int bpsm = p.max_bpsm > 2 ? std::max(2, std::min(p.max_bpsm, occ)) : 2;
@@ -231,12 +233,15 @@ static void run(int64_t n, int64_t k, int64_t m, int reps, int sms) {
           p.fn<<<nb, 256, p.smem>>>(x, g, rstd[0], dx[v], xn[v], part[v], n, k, dg[v], ticket, fin);
         });
     char name[96];
-    std::snprintf(name, sizeof name, "row pass %s (%s<W=%d>)", v == 0 ? "s7" : "s8", v == 0 ? "row_bwd_v3" : "row_bwd_s8", p.w);
+    std::snprintf(name, sizeof name, "row pass %s (%s<W=%d>)", v == 0 ? "s7" : v == 1 ? "s8" : "s8 + L2 prefetch",
+                  v == 0 ? "row_bwd_v3" : "row_bwd_s8", p.w);
     row(name, us, row_bytes + (double)nb * k * 4, nb, occ);
   }
   std::printf("bitwise s7 == s8: dx %s, xn %s, dg %s%s\n", same(dx[0], dx[1], nk * 2) ? "yes" : "NO",
               same(xn[0], xn[1], nk * 2) ? "yes" : "NO", same(dg[0], dg[1], k * 2) ? "yes" : "no",
               nbs[0] == nbs[1] && k <= 2048 ? "" : " (grids or row sums differ: bits may differ)");
+  std::printf("bitwise s8 == s8 + prefetch: dx %s, xn %s, dg %s\n", same(dx[1], dx[2], nk * 2) ? "yes" : "NO",
+              same(xn[1], xn[2], nk * 2) ? "yes" : "NO", same(dg[1], dg[2], k * 2) ? "yes" : "NO");
   // Run to run: the s8 row pass twice more.
   {
     const RowPick p = pick_s8(k);
@@ -252,12 +257,12 @@ static void run(int64_t n, int64_t k, int64_t m, int reps, int sms) {
   CK(cudaFree(g));
   CK(cudaFree(w));
   CK(cudaFree(dxn));
-  for (int i = 0; i < 2; ++i) {
-    CK(cudaFree(wg[i]));
+  for (int i = 0; i < 3; ++i) {
+    if (i < 2) CK(cudaFree(wg[i]));
+    if (i < 2) CK(cudaFree(rstd[i]));
     CK(cudaFree(dx[i]));
     CK(cudaFree(xn[i]));
     CK(cudaFree(dg[i]));
-    CK(cudaFree(rstd[i]));
     CK(cudaFree(part[i]));
   }
   CK(cudaFree(ticket));

@@ -274,6 +274,9 @@ inline bool rows_s8() {
   throw std::runtime_error(std::string("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_ROWS=") + e +
                            " is not a row-kernel generation (s7 s8)");
 }
+// LLMTRAIN_RMSLIN_PREFETCH=0|1 (default 0, session 8): the s8 row pass prefetches each row group's
+// next row into L2 (sm_90a builds; a hint, same bits).
+inline bool row_prefetch() { return parse_flag("LLMTRAIN_RMSLIN_PREFETCH", false); }
 inline bool fused_reduce() {
   const char* e = env_value("LLMTRAIN_RMSLIN_REDUCE");
   if (!e || std::strcmp(e, "fused") == 0) return true;
@@ -408,21 +411,24 @@ template <typename T> RowBwdV3<T> pick_row_bwd_v3(int64_t k) {
 // beyond, the v2 kernel), one warp per row below. The grid is sized for 2 blocks per SM at J = 8 (the
 // session-7 grid, so dg keeps v3's bits), 3 at J = 4 and 4 below (short rows: more rows in flight). Where the
 // shared memory does not fit (the largest k on GPUs with ~100 KB per SM), the v3 pick.
-template <typename T> RowBwdV3<T> pick_row_bwd_s8(int64_t k) {
+template <typename T, bool PF> RowBwdV3<T> pick_row_bwd_s8_pf(int64_t k) {
   const int64_t k8 = k / 8;
   RowBwdV3<T> r;
   if (k8 > 2048) return pick_row_bwd_v3<T>(k);
-  if (k8 > 1024) r = {fast::row_bwd_s8<T, 8, 8>, 8, 0, 2};
-  else if (k8 > 512) r = {fast::row_bwd_s8<T, 4, 8>, 4, 0, 2};
-  else if (k8 > 256) r = {fast::row_bwd_s8<T, 2, 8>, 2, 0, 2};
-  else if (k8 > 128) r = {fast::row_bwd_s8<T, 1, 8>, 1, 0, 2};
-  else if (k8 > 64) r = {fast::row_bwd_s8<T, 1, 4>, 1, 0, 3};
-  else if (k8 > 32) r = {fast::row_bwd_s8<T, 1, 2>, 1, 0, 4};
-  else r = {fast::row_bwd_s8<T, 1, 1>, 1, 0, 4};
+  if (k8 > 1024) r = {fast::row_bwd_s8<T, 8, 8, PF>, 8, 0, 2};
+  else if (k8 > 512) r = {fast::row_bwd_s8<T, 4, 8, PF>, 4, 0, 2};
+  else if (k8 > 256) r = {fast::row_bwd_s8<T, 2, 8, PF>, 2, 0, 2};
+  else if (k8 > 128) r = {fast::row_bwd_s8<T, 1, 8, PF>, 1, 0, 2};
+  else if (k8 > 64) r = {fast::row_bwd_s8<T, 1, 4, PF>, 1, 0, 3};
+  else if (k8 > 32) r = {fast::row_bwd_s8<T, 1, 2, PF>, 1, 0, 4};
+  else r = {fast::row_bwd_s8<T, 1, 1, PF>, 1, 0, 4};
   r.smem = fast::row_bwd_s8_smem(k, r.w);
   // finish_parts adds ~4 KB of static shared memory.
   if (r.smem + 8 * 1024 > max_smem_optin()) return pick_row_bwd_v3<T>(k);
   return r;
+}
+template <typename T> RowBwdV3<T> pick_row_bwd_s8(int64_t k, bool prefetch) {
+  return prefetch ? pick_row_bwd_s8_pf<T, true>(k) : pick_row_bwd_s8_pf<T, false>(k);
 }
 
 template <typename T>
@@ -534,7 +540,7 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = fal
   T* dx = static_cast<T*>(a.dx);
   const int sms = num_sms();
   const bool pdl = !sm80 && pdl_enabled();
-  const RowBwdV3<T> v3 = bwd_gen() == Gen::V2 ? RowBwdV3<T>{} : rows_s8() ? pick_row_bwd_s8<T>(k) : pick_row_bwd_v3<T>(k);
+  const RowBwdV3<T> v3 = bwd_gen() == Gen::V2 ? RowBwdV3<T>{} : rows_s8() ? pick_row_bwd_s8<T>(k, !sm80 && row_prefetch()) : pick_row_bwd_v3<T>(k);
   const int rows_per_block = v3.fn ? 8 / v3.w : 16;
   // Persistent grid: 2 blocks per SM (v2, v3; the s8 kernel at J = 8), up to 4 for the short-row s8
   // kernels where they fit (one wave: every block resident, which finish_parts' wait relies on).

@@ -549,7 +549,10 @@ __global__ void __launch_bounds__(256, MULTI ? 2 : 3) prep_fwd_s8(const T* __res
 // (= v3's warp order, from 0.f), so with the same grid dg has v3's bits. W > 1 (k > 2048): the
 // row's W warps exchange their partial row sums through a named barrier of the group only (v3: a
 // __syncthreads of the whole block every row). Dynamic shared memory: row_bwd_s8_smem(k, W).
-template <typename T, int W, int J>
+// PF (opt-in, LLMTRAIN_RMSLIN_PREFETCH=1; sm_90): after issuing its row's loads, the row group asks
+// L2 for the group's next row (cp.async.bulk.prefetch, 4 KB pieces of x and dx), so each warp has
+// a second row on the way without registers for it. A hint only: results are the same bits.
+template <typename T, int W, int J, bool PF>
 __global__ void __launch_bounds__(256, J >= 8 ? 2 : J >= 4 ? 3 : 4)
     row_bwd_s8(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ rstd, T* dx,
                T* __restrict__ xn, float* __restrict__ part, int64_t n, int64_t k, T* __restrict__ dg,
@@ -602,6 +605,21 @@ __global__ void __launch_bounds__(256, J >= 8 ? 2 : J >= 4 ? 3 : 4)
         }
       }
     }
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    if constexpr (PF) {
+      const int64_t nrow = row + stride;
+      if (nrow < n) {
+        const int64_t bytes = k * (int64_t)sizeof(T);
+        const int pieces = (int)((bytes + 4095) / 4096);
+        for (int pc = tr; pc < 2 * pieces; pc += TPR) {
+          const int64_t off = (int64_t)(pc % pieces) * 4096;
+          const unsigned sz = (unsigned)min((int64_t)4096, bytes - off);
+          const char* src = reinterpret_cast<const char*>(pc < pieces ? x : dx) + nrow * bytes + off;
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(sz) : "memory");
+        }
+      }
+    }
+#endif
     float p = 0.f;
 #pragma unroll
     for (int j = 0; j < J; ++j) {

@@ -131,7 +131,8 @@ def test_legacy_switch_vs_float64(n, k, m, bias, monkeypatch):
 
 @pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (300, 768, 1000)])
 @pytest.mark.parametrize("var,val", [("LLMTRAIN_RMSLIN_FWD", "ro"), ("LLMTRAIN_RMSLIN_FWD", "v3"),
-                                     ("LLMTRAIN_RMSLIN_BWD", "v2"), ("LLMTRAIN_RMSLIN_ROWS", "s7")])
+                                     ("LLMTRAIN_RMSLIN_BWD", "v2"), ("LLMTRAIN_RMSLIN_ROWS", "s7"),
+                                     ("LLMTRAIN_RMSLIN_PREFETCH", "1")])
 def test_one_sided_switches_vs_float64(n, k, m, var, val, monkeypatch):
     """Fused forward read-only variant; fused v3 forward; the v2 backward row pass."""
     monkeypatch.setenv(var, val)
@@ -236,6 +237,7 @@ def _needs_sm90():
     ("LLMTRAIN_RMSLIN_PDL", "on", "not 0 or 1"),
     ("LLMTRAIN_RMSLIN_REDUCE", "atomic", "not a reduction mode"),
     ("LLMTRAIN_RMSLIN_ROWS", "s9", "not a row-kernel generation"),
+    ("LLMTRAIN_RMSLIN_PREFETCH", "yes", "not 0 or 1"),
 ])
 def test_bad_switch_values_are_errors(var, val, match, monkeypatch):
     """A typo in a switch must fail loudly, not silently measure the default."""
@@ -297,7 +299,8 @@ ROWS_SHAPES = [(2049, 2048, 1024), (16389, 2048, 264), (4099, 1000, 2056), (1027
 def test_row_kernels_s8_match_s7(n, k, m, monkeypatch):
     """LLMTRAIN_RMSLIN_ROWS=s7|s8 (default s8): y, rstd, dW and dbias bit for bit (the pre-pass and xn
     are elementwise-identical math); dx and dg bit for bit where the row split and the grid agree (see
-    ROWS_SHAPES), else within bf16 rounding; both repeat bit for bit; both vs the float64 reference."""
+    ROWS_SHAPES), else within bf16 rounding; both repeat bit for bit; s8 with LLMTRAIN_RMSLIN_PREFETCH=1
+    bit for bit as without; s8 vs the float64 reference."""
     for var in [key for key in os.environ if key.startswith("LLMTRAIN_RMSLIN")]:
         monkeypatch.delenv(var)
     x, nw, w, b, dy = make(n, k, m, torch.bfloat16, True, 17)
@@ -309,6 +312,9 @@ def test_row_kernels_s8_match_s7(n, k, m, monkeypatch):
         for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), first, again):
             assert torch.equal(u, v), f"{name}: {rows} not bit-identical across runs"
         runs[rows] = first
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_PREFETCH", "1")  # s8's opt-in L2 prefetch: a hint, the same bits
+    for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), call_native(x, nw, w, b, dy, 1e-6), runs["s8"]):
+        assert torch.equal(u, v), f"{name}: the L2 prefetch changed the result"
     same_split = k // 8 <= 256
     same_grid = same_split and (k // 8 > 128 or (n + 7) // 8 <= 2 * torch.cuda.get_device_properties(0).multi_processor_count)
     for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), runs["s8"], runs["s7"]):
