@@ -231,7 +231,7 @@ __device__ void finish_parts(const float* part, T* __restrict__ out, int64_t col
     const int64_t q = q0 + lx;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (q < hi) {
-#pragma unroll 8
+#pragma unroll 16
       for (int b = ly; b < (int)nb; b += 8) {
         const float4 v = __ldcg(p4 + (int64_t)b * nq + q);  // L2: written by other blocks
         acc.x += v.x;
