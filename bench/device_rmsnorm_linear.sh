@@ -6,7 +6,7 @@
 #   bash bench/device_rmsnorm_linear.sh
 #   SKIP_BUILD=1: llmtrain and the wheels are already installed (the lead's wrapper); otherwise the
 #   carried .whl/ wheels are installed and llmtrain is built for sm_90a first (not counted in BUDGET_S).
-# Results: $OUT/rmsnorm_linear/ (tests.txt, tests_v3.txt, tests_portable.txt, table.md,
+# Results: $OUT/rmsnorm_linear/ (tests.txt, micro.txt, tests_v3.txt, tests_portable.txt, table.md,
 # table.json, profile.txt). Every step runs under `timeout` within BUDGET_S, most important first.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -43,20 +43,27 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
 step tests 90 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+# 1b. Row-kernel micro-benchmark (session 8): the pre-pass and the backward row pass alone, s7 vs s8,
+#     against a device-to-device copy, bit-for-bit checks between the two (standalone nvcc build,
+#     no torch). RMS_MICRO=0 skips it. Results: micro.txt.
+if [ "${RMS_MICRO:-1}" = 1 ]; then
+  step micro 60 bash -c "nvcc -std=c++17 -O3 -arch=sm_90a -I csrc bench/rmsnorm_rows_micro.cu -o /tmp/rms_rows_micro \
+    && /tmp/rms_rows_micro 2>&1 | tee '$R/micro.txt'"
+fi
 # 2. Whole suite with v3 selected for every test, and the SIMT path, if time remains.
 [ "${RMS_PLAN:-full}" = verify ] || step tests_v3 30 bash -c "LLMTRAIN_RMSLIN=v3 $PYT -x 2>&1 | tail -5 | tee '$R/tests_v3.txt'"
 [ "${RMS_PLAN:-full}" = verify ] || step tests_portable 30 bash -c "LLMTRAIN_RMSLIN_PORTABLE=1 $PYT -x 2>&1 | tail -5 | tee '$R/tests_portable.txt'"
-# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, without PDL, with the separate
-#    reduce_parts kernel, and v2. A profiled run serializes differently from do_bench: compare the sum
+# 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, session 7's row kernels
+#    (LLMTRAIN_RMSLIN_ROWS=s7), the row pass's L2 prefetch, and v2. A profiled run serializes differently from do_bench: compare the sum
 #    of kernel times with the table's wall times for the launch gaps.
-[ "${RMS_PLAN:-full}" = verify ] || step profile 25 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
+[ "${RMS_PLAN:-full}" = verify ] || step profile 30 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("pdl", {"LLMTRAIN_RMSLIN_PDL": "1"}),
-                       ("sepred", {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+for label_env, env in (("default", {}), ("s7rows", {"LLMTRAIN_RMSLIN_ROWS": "s7"}),
+                       ("prefetch", {"LLMTRAIN_RMSLIN_PREFETCH": "1"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
     os.environ.update(env)

@@ -6,7 +6,9 @@ pre-pass + GEMM forward, v3 register-resident row pass), "ours_v2" the whole pre
 (LLMTRAIN_RMSLIN=v2), "ours_v3" LLMTRAIN_RMSLIN=v3 (fused one-GEMM forward), "ours_ro" v3 with
 LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), "ours_sm80" the portable
 mma.sync path forced on this GPU, "ours_pdl" / "ours_sepred" the default with programmatic
-dependent launch / with the separate reduce_parts kernel; all in the same process.
+dependent launch / with the separate reduce_parts kernel, "ours_s7" the default with session 7's
+row kernels (LLMTRAIN_RMSLIN_ROWS=s7), "ours_pf" the default with the row pass's opt-in L2 prefetch
+(LLMTRAIN_RMSLIN_PREFETCH=1); all in the same process.
 `--impls ours,ours_pdl,compiled` measures a subset (eager always).
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
@@ -41,6 +43,8 @@ def make_impls():
         "ours_v2": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sm80": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_pdl": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_s7": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_pf": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
@@ -108,7 +112,11 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        "ours_sm80": {"LLMTRAIN_RMSLIN_SM80": "1"},
        # session 7 A/B: the default without programmatic dependent launch / with the separate
        # reduce_parts kernel instead of the row pass's fused last-block reduction
-       "ours_pdl": {"LLMTRAIN_RMSLIN_PDL": "1"}, "ours_sepred": {"LLMTRAIN_RMSLIN_REDUCE": "kernel"}}
+       "ours_pdl": {"LLMTRAIN_RMSLIN_PDL": "1"}, "ours_sepred": {"LLMTRAIN_RMSLIN_REDUCE": "kernel"},
+       # session 8 A/B: session 7's row kernels (prep_fwd_rows, row_bwd_v3) instead of prep_fwd_s8 / row_bwd_s8
+       "ours_s7": {"LLMTRAIN_RMSLIN_ROWS": "s7"},
+       # session 8: the s8 row pass with its opt-in L2 prefetch of each warp's next row
+       "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"}}
 
 
 def measure_with_env(name, fn):

@@ -264,6 +264,19 @@ inline Gen bwd_gen() {
 // PDL is opt-in: the H100 table of session 7 measured no gain from it (fwd+bwd 0.712 ms with, 0.709
 // without), and v2's dg differed between runs with it on; stream order is the simpler guarantee.
 inline bool pdl_enabled() { return parse_flag("LLMTRAIN_RMSLIN_PDL", false); }
+// Session 8 (default): the row kernels prep_fwd_s8 (forward pre-pass) and row_bwd_s8 (backward row
+// pass); LLMTRAIN_RMSLIN_ROWS=s7 gives session 7's prep_fwd_rows and row_bwd_v3 (A/B; same bits for
+// y, rstd, dx, dW, dbias; dg the same bits where both grids have the same number of blocks).
+inline bool rows_s8() {
+  const char* e = env_value("LLMTRAIN_RMSLIN_ROWS");
+  if (!e || std::strcmp(e, "s8") == 0) return true;
+  if (std::strcmp(e, "s7") == 0) return false;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_ROWS=") + e +
+                           " is not a row-kernel generation (s7 s8)");
+}
+// LLMTRAIN_RMSLIN_PREFETCH=0|1 (default 0, session 8): the s8 row pass prefetches each row group's
+// next row into L2 (sm_90a builds; a hint, same bits).
+inline bool row_prefetch() { return parse_flag("LLMTRAIN_RMSLIN_PREFETCH", false); }
 inline bool fused_reduce() {
   const char* e = env_value("LLMTRAIN_RMSLIN_REDUCE");
   if (!e || std::strcmp(e, "fused") == 0) return true;
@@ -335,20 +348,33 @@ inline void ensure_dynamic_smem(const void* fn, size_t bytes, const char* what) 
   have = bytes;
 }
 
-// Resident blocks per SM of a kernel (cached per device and kernel): sizes persistent grids.
+// Resident blocks per SM of a kernel (cached per device, kernel and dynamic shared memory size: the
+// session-8 row pass's depends on k): sizes persistent grids.
 inline int blocks_per_sm(const void* fn, int threads, size_t smem) {
   static std::mutex mu;
-  static std::map<std::pair<int, const void*>, int> cache;
+  static std::map<std::pair<std::pair<int, const void*>, std::pair<int, size_t>>, int> cache;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({dev, fn});
+  const auto key = std::make_pair(std::make_pair(dev, fn), std::make_pair(threads, smem));
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int b = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, fn, threads, smem), "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   b = std::max(b, 1);
-  cache[{dev, fn}] = b;
+  cache[key] = b;
   return b;
+}
+
+// Largest dynamic shared memory a block may opt into on the current device (cached per device).
+inline size_t max_smem_optin() {
+  static int cache[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (!cache[dev])
+    check(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  return (size_t)cache[dev];
 }
 
 // Finalizer blocks for finish_parts over cols columns: about 128 columns (32 float4 lanes) each, at
@@ -364,19 +390,45 @@ using RowBwdFn = void (*)(const T*, const T*, const float*, T*, T*, float*, int6
 template <typename T> struct RowBwdV3 {
   RowBwdFn<T> fn = nullptr;
   int w = 1;
+  size_t smem = 0;  // dynamic shared memory
+  int max_bpsm = 2;  // blocks per SM the grid is sized for (at most; the occupancy query may say fewer)
 };
 // W = 1 warp per row up to k = 2048 (J <= 8 chunks per lane, row sum by shuffles); beyond, W = 4 or 8
 // warps with J = 4 (J = 8 with W > 1 spills at 255 registers); k > 8192 keeps the v2 kernel.
 template <typename T> RowBwdV3<T> pick_row_bwd_v3(int64_t k) {
   const int64_t k8 = k / 8;
   if (k8 > 1024) return {};
-  if (k8 > 512) return {fast::row_bwd_v3<T, 8, 4>, 8};
-  if (k8 > 256) return {fast::row_bwd_v3<T, 4, 4>, 4};
+  const size_t smem = (size_t)(k + 16) * sizeof(float);
+  if (k8 > 512) return {fast::row_bwd_v3<T, 8, 4>, 8, smem};
+  if (k8 > 256) return {fast::row_bwd_v3<T, 4, 4>, 4, smem};
   const int64_t j = (k8 + 31) / 32;
-  if (j <= 1) return {fast::row_bwd_v3<T, 1, 1>, 1};
-  if (j <= 2) return {fast::row_bwd_v3<T, 1, 2>, 1};
-  if (j <= 4) return {fast::row_bwd_v3<T, 1, 4>, 1};
-  return {fast::row_bwd_v3<T, 1, 8>, 1};
+  if (j <= 1) return {fast::row_bwd_v3<T, 1, 1>, 1, smem};
+  if (j <= 2) return {fast::row_bwd_v3<T, 1, 2>, 1, smem};
+  if (j <= 4) return {fast::row_bwd_v3<T, 1, 4>, 1, smem};
+  return {fast::row_bwd_v3<T, 1, 8>, 1, smem};
+}
+// Session 8: W warps per row with J = 8 chunks per lane above k = 2048 (W = 2, 4, 8 up to k = 16384;
+// beyond, the v2 kernel), one warp per row below. The grid is sized for 2 blocks per SM at J = 8 (the
+// session-7 grid, so dg keeps v3's bits), 3 at J = 4 and 4 below (short rows: more rows in flight). Where the
+// shared memory does not fit (the largest k on GPUs with ~100 KB per SM), the v3 pick.
+template <typename T, bool PF> RowBwdV3<T> pick_row_bwd_s8_pf(int64_t k) {
+  const int64_t k8 = k / 8;
+  RowBwdV3<T> r;
+  if (k8 > 2048) return pick_row_bwd_v3<T>(k);
+  if (k8 > 1024) r = {fast::row_bwd_s8<T, 8, 8, PF>, 8, 0, 2};
+  else if (k8 > 512) r = {fast::row_bwd_s8<T, 4, 8, PF>, 4, 0, 2};
+  else if (k8 > 256) r = {fast::row_bwd_s8<T, 2, 8, PF>, 2, 0, 2};
+  else if (k8 > 128) r = {fast::row_bwd_s8<T, 1, 8, PF>, 1, 0, 2};
+  else if (k8 > 64) r = {fast::row_bwd_s8<T, 1, 4, PF>, 1, 0, 3};
+  else if (k8 > 32) r = {fast::row_bwd_s8<T, 1, 2, PF>, 1, 0, 4};
+  else r = {fast::row_bwd_s8<T, 1, 1, PF>, 1, 0, 4};
+  r.smem = fast::row_bwd_s8_smem(k, r.w);
+  // finish_parts adds ~4 KB of static shared memory.
+  if (r.smem + 8 * 1024 > max_smem_optin()) return pick_row_bwd_v3<T>(k);
+  return r;
+}
+template <typename T> RowBwdV3<T> pick_row_bwd_s8(int64_t k, bool prefetch) {
+  return prefetch ? pick_row_bwd_s8_pf<T, true>(k) : pick_row_bwd_s8_pf<T, false>(k);
 }
 
 template <typename T>
@@ -388,6 +440,22 @@ template <typename T> PrepFn<T> pick_prep_rows(int64_t k) {
   if (j <= 2) return fast::prep_fwd_rows<T, 2>;
   if (j <= 4) return fast::prep_fwd_rows<T, 4>;
   return fast::prep_fwd_rows<T, 8>;
+}
+template <typename T>
+using PrepS8Fn = void (*)(const T*, const T*, const T*, float*, T*, int64_t, int64_t, int64_t, float, int);
+template <typename T> struct PrepS8 {
+  PrepS8Fn<T> fn;
+  int rx;  // rows of x per warp
+};
+// Session 8: the same J, and RX rows of x per warp: 8, 4, 4, 2 for J = 1, 2, 4, 8 (16 loads per lane
+// in flight from k = 1024 up; RX = 8 at J = 2 spills).
+template <typename T> PrepS8<T> pick_prep_s8(int64_t k) {
+  const int64_t j = (k / 8 + 31) / 32;
+  if (j <= 1) return {fast::prep_fwd_s8<T, 1, 8, false>, 8};
+  if (j <= 2) return {fast::prep_fwd_s8<T, 2, 4, false>, 4};
+  if (j <= 4) return {fast::prep_fwd_s8<T, 4, 4, false>, 4};
+  if (j <= 8) return {fast::prep_fwd_s8<T, 8, 2, false>, 2};
+  return {fast::prep_fwd_s8<T, 8, 2, true>, 2};
 }
 
 template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
@@ -419,11 +487,22 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   // launched with PDL so that its prologue overlaps the pre-pass's tail (k = 0: no PDL, the GEMM's
   // consumers would have no mainloop to order their stores after the wait).
   const bool pdl = pdl_enabled() && k > 0;
-  const PrepFn<T> prep = pick_prep_rows<T>(k);
-  const int64_t warps = (int64_t)sms * blocks_per_sm(reinterpret_cast<const void*>(prep), 256, 0) * 8;
-  const int blocks = (int)std::max<int64_t>(1, (std::min<int64_t>(warps, n + m) + 7) / 8);
-  launch(prep, dim3(blocks), dim3(256), 0, s, pdl, "prep_fwd_rows", static_cast<const T*>(a.x),
-         static_cast<const T*>(a.g), w, static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps);
+  if (rows_s8()) {
+    // One warp per row of W (those blocks first), RX rows of x per warp after them; no persistence.
+    const PrepS8<T> prep = pick_prep_s8<T>(k);
+    const int64_t w_blocks = (m + 7) / 8;
+    const int64_t x_blocks = (n + 8 * prep.rx - 1) / (8 * prep.rx);
+    if (w_blocks + x_blocks > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): pre-pass grid too large");
+    launch(prep.fn, dim3((unsigned)(w_blocks + x_blocks)), dim3(256), 0, s, pdl, "prep_fwd_s8",
+           static_cast<const T*>(a.x), static_cast<const T*>(a.g), w, static_cast<float*>(a.rstd), wg.get(), n, k, m,
+           (float)a.dims.eps, (int)w_blocks);
+  } else {
+    const PrepFn<T> prep = pick_prep_rows<T>(k);
+    const int64_t warps = (int64_t)sms * blocks_per_sm(reinterpret_cast<const void*>(prep), 256, 0) * 8;
+    const int blocks = (int)std::max<int64_t>(1, (std::min<int64_t>(warps, n + m) + 7) / 8);
+    launch(prep, dim3(blocks), dim3(256), 0, s, pdl, "prep_fwd_rows", static_cast<const T*>(a.x),
+           static_cast<const T*>(a.g), w, static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps);
+  }
   if (m > 0)
     sm90_gemm_fwd(a.dims.dtype, a.x, wg.get(), static_cast<const float*>(a.rstd), a.bias, a.y, n, k, m, s, pdl);
   wg.release(s);
@@ -461,9 +540,16 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = fal
   T* dx = static_cast<T*>(a.dx);
   const int sms = num_sms();
   const bool pdl = !sm80 && pdl_enabled();
-  const RowBwdV3<T> v3 = bwd_gen() == Gen::V2 ? RowBwdV3<T>{} : pick_row_bwd_v3<T>(k);
+  const RowBwdV3<T> v3 = bwd_gen() == Gen::V2 ? RowBwdV3<T>{} : rows_s8() ? pick_row_bwd_s8<T>(k, !sm80 && row_prefetch()) : pick_row_bwd_v3<T>(k);
   const int rows_per_block = v3.fn ? 8 / v3.w : 16;
-  const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + rows_per_block - 1) / rows_per_block, (int64_t)sms * 2));
+  // Persistent grid: 2 blocks per SM (v2, v3; the s8 kernel at J = 8), up to 4 for the short-row s8
+  // kernels where they fit (one wave: every block resident, which finish_parts' wait relies on).
+  int bpsm = 2;
+  if (v3.fn && v3.max_bpsm > 2) {
+    ensure_dynamic_smem(reinterpret_cast<const void*>(v3.fn), v3.smem, "cudaFuncSetAttribute(row pass)");
+    bpsm = std::max(2, std::min(v3.max_bpsm, blocks_per_sm(reinterpret_cast<const void*>(v3.fn), 256, v3.smem)));
+  }
+  const int nb = (int)std::max<int64_t>(1, std::min<int64_t>((n + rows_per_block - 1) / rows_per_block, (int64_t)sms * bpsm));
   // xn [n, k] (T), then the dg partials [nb, k] and the dbias partials [nb, m] (fp32), each at a
   // 256-byte aligned offset. Two regions, not one reused: with PDL the dbias pass may start while an
   // earlier reader of the dg partials (reduce_parts on the v2 path) is still running, and a shared
@@ -483,9 +569,9 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = fal
   // Row pass: dx, xn and dg partials (and dg itself with a ticket).
   bool dg_done = false;
   if (v3.fn) {
-    const size_t smem = (size_t)(k + 16) * sizeof(float);
-    ensure_dynamic_smem(reinterpret_cast<const void*>(v3.fn), smem, "cudaFuncSetAttribute(row_bwd_v3)");
-    launch(v3.fn, dim3(nb), dim3(256), smem, s, pdl, "row_bwd_v3", static_cast<const T*>(a.x),
+    const size_t smem = v3.smem;
+    ensure_dynamic_smem(reinterpret_cast<const void*>(v3.fn), smem, "cudaFuncSetAttribute(row pass)");
+    launch(v3.fn, dim3(nb), dim3(256), smem, s, pdl, "row pass", static_cast<const T*>(a.x),
            static_cast<const T*>(a.g), static_cast<const float*>(a.rstd), dx, xn, part, n, k, static_cast<T*>(a.dg),
            ticket, finalizers(k, nb, sms));
     dg_done = ticket != nullptr;

@@ -231,7 +231,7 @@ __device__ void finish_parts(const float* part, T* __restrict__ out, int64_t col
     const int64_t q = q0 + lx;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (q < hi) {
-#pragma unroll 8
+#pragma unroll 16
       for (int b = ly; b < (int)nb; b += 8) {
         const float4 v = __ldcg(p4 + (int64_t)b * nq + q);  // L2: written by other blocks
         acc.x += v.x;
@@ -418,6 +418,279 @@ __global__ void __launch_bounds__(256) row_bwd_v3(const T* __restrict__ x, const
   __syncthreads();
   for (int64_t c = threadIdx.x; c < k; c += blockDim.x) part[(int64_t)blockIdx.x * k + c] = red[c];
   if (ticket) finish_parts<T>(part, dg, k, ticket, fin);
+}
+
+// ---- Session 8 row kernels (default; LLMTRAIN_RMSLIN_ROWS=s7 selects the two above) ----
+// Both kernels are memory-bound; Little's law at ~3 TB/s and ~1 us of loaded DRAM latency asks for
+// ~23 KB of loads in flight per SM (132 SMs). The session-7 kernels kept too few warps per SM with
+// loads in flight, and each warp idled between its rows (loads only after the previous row's shuffles
+// and stores, and the row pass's rstd load after the row sum: a second dependent round trip per row).
+
+// Named barrier over `threads` threads (a multiple of 32) of the block; id 0 is __syncthreads'.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Forward pre-pass, session 8: rstd and wg = W diag(g) in one launch, a non-persistent grid.
+// Blocks [0, w_blocks) come first (the block scheduler starts them first): warp i of block b turns
+// row 8 b + i of W into wg (J chunks of W and of g per lane and pass). The remaining blocks are rows
+// of x: each warp owns RX consecutive rows and issues all RX x J of its 16-byte loads before using
+// any (RX J = 16 at k = 1024 and 2048: 8 KB in flight per warp, 24 warps per SM at 3 blocks per SM), so a
+// warp never idles between rows and the hardware's block scheduler balances the tail (the session-7
+// persistent walk ran 8.7 rows of x or W per warp with one row in flight, the W rows last).
+// rstd sums each lane's chunks in the same order as prep_fwd_rows (pass, then chunk j, then element)
+// and the same shuffle tree: the same bits. wg is elementwise: the same bits. MULTI: rows longer
+// than one pass of 32 J chunks (k > 2048 at J = 8).
+template <typename T, int J, int RX, bool MULTI>
+__global__ void __launch_bounds__(256, MULTI ? 2 : 3) prep_fwd_s8(const T* __restrict__ x, const T* __restrict__ g,
+                                                      const T* __restrict__ w, float* __restrict__ rstd,
+                                                      T* __restrict__ wg, int64_t n, int64_t k, int64_t m, float eps,
+                                                      int w_blocks) {
+  pdl_wait();
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t k8 = k / 8;
+  if ((int)blockIdx.x < w_blocks) {
+    const int64_t row = (int64_t)blockIdx.x * 8 + warp;
+    if (row >= m) return;
+    const uint4* src = reinterpret_cast<const uint4*>(w + row * k);
+    const uint4* g4 = reinterpret_cast<const uint4*>(g);
+    uint4* dst = reinterpret_cast<uint4*>(wg + row * k);
+    for (int64_t c0 = 0; c0 < k8; c0 += 32 * J) {
+      uint4 v[J], gv[J];
+      if (c0 + 32 * J <= k8) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          v[j] = __ldg(src + c0 + lane + 32 * j);
+          gv[j] = __ldg(g4 + c0 + lane + 32 * j);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c8 = c0 + lane + 32 * j;
+          if (c8 < k8) {
+            v[j] = __ldg(src + c8);
+            gv[j] = __ldg(g4 + c8);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int64_t c8 = c0 + lane + 32 * j;
+        if (c8 >= k8) continue;
+        const T* a = reinterpret_cast<const T*>(&v[j]);
+        const T* b = reinterpret_cast<const T*>(&gv[j]);
+        float f[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = to_f(a[e]) * to_f(b[e]);
+        store8(reinterpret_cast<T*>(dst + c8), f);
+      }
+    }
+    return;
+  }
+  const int64_t row0 = ((int64_t)(blockIdx.x - w_blocks) * 8 + warp) * RX;
+  if (row0 >= n) return;
+  float ss[RX];
+#pragma unroll
+  for (int r = 0; r < RX; ++r) ss[r] = 0.f;
+  // MULTI = false: the row fits one pass (k8 <= 32 J; a loop-carried ss made ptxas spill at J = 8).
+  for (int64_t c0 = 0; MULTI ? c0 < k8 : c0 == 0; c0 += 32 * J) {
+    uint4 v[RX][J];
+    const uint4* src = reinterpret_cast<const uint4*>(x + row0 * k) + c0 + lane;
+    if (row0 + RX <= n && c0 + 32 * J <= k8) {
+      // Unpredicated: ptxas then issues all RX J loads before the first use (with per-load
+      // predicates it started the sums after 3/4 of them, waiting on the first with the rest unissued).
+#pragma unroll
+      for (int r = 0; r < RX; ++r)
+#pragma unroll
+        for (int j = 0; j < J; ++j) v[r][j] = __ldg(src + r * k8 + 32 * j);
+    } else {
+#pragma unroll
+      for (int r = 0; r < RX; ++r) {
+        const bool ok = row0 + r < n;
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          const int64_t c8 = c0 + lane + 32 * j;
+          v[r][j] = ok && c8 < k8 ? __ldg(src + r * k8 + 32 * j) : make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RX; ++r)
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const T* h = reinterpret_cast<const T*>(&v[r][j]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float f = to_f(h[e]);
+          ss[r] = fmaf(f, f, ss[r]);
+        }
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < RX; ++r) ss[r] = warp_sum(ss[r]);
+  if (lane < RX && row0 + lane < n) {
+    float s = ss[0];
+#pragma unroll
+    for (int r = 1; r < RX; ++r)
+      if (lane == r) s = ss[r];
+    rstd[row0 + lane] = 1.f / sqrtf(s / (float)k + eps);
+  }
+}
+
+// Backward row pass, session 8: the v3 arithmetic (same per-element float expressions, same dg
+// summation order) with the dg partial sums in shared memory instead of registers, so a block of 8
+// warps needs ~100 registers per thread instead of 255 and two blocks share an SM (16 warps, each
+// with its row's 2 x J 16-byte loads in flight: 128 KB per SM at k = 2048, against 64 KB in v3).
+// Each row group (W warps, one row at a time) owns a private slice of the partials, laid out
+// [group][chunk j][half h][thread] as float4 (conflict-free 16-byte accesses); g is staged in shared
+// memory once per block; rstd[row] is loaded together with the row (v3 loaded it after the row sum:
+// a second dependent global round trip per row). At the end the slices are added in group order
+// (= v3's warp order, from 0.f), so with the same grid dg has v3's bits. W > 1 (k > 2048): the
+// row's W warps exchange their partial row sums through a named barrier of the group only (v3: a
+// __syncthreads of the whole block every row). Dynamic shared memory: row_bwd_s8_smem(k, W).
+// PF (opt-in, LLMTRAIN_RMSLIN_PREFETCH=1; sm_90): after issuing its row's loads, the row group asks
+// L2 for the group's next row (cp.async.bulk.prefetch, 4 KB pieces of x and dx), so each warp has
+// a second row on the way without registers for it. A hint only: results are the same bits.
+template <typename T, int W, int J, bool PF>
+__global__ void __launch_bounds__(256, J >= 8 ? 2 : J >= 4 ? 3 : 4)
+    row_bwd_s8(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ rstd, T* dx,
+               T* __restrict__ xn, float* __restrict__ part, int64_t n, int64_t k, T* __restrict__ dg,
+               unsigned* ticket, int fin) {
+  static_assert(8 % W == 0, "block of 8 warps");
+  pdl_wait();
+  pdl_launch_dependents();
+  constexpr int R = 8 / W, TPR = 32 * W;
+  extern __shared__ float4 sm4[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int grp = warp / W, tr = (warp % W) * 32 + lane;
+  const int64_t k8 = k / 8;
+  const int jn = (int)((k8 + TPR - 1) / TPR);  // chunks per thread in use (<= J)
+  const int slice = jn * 2 * TPR;              // float4 per group
+  float4* acc4 = sm4;
+  uint4* gs = reinterpret_cast<uint4*>(sm4 + (size_t)R * slice);
+  float* pw = reinterpret_cast<float*>(gs + k8);  // [2][8] row-sum partials (W > 1)
+  float4* my = acc4 + (size_t)grp * slice + tr;   // my[(2 j + h) TPR]
+  for (int i = threadIdx.x; i < R * slice; i += blockDim.x) acc4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t c8 = threadIdx.x; c8 < k8; c8 += blockDim.x) gs[c8] = __ldg(reinterpret_cast<const uint4*>(g) + c8);
+  __syncthreads();
+  int it = 0;
+  const int64_t stride = (int64_t)gridDim.x * R;
+  // rstd of the next row is loaded one row ahead (the compiler may sink a load of this row's below
+  // the row sum; one row ahead it always has a whole row of time).
+  float r_next = (int64_t)blockIdx.x * R + grp < n ? __ldg(rstd + (int64_t)blockIdx.x * R + grp) : 0.f;
+  for (int64_t base = (int64_t)blockIdx.x * R; base < n; base += stride, ++it) {
+    const int64_t row = base + grp;
+    const bool ok = row < n;
+    const float r = r_next;
+    r_next = row + stride < n ? __ldg(rstd + row + stride) : 0.f;
+    const uint4* dr = reinterpret_cast<const uint4*>(dx + row * k) + tr;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * k) + tr;
+    uint4 dv[J], xv[J];
+    if (ok && k8 >= (int64_t)TPR * J) {  // every chunk in range: unpredicated loads, all issued first
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        dv[j] = dr[TPR * j];
+        xv[j] = __ldg(xr + TPR * j);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if (ok && tr + TPR * j < k8) {
+          dv[j] = dr[TPR * j];
+          xv[j] = __ldg(xr + TPR * j);
+        } else {
+          dv[j] = make_uint4(0, 0, 0, 0);
+          xv[j] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    if constexpr (PF) {
+      const int64_t nrow = row + stride;
+      if (nrow < n) {
+        const int64_t bytes = k * (int64_t)sizeof(T);
+        const int pieces = (int)((bytes + 4095) / 4096);
+        for (int pc = tr; pc < 2 * pieces; pc += TPR) {
+          const int64_t off = (int64_t)(pc % pieces) * 4096;
+          const unsigned sz = (unsigned)min((int64_t)4096, bytes - off);
+          const char* src = reinterpret_cast<const char*>(pc < pieces ? x : dx) + nrow * bytes + off;
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(sz) : "memory");
+        }
+      }
+    }
+#endif
+    float p = 0.f;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int64_t c8 = tr + (int64_t)TPR * j;
+      const uint4 gq = c8 < k8 ? gs[c8] : make_uint4(0, 0, 0, 0);
+      const T* d = reinterpret_cast<const T*>(&dv[j]);
+      const T* xx = reinterpret_cast<const T*>(&xv[j]);
+      const T* gg = reinterpret_cast<const T*>(&gq);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) p = fmaf(to_f(d[e]) * to_f(gg[e]), to_f(xx[e]), p);
+    }
+    p = warp_sum(p);
+    if constexpr (W > 1) {
+      // Double-buffered by iteration parity: one group barrier per row suffices.
+      float* buf = pw + (it & 1) * 8;
+      if (lane == 0) buf[warp] = p;
+      bar_sync(1 + grp, TPR);
+      p = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) p += buf[grp * W + w];
+    }
+    if (ok) {
+      const float coef = r * r * r * p / (float)k;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int64_t c8 = tr + (int64_t)TPR * j;
+        if (c8 >= k8) continue;
+        const uint4 gq = gs[c8];
+        const T* d = reinterpret_cast<const T*>(&dv[j]);
+        const T* xx = reinterpret_cast<const T*>(&xv[j]);
+        const T* gg = reinterpret_cast<const T*>(&gq);
+        float o[8], q[8], a[8];
+        const float4 a0 = my[(2 * j) * TPR], a1 = my[(2 * j + 1) * TPR];
+        a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w;
+        a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float df = to_f(d[e]), xf = to_f(xx[e]), rg = r * to_f(gg[e]);
+          o[e] = rg * df - coef * xf;
+          q[e] = rg * xf;
+          a[e] = fmaf(df * xf, r, a[e]);
+        }
+        my[(2 * j) * TPR] = make_float4(a[0], a[1], a[2], a[3]);
+        my[(2 * j + 1) * TPR] = make_float4(a[4], a[5], a[6], a[7]);
+        store8(dx + row * k + c8 * 8, o);
+        store8(xn + row * k + c8 * 8, q);
+      }
+    }
+  }
+  // Block sum of the group slices in group order from 0.f (v3: warp order), one float4 of part per step.
+  __syncthreads();
+  float4* part4 = reinterpret_cast<float4*>(part + (int64_t)blockIdx.x * k);
+  for (int64_t qi = threadIdx.x; qi < 2 * k8; qi += blockDim.x) {
+    const int64_t c8 = qi >> 1;
+    const int h = (int)(qi & 1), t = (int)(c8 % TPR), j = (int)(c8 / TPR);
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int gi = 0; gi < R; ++gi) {
+      const float4 v = acc4[(size_t)gi * slice + (2 * j + h) * TPR + t];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    part4[qi] = s;
+  }
+  if (ticket) finish_parts<T>(part, dg, k, ticket, fin);
+}
+inline size_t row_bwd_s8_smem(int64_t k, int w) {
+  const int64_t k8 = k / 8, tpr = 32 * w, jn = (k8 + tpr - 1) / tpr;
+  return (size_t)(8 / w) * (size_t)jn * 2 * (size_t)tpr * 16 + (size_t)k8 * 16 + 16 * sizeof(float);
 }
 
 // Column partial sums of a row-major [n, cols] matrix: part[b, c] = sum over block b's rows.

@@ -37,9 +37,9 @@ SHAPES = [
     (515, 2048, 5632),
     (300, 768, 1000),
     (33, 100, 70),  # not a multiple of 8: the portable path
-    (45, 4096, 136),  # backward row pass with 4 warps per row
-    (21, 8192, 64),  # 8 warps per row
-    (19, 16384, 64),  # k > 8192: the v2 row pass
+    (45, 4096, 136),  # backward row pass with 2 warps per row (s8; 4 in s7's v3)
+    (21, 8192, 64),  # 4 warps per row (s8; 8 in s7's v3)
+    (19, 16384, 64),  # 8 warps per row (s8); k > 8192: the v2 row pass in s7
 ]
 
 # Default (H100-verified 2026-11-23): v2 forward, v3 backward row pass, mma.sync GEMMs off sm_90a.
@@ -131,7 +131,8 @@ def test_legacy_switch_vs_float64(n, k, m, bias, monkeypatch):
 
 @pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (300, 768, 1000)])
 @pytest.mark.parametrize("var,val", [("LLMTRAIN_RMSLIN_FWD", "ro"), ("LLMTRAIN_RMSLIN_FWD", "v3"),
-                                     ("LLMTRAIN_RMSLIN_BWD", "v2")])
+                                     ("LLMTRAIN_RMSLIN_BWD", "v2"), ("LLMTRAIN_RMSLIN_ROWS", "s7"),
+                                     ("LLMTRAIN_RMSLIN_PREFETCH", "1")])
 def test_one_sided_switches_vs_float64(n, k, m, var, val, monkeypatch):
     """Fused forward read-only variant; fused v3 forward; the v2 backward row pass."""
     monkeypatch.setenv(var, val)
@@ -235,6 +236,8 @@ def _needs_sm90():
     ("LLMTRAIN_RMSLIN_SM80", "2", "not 0 or 1"),
     ("LLMTRAIN_RMSLIN_PDL", "on", "not 0 or 1"),
     ("LLMTRAIN_RMSLIN_REDUCE", "atomic", "not a reduction mode"),
+    ("LLMTRAIN_RMSLIN_ROWS", "s9", "not a row-kernel generation"),
+    ("LLMTRAIN_RMSLIN_PREFETCH", "yes", "not 0 or 1"),
 ])
 def test_bad_switch_values_are_errors(var, val, match, monkeypatch):
     """A typo in a switch must fail loudly, not silently measure the default."""
@@ -250,7 +253,7 @@ def test_bad_switch_values_are_errors(var, val, match, monkeypatch):
 # (n, k, m): the target's k, uneven finalizer slices (k = 1000: 250 column quads over 8 blocks), one
 # block (n = 37), 4 and 8 warps per row, and a many-block dbias (m = 5632).
 FUSED_SHAPES = [(2049, 2048, 1024), (4099, 1000, 2056), (37, 96, 80), (45, 4096, 136), (21, 8192, 64),
-                (515, 2048, 5632)]
+                (515, 2048, 5632), (19, 16384, 64), (3001, 768, 1000)]
 
 
 @pytest.mark.parametrize("n,k,m", FUSED_SHAPES)
@@ -280,6 +283,50 @@ def test_fused_reduction_is_deterministic_and_matches_the_kernel(n, k, m, sm80, 
     _, grads = ref_all(x, nw, w, b, dy, 1e-6)
     assert rel_err(first[3].cpu(), grads[1]) < TOL[torch.bfloat16]
     assert rel_err(first[5].cpu(), grads[3]) < TOL[torch.bfloat16]
+
+
+# (n, k, m): the session-8 row kernels against session 7's. One warp per row with the same chunks per
+# lane up to k = 2048 (k8 <= 256), so the row sums and dx have the same bits there; dg too where both
+# grids have the same number of blocks (2 per SM at J = 8; J <= 4 sizes s8's grid for 3-4 per SM, so
+# only row counts under 16 x SMs share it). Above k = 2048 s8 splits a row over fewer warps (2, 4, 8
+# for k = 4096, 8192, 16384 against v3's 4, 8 and the v2 kernel): dx and dg within bf16 rounding.
+# n = 16389: more rows than one pass of the grid, and an odd tail for the pre-pass's 2-row warps.
+ROWS_SHAPES = [(2049, 2048, 1024), (16389, 2048, 264), (4099, 1000, 2056), (1027, 1000, 136), (37, 96, 80),
+               (129, 256, 200), (2000, 768, 1000), (45, 4096, 136), (21, 8192, 64), (19, 16384, 64), (7, 2560, 72)]
+
+
+@pytest.mark.parametrize("n,k,m", ROWS_SHAPES)
+def test_row_kernels_s8_match_s7(n, k, m, monkeypatch):
+    """LLMTRAIN_RMSLIN_ROWS=s7|s8 (default s8): y, rstd, dW and dbias bit for bit (the pre-pass and xn
+    are elementwise-identical math); dx and dg bit for bit where the row split and the grid agree (see
+    ROWS_SHAPES), else within bf16 rounding; both repeat bit for bit; s8 with LLMTRAIN_RMSLIN_PREFETCH=1
+    bit for bit as without; s8 vs the float64 reference."""
+    for var in [key for key in os.environ if key.startswith("LLMTRAIN_RMSLIN")]:
+        monkeypatch.delenv(var)
+    x, nw, w, b, dy = make(n, k, m, torch.bfloat16, True, 17)
+    runs = {}
+    for rows in ("s7", "s8"):
+        monkeypatch.setenv("LLMTRAIN_RMSLIN_ROWS", rows)
+        first = call_native(x, nw, w, b, dy, 1e-6)
+        again = call_native(x, nw, w, b, dy, 1e-6)
+        for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), first, again):
+            assert torch.equal(u, v), f"{name}: {rows} not bit-identical across runs"
+        runs[rows] = first
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_PREFETCH", "1")  # s8's opt-in L2 prefetch: a hint, the same bits
+    for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), call_native(x, nw, w, b, dy, 1e-6), runs["s8"]):
+        assert torch.equal(u, v), f"{name}: the L2 prefetch changed the result"
+    same_split = k // 8 <= 256
+    same_grid = same_split and (k // 8 > 128 or (n + 7) // 8 <= 2 * torch.cuda.get_device_properties(0).multi_processor_count)
+    for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), runs["s8"], runs["s7"]):
+        exact = name in ("y", "rstd", "dW", "db") or (name == "dx" and same_split) or (name == "dg" and same_grid)
+        if exact:
+            assert torch.equal(u, v), f"{name}: s8 differs from s7"
+        else:
+            assert rel_err(u.cpu(), v.cpu()) < 1e-2, f"{name}: s8 vs s7 beyond bf16 rounding"
+    y_ref, grads = ref_all(x, nw, w, b, dy, 1e-6)
+    for name, got, ref in (("y", runs["s8"][0], y_ref), ("dx", runs["s8"][2], grads[0]), ("dg", runs["s8"][3], grads[1]),
+                           ("dW", runs["s8"][4], grads[2]), ("db", runs["s8"][5], grads[3])):
+        assert rel_err(got.cpu(), ref) < TOL[torch.bfloat16], name
 
 
 def test_fused_reduction_on_concurrent_streams():
