@@ -16,7 +16,11 @@ pack() { tar czf "$FINAL_OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null; }
 export OUT PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=9.0  # DeepSpeed cannot parse the image's "9.0a"
 start=$(date +%s)
-if ls .whl/*.whl >/dev/null 2>&1; then
+# SKIP_BUILD=1: a warm machine that an earlier call of this script set up (wheels in /tmp/site,
+# llmtrain installed): run the areas only.
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+elif ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; echo "WHEELS FAILED (continuing without them)"; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -24,7 +28,7 @@ fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}a' if m == 9 else f'{m}{n}')")
-if ! python3 -m pip install --no-build-isolation --no-deps -q . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" \
+if [ "${SKIP_BUILD:-0}" != 1 ] && ! python3 -m pip install --no-build-isolation --no-deps -q . -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" \
     -Cbuild.verbose=true -Cbuild-dir=/tmp/llmtrain-build >"$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -30; tail -30 "$OUT/build.log"; echo "BUILD FAILED"; pack; exit 1
 fi
