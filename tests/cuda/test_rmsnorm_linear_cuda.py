@@ -310,7 +310,12 @@ def test_row_kernels_s8_match_s7(n, k, m, monkeypatch):
         first = call_native(x, nw, w, b, dy, 1e-6)
         again = call_native(x, nw, w, b, dy, 1e-6)
         for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), first, again):
-            assert torch.equal(u, v), f"{name}: {rows} not bit-identical across runs"
+            if rows == "s7" and k > 8192 and name == "dg":
+                # session 7 runs the legacy v2 row pass above k = 8192: its dg sums with shared-memory
+                # atomics (see test_paths_agree_and_are_deterministic), so only bf16 rounding holds
+                assert rel_err(u.cpu(), v.cpu()) < 1e-2, f"{name}: {rows} across runs"
+            else:
+                assert torch.equal(u, v), f"{name}: {rows} not bit-identical across runs"
         runs[rows] = first
     monkeypatch.setenv("LLMTRAIN_RMSLIN_PREFETCH", "1")  # s8's opt-in L2 prefetch: a hint, the same bits
     for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), call_native(x, nw, w, b, dy, 1e-6), runs["s8"]):
