@@ -284,6 +284,50 @@ __global__ void __launch_bounds__(kThreads) state_scan_kernel(const ScanArgs p) 
 // Shared pieces of the chunk kernels (blocks of 128 rows inside one chunk).
 // ------------------------------------------------------------------------------------------------
 
+// The A fragment of phi(x_rows) over tile B: features (a, 8B + k) in k 0-7 and (a + 1, 8B + k - 8) in
+// k 8-15 (a even); xa, xn: x_a sqrt2, x_{a+1} sqrt2 of the thread's two rows. DIAG (B = a / 8): the
+// features left of the diagonal are zero and x_a^2 carries 1 / sqrt2; right of it every weight is 1
+// ((x_a sqrt2 * 1) * x_b is x_a sqrt2 * x_b exactly, so both forms give the same bits there).
+template <int d, bool DIAG>
+__device__ __forceinline__ void phi_a_frag(uint32_t (&A)[4], const bf16* xs, int B, int a, int wr0, int tq, float xa0,
+                                           float xa1, float xn0, float xn1) {
+  constexpr int LD = Cfg<d>::LD;
+  const int bc = 8 * B + 2 * tq;
+  const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + (wr0 + 8) * LD + bc));
+  if constexpr (DIAG) {
+    const float w00 = bc > a ? 1.f : (bc == a ? kInvSqrt2 : 0.f);
+    const float w01 = bc + 1 > a ? 1.f : (bc + 1 == a ? kInvSqrt2 : 0.f);
+    const float w10 = bc > a + 1 ? 1.f : (bc == a + 1 ? kInvSqrt2 : 0.f);
+    const float w11 = bc + 1 > a + 1 ? 1.f : (bc + 1 == a + 1 ? kInvSqrt2 : 0.f);
+    A[0] = pack_bf16(xa0 * w00 * xb0.x, xa0 * w01 * xb0.y);
+    A[1] = pack_bf16(xa1 * w00 * xb1.x, xa1 * w01 * xb1.y);
+    A[2] = pack_bf16(xn0 * w10 * xb0.x, xn0 * w11 * xb0.y);
+    A[3] = pack_bf16(xn1 * w10 * xb1.x, xn1 * w11 * xb1.y);
+  } else {
+    A[0] = pack_bf16(xa0 * xb0.x, xa0 * xb0.y);
+    A[1] = pack_bf16(xa1 * xb1.x, xa1 * xb1.y);
+    A[2] = pack_bf16(xn0 * xb0.x, xn0 * xb0.y);
+    A[3] = pack_bf16(xn1 * xb1.x, xn1 * xb1.y);
+  }
+}
+
+// acc[:, n-tiles] += A @ the slab rows at bp (transposed 8 x 8 loads; bp: this lane's row).
+template <int NTILES>
+__device__ __forceinline__ void phi_mma_tile(float (&acc)[NTILES][4], const uint32_t (&A)[4], const bf16* bp) {
+#pragma unroll
+  for (int np = 0; np < NTILES / 2; ++np) {
+    uint32_t b[4];
+    ldsm4t(b, bp + np * 16);
+    mma(acc[2 * np], A, b[0], b[1]);
+    mma(acc[2 * np + 1], A, b[2], b[3]);
+  }
+  if constexpr (NTILES % 2 == 1) {
+    uint32_t b2[2];
+    ldsm2t(b2, bp + (NTILES - 1) * 8);
+    mma(acc[NTILES - 1], A, b2[0], b2[1]);
+  }
+}
+
 // acc[16 x N] += phi(x_rows) @ S over the features of triangle rows a, a+1 (a even), for the
 // n-tiles [0, NTILES) of the slab rows. xs: [128][LD] bf16 holding x (any per-row scaling
 // already applied); sl: slab whose row (f - base) holds feature f; zero row at index zrow.
@@ -301,42 +345,21 @@ __device__ __forceinline__ void phi_pair_gemm(float (&acc)[NTILES][4], const bf1
 #pragma unroll
   for (int B = 0; B < d / 8; ++B) {
     if (B < Bd) continue;
-    const int bc = 8 * B + 2 * tq;
-    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
-    float w00 = 1.f, w01 = 1.f, w10 = 1.f, w11 = 1.f;
-    if (B == Bd) {
-      w00 = bc > a ? 1.f : (bc == a ? kInvSqrt2 : 0.f);
-      w01 = bc + 1 > a ? 1.f : (bc + 1 == a ? kInvSqrt2 : 0.f);
-      w10 = bc > a + 1 ? 1.f : (bc == a + 1 ? kInvSqrt2 : 0.f);
-      w11 = bc + 1 > a + 1 ? 1.f : (bc + 1 == a + 1 ? kInvSqrt2 : 0.f);
-    }
     uint32_t A[4];
-    A[0] = pack_bf16(xa0 * w00 * xb0.x, xa0 * w01 * xb0.y);
-    A[1] = pack_bf16(xa1 * w00 * xb1.x, xa1 * w01 * xb1.y);
-    A[2] = pack_bf16(xn0 * w10 * xb0.x, xn0 * w11 * xb0.y);
-    A[3] = pack_bf16(xn1 * w10 * xb1.x, xn1 * w11 * xb1.y);
+    if (B == Bd)
+      phi_a_frag<d, true>(A, xs, B, a, wr0, tq, xa0, xa1, xn0, xn1);
+    else
+      phi_a_frag<d, false>(A, xs, B, a, wr0, tq, xa0, xa1, xn0, xn1);
     const int brow = 8 * B + (lane & 7);
     const int srow = brow >= arow ? rsa + brow - arow : zrow;
-    const bf16* bp = sl + srow * STRIDE + (lane >> 4) * 8;
-#pragma unroll
-    for (int np = 0; np < NTILES / 2; ++np) {
-      uint32_t b[4];
-      ldsm4t(b, bp + np * 16);
-      mma(acc[2 * np], A, b[0], b[1]);
-      mma(acc[2 * np + 1], A, b[2], b[3]);
-    }
-    if constexpr (NTILES % 2 == 1) {
-      uint32_t b2[2];
-      ldsm2t(b2, bp + (NTILES - 1) * 8);
-      mma(acc[NTILES - 1], A, b2[0], b2[1]);
-    }
+    phi_mma_tile<NTILES>(acc, A, sl + srow * STRIDE + (lane >> 4) * 8);
   }
 }
 
 // v12: phi_pair_gemm with the triangle-row tiles unrolled per BD = a / 8 (a even: a + 1 has the
-// same BD). The diagonal tile is masked as before; right of it every feature weight is 1 (sqrt2
-// sits in x_a), so an A element costs one multiply: ncu (H100, 64K) counted ~65 other
-// instructions per 9 HMMA in chunk_out's tile loop. Same products, same bf16 operands (bitwise).
+// same BD): only the diagonal tile is masked, right of it an A element costs one multiply, and the
+// loop has no runtime guard per tile (ncu, H100, 64K: ~65 other instructions per 9 HMMA in v11's
+// chunk_out tile loop). Same products, same MMA order: bitwise phi_pair_gemm.
 template <int d, int NTILES, int STRIDE, int BD>
 __device__ __forceinline__ void phi_pair_tiles(float (&acc)[NTILES][4], const bf16* xs, const bf16* sl, int base,
                                                int zrow, int a, int wr0, int lane) {
@@ -347,48 +370,19 @@ __device__ __forceinline__ void phi_pair_tiles(float (&acc)[NTILES][4], const bf
   const float xn0 = bf2f(xs[wr0 * LD + a + 1]) * kSqrt2, xn1 = bf2f(xs[wr1 * LD + a + 1]) * kSqrt2;
   const int arow = ((lane >> 3) & 1) ? a + 1 : a;
   const int rsa = row_start(arow, d) - base;
-  auto mma_tile = [&](const uint32_t (&A)[4], const bf16* bp) {
-#pragma unroll
-    for (int np = 0; np < NTILES / 2; ++np) {
-      uint32_t b[4];
-      ldsm4t(b, bp + np * 16);
-      mma(acc[2 * np], A, b[0], b[1]);
-      mma(acc[2 * np + 1], A, b[2], b[3]);
-    }
-    if constexpr (NTILES % 2 == 1) {
-      uint32_t b2[2];
-      ldsm2t(b2, bp + (NTILES - 1) * 8);
-      mma(acc[NTILES - 1], A, b2[0], b2[1]);
-    }
-  };
-  {  // the diagonal tile: phi_pair_gemm's masks
-    const int bc = 8 * BD + 2 * tq;
-    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
-    const float w00 = bc > a ? 1.f : (bc == a ? kInvSqrt2 : 0.f);
-    const float w01 = bc + 1 > a ? 1.f : (bc + 1 == a ? kInvSqrt2 : 0.f);
-    const float w10 = bc > a + 1 ? 1.f : (bc == a + 1 ? kInvSqrt2 : 0.f);
-    const float w11 = bc + 1 > a + 1 ? 1.f : (bc + 1 == a + 1 ? kInvSqrt2 : 0.f);
+  {
     uint32_t A[4];
-    A[0] = pack_bf16(xa0 * w00 * xb0.x, xa0 * w01 * xb0.y);
-    A[1] = pack_bf16(xa1 * w00 * xb1.x, xa1 * w01 * xb1.y);
-    A[2] = pack_bf16(xn0 * w10 * xb0.x, xn0 * w11 * xb0.y);
-    A[3] = pack_bf16(xn1 * w10 * xb1.x, xn1 * w11 * xb1.y);
+    phi_a_frag<d, true>(A, xs, BD, a, wr0, tq, xa0, xa1, xn0, xn1);
     const int brow = 8 * BD + (lane & 7);
     const int srow = brow >= arow ? rsa + brow - arow : zrow;
-    mma_tile(A, sl + srow * STRIDE + (lane >> 4) * 8);
+    phi_mma_tile<NTILES>(acc, A, sl + srow * STRIDE + (lane >> 4) * 8);
   }
   const bf16* bp0 = sl + (rsa - arow + (lane & 7)) * STRIDE + (lane >> 4) * 8;  // + 8 B rows: tile B
 #pragma unroll
   for (int B = BD + 1; B < d / 8; ++B) {
-    const int bc = 8 * B + 2 * tq;
-    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
-    // phi_pair_gemm's products with w = 1 ((x_a sqrt2 * 1) * x_b is x_a sqrt2 * x_b exactly)
     uint32_t A[4];
-    A[0] = pack_bf16(xa0 * xb0.x, xa0 * xb0.y);
-    A[1] = pack_bf16(xa1 * xb1.x, xa1 * xb1.y);
-    A[2] = pack_bf16(xn0 * xb0.x, xn0 * xb0.y);
-    A[3] = pack_bf16(xn1 * xb1.x, xn1 * xb1.y);
-    mma_tile(A, bp0 + 8 * B * STRIDE);
+    phi_a_frag<d, false>(A, xs, B, a, wr0, tq, xa0, xa1, xn0, xn1);
+    phi_mma_tile<NTILES>(acc, A, bp0 + 8 * B * STRIDE);
   }
 }
 
@@ -413,6 +407,57 @@ __device__ __forceinline__ void phi_pair_v(float (&acc)[NTILES][4], const bf16* 
     phi_pair_bd<d, NTILES, STRIDE>(acc, xs, sl, base, zrow, a, wr0, lane);
 }
 
+// One tile B >= a / 8 of u_contract, every feature masked and weighted (bc < a: zero row and zero z;
+// b = a: weight 1; b > a: sqrt2): u = Y_rows @ S[f(a, 8B ..), :d]^T (+ zc z), scaled by us, then
+// dx[b] += w x_a u into dq4 = dacc[B] and pa += sum_b w x_b u (this lane's two columns).
+template <int d>
+__device__ __forceinline__ void u_tile_masked(float (&dq4)[4], const uint32_t (&Ay)[d / 16][4], const bf16* xs,
+                                              const bf16* sl, int B, int rsa, int zrow, int a, int wr0, int lane,
+                                              float zc0, float zc1, float us0, float us1, float xa0, float xa1,
+                                              float& pa0, float& pa1) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  const int tq = lane & 3;
+  float u[4] = {0.f, 0.f, 0.f, 0.f};
+  const int bl = 8 * B + (lane & 7);
+  const int srow = bl >= a ? rsa + bl - a : zrow;
+  const bf16* bp = sl + srow * E + (lane >> 3) * 8;
+#pragma unroll
+  for (int kp = 0; kp < d / 32; ++kp) {
+    uint32_t b[4];
+    ldsm4(b, bp + kp * 32);
+    mma(u, Ay[2 * kp], b[0], b[1]);
+    mma(u, Ay[2 * kp + 1], b[2], b[3]);
+  }
+  const int bc = 8 * B + 2 * tq;
+  const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
+  const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
+  u[0] = (u[0] + z0 * zc0) * us0;
+  u[1] = (u[1] + z1 * zc0) * us0;
+  u[2] = (u[2] + z0 * zc1) * us1;
+  u[3] = (u[3] + z1 * zc1) * us1;
+  const float w0 = bc > a ? kSqrt2 : (bc == a ? 1.f : 0.f);
+  const float w1 = bc + 1 > a ? kSqrt2 : (bc + 1 == a ? 1.f : 0.f);
+  const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + (wr0 + 8) * LD + bc));
+  dq4[0] += w0 * xa0 * u[0];
+  dq4[1] += w1 * xa0 * u[1];
+  dq4[2] += w0 * xa1 * u[2];
+  dq4[3] += w1 * xa1 * u[3];
+  pa0 += w0 * xb0.x * u[0] + w1 * xb0.y * u[1];
+  pa1 += w0 * xb1.x * u[2] + w1 * xb1.y * u[3];
+}
+
+// dx[a] of the thread's two rows: the quad's column sums, written by its first lane.
+__device__ __forceinline__ void u_write_xa(float pa0, float pa1, float* xa_out, int xa_ld, int wr0, int a, int lane) {
+  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 1);
+  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 2);
+  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 1);
+  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 2);
+  if ((lane & 3) == 0) {
+    xa_out[wr0 * xa_ld + a] = pa0;
+    xa_out[(wr0 + 8) * xa_ld + a] = pa1;
+  }
+}
+
 // u = Y_rows @ S[f(a, .), :d]^T (+ rank-1 zc * z_f) for the n-tiles B >= a/8, contracted at once
 // through J_phi(x)^T: dx[b] += w x_a u_ab (registers, C-fragment layout) and
 // dx[a] += sum_b w x_b u_ab (quad-reduced, written to xa_out[row][a]).
@@ -422,51 +467,16 @@ __device__ __forceinline__ void u_contract(float (&dacc)[d / 8][4], const uint32
                                            const bf16* xs, const bf16* sl, int base, int zrow, int a, int wr0,
                                            int lane, float zc0, float zc1, float us0, float us1, float* xa_out,
                                            int xa_ld) {
-  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
-  const int tq = lane & 3;
-  const int wr1 = wr0 + 8;
-  const float xa0 = bf2f(xs[wr0 * LD + a]), xa1 = bf2f(xs[wr1 * LD + a]);
+  constexpr int LD = Cfg<d>::LD;
+  const float xa0 = bf2f(xs[wr0 * LD + a]), xa1 = bf2f(xs[(wr0 + 8) * LD + a]);
   const int rsa = row_start(a, d) - base;
   float pa0 = 0.f, pa1 = 0.f;
 #pragma unroll
   for (int B = 0; B < d / 8; ++B) {
     if (B < (a >> 3)) continue;
-    float u[4] = {0.f, 0.f, 0.f, 0.f};
-    const int bl = 8 * B + (lane & 7);
-    const int srow = bl >= a ? rsa + bl - a : zrow;
-    const bf16* bp = sl + srow * E + (lane >> 3) * 8;
-#pragma unroll
-    for (int kp = 0; kp < d / 32; ++kp) {
-      uint32_t b[4];
-      ldsm4(b, bp + kp * 32);
-      mma(u, Ay[2 * kp], b[0], b[1]);
-      mma(u, Ay[2 * kp + 1], b[2], b[3]);
-    }
-    const int bc = 8 * B + 2 * tq;
-    const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
-    const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
-    u[0] = (u[0] + z0 * zc0) * us0;
-    u[1] = (u[1] + z1 * zc0) * us0;
-    u[2] = (u[2] + z0 * zc1) * us1;
-    u[3] = (u[3] + z1 * zc1) * us1;
-    const float w0 = bc > a ? kSqrt2 : (bc == a ? 1.f : 0.f);
-    const float w1 = bc + 1 > a ? kSqrt2 : (bc + 1 == a ? 1.f : 0.f);
-    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
-    dacc[B][0] += w0 * xa0 * u[0];
-    dacc[B][1] += w1 * xa0 * u[1];
-    dacc[B][2] += w0 * xa1 * u[2];
-    dacc[B][3] += w1 * xa1 * u[3];
-    pa0 += w0 * xb0.x * u[0] + w1 * xb0.y * u[1];
-    pa1 += w0 * xb1.x * u[2] + w1 * xb1.y * u[3];
+    u_tile_masked<d>(dacc[B], Ay, xs, sl, B, rsa, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pa0, pa1);
   }
-  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 1);
-  pa0 += __shfl_xor_sync(0xffffffffu, pa0, 2);
-  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 1);
-  pa1 += __shfl_xor_sync(0xffffffffu, pa1, 2);
-  if (tq == 0) {
-    xa_out[wr0 * xa_ld + a] = pa0;
-    xa_out[wr1 * xa_ld + a] = pa1;
-  }
+  u_write_xa(pa0, pa1, xa_out, xa_ld, wr0, a, lane);
 }
 
 // v12: u_contract's arithmetic with the triangle-row tiles unrolled at compile time. ncu (H100,
@@ -485,37 +495,8 @@ __device__ __forceinline__ void u_contract_tiles(float (&dacc)[d / 8][4], const 
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   const int tq = lane & 3;
   const int wr1 = wr0 + 8;
-  float pd0 = 0.f, pd1 = 0.f;  // diagonal tile, weighted and scaled
-  {
-    constexpr int B = BD;
-    float u[4] = {0.f, 0.f, 0.f, 0.f};
-    const int bl = 8 * B + (lane & 7);
-    const int srow = bl >= a ? rsa + bl - a : zrow;
-    const bf16* bp = sl + srow * E + (lane >> 3) * 8;
-#pragma unroll
-    for (int kp = 0; kp < d / 32; ++kp) {
-      uint32_t b[4];
-      ldsm4(b, bp + kp * 32);
-      mma(u, Ay[2 * kp], b[0], b[1]);
-      mma(u, Ay[2 * kp + 1], b[2], b[3]);
-    }
-    const int bc = 8 * B + 2 * tq;
-    const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
-    const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
-    u[0] = (u[0] + z0 * zc0) * us0;
-    u[1] = (u[1] + z1 * zc0) * us0;
-    u[2] = (u[2] + z0 * zc1) * us1;
-    u[3] = (u[3] + z1 * zc1) * us1;
-    const float w0 = bc > a ? kSqrt2 : (bc == a ? 1.f : 0.f);
-    const float w1 = bc + 1 > a ? kSqrt2 : (bc + 1 == a ? 1.f : 0.f);
-    const float2 xb0 = unpack_bf16(ld32(xs + wr0 * LD + bc)), xb1 = unpack_bf16(ld32(xs + wr1 * LD + bc));
-    dacc[B][0] += w0 * xa0 * u[0];
-    dacc[B][1] += w1 * xa0 * u[1];
-    dacc[B][2] += w0 * xa1 * u[2];
-    dacc[B][3] += w1 * xa1 * u[3];
-    pd0 += w0 * xb0.x * u[0] + w1 * xb0.y * u[1];
-    pd1 += w0 * xb1.x * u[2] + w1 * xb1.y * u[3];
-  }
+  float pd0 = 0.f, pd1 = 0.f;  // the diagonal tile, weighted and scaled
+  u_tile_masked<d>(dacc[BD], Ay, xs, sl, BD, rsa, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pd0, pd1);
   const float ca0 = kSqrt2 * us0 * xa0, ca1 = kSqrt2 * us1 * xa1;
   float po0 = 0.f, po1 = 0.f;  // tiles right of the diagonal, unweighted and unscaled
   const int r0 = rsa - a;      // slab row of feature (a, b) is r0 + b for b >= a
@@ -573,14 +554,7 @@ __device__ __forceinline__ void u_contract_v(float (&dacc)[d / 8][4], const uint
     float pa0 = 0.f, pa1 = 0.f;
     u_contract_bd<d>(dacc, Ay, xs, sl, row_start(a, d) - base, zrow, a, wr0, lane, zc0, zc1, us0, us1, xa0, xa1, pa0,
                      pa1);
-    pa0 += __shfl_xor_sync(0xffffffffu, pa0, 1);
-    pa0 += __shfl_xor_sync(0xffffffffu, pa0, 2);
-    pa1 += __shfl_xor_sync(0xffffffffu, pa1, 1);
-    pa1 += __shfl_xor_sync(0xffffffffu, pa1, 2);
-    if ((lane & 3) == 0) {
-      xa_out[wr0 * xa_ld + a] = pa0;
-      xa_out[(wr0 + 8) * xa_ld + a] = pa1;
-    }
+    u_write_xa(pa0, pa1, xa_out, xa_ld, wr0, a, lane);
   }
 }
 
