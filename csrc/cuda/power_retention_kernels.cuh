@@ -407,6 +407,19 @@ __device__ __forceinline__ void phi_pair_v(float (&acc)[NTILES][4], const bf16* 
     phi_pair_bd<d, NTILES, STRIDE>(acc, xs, sl, base, zrow, a, wr0, lane);
 }
 
+// u += Y_rows @ S_rows^T over the d value columns, S_rows the 8 slab rows of one n-tile (bp: this
+// lane's row and its 8-column group).
+template <int d>
+__device__ __forceinline__ void u_mma(float (&u)[4], const uint32_t (&Ay)[d / 16][4], const bf16* bp) {
+#pragma unroll
+  for (int kp = 0; kp < d / 32; ++kp) {
+    uint32_t b[4];
+    ldsm4(b, bp + kp * 32);
+    mma(u, Ay[2 * kp], b[0], b[1]);
+    mma(u, Ay[2 * kp + 1], b[2], b[3]);
+  }
+}
+
 // One tile B >= a / 8 of u_contract, every feature masked and weighted (bc < a: zero row and zero z;
 // b = a: weight 1; b > a: sqrt2): u = Y_rows @ S[f(a, 8B ..), :d]^T (+ zc z), scaled by us, then
 // dx[b] += w x_a u into dq4 = dacc[B] and pa += sum_b w x_b u (this lane's two columns).
@@ -420,14 +433,7 @@ __device__ __forceinline__ void u_tile_masked(float (&dq4)[4], const uint32_t (&
   float u[4] = {0.f, 0.f, 0.f, 0.f};
   const int bl = 8 * B + (lane & 7);
   const int srow = bl >= a ? rsa + bl - a : zrow;
-  const bf16* bp = sl + srow * E + (lane >> 3) * 8;
-#pragma unroll
-  for (int kp = 0; kp < d / 32; ++kp) {
-    uint32_t b[4];
-    ldsm4(b, bp + kp * 32);
-    mma(u, Ay[2 * kp], b[0], b[1]);
-    mma(u, Ay[2 * kp + 1], b[2], b[3]);
-  }
+  u_mma<d>(u, Ay, sl + srow * E + (lane >> 3) * 8);
   const int bc = 8 * B + 2 * tq;
   const float z0 = bc >= a ? bf2f(sl[(rsa + bc - a) * E + d]) : 0.f;
   const float z1 = bc + 1 >= a ? bf2f(sl[(rsa + bc + 1 - a) * E + d]) : 0.f;
@@ -503,14 +509,7 @@ __device__ __forceinline__ void u_contract_tiles(float (&dacc)[d / 8][4], const 
 #pragma unroll
   for (int B = BD + 1; B < d / 8; ++B) {
     float u[4] = {0.f, 0.f, 0.f, 0.f};
-    const bf16* bp = sl + (r0 + 8 * B + (lane & 7)) * E + (lane >> 3) * 8;
-#pragma unroll
-    for (int kp = 0; kp < d / 32; ++kp) {
-      uint32_t b[4];
-      ldsm4(b, bp + kp * 32);
-      mma(u, Ay[2 * kp], b[0], b[1]);
-      mma(u, Ay[2 * kp + 1], b[2], b[3]);
-    }
+    u_mma<d>(u, Ay, sl + (r0 + 8 * B + (lane & 7)) * E + (lane >> 3) * 8);
     const int bc = 8 * B + 2 * tq;
     const float z0 = bf2f(sl[(r0 + bc) * E + d]), z1 = bf2f(sl[(r0 + bc + 1) * E + d]);
     const float u0 = fmaf(z0, zc0, u[0]), u1 = fmaf(z1, zc0, u[1]);
