@@ -64,8 +64,8 @@
 // u_contract_tiles (kernels.cuh): the same terms, with the triangle-row tiles unrolled per a / 8 so
 // their MMA chains interleave, and the masks and row scales off the tiles right of the diagonal
 // (ncu: v11's u_contract was ~75% of dq_kernel's instructions, HMMA 4.7% of them); the forward's
-// state query likewise (phi_pair_tiles, bitwise). At d <= 64; d = 128 runs v11's kernels (the
-// unrolled instances of 16 triangle-row blocks would double the build for a path at 1 / 20 of d = 64's speed).
+// state query likewise (phi_pair_tiles, bitwise). At d <= 64; d = 128 runs v11's kernels: unrolling
+// its 16 triangle-row blocks (and the ghat pass) took the sm_90a build from 143 s to 361 s.
 //
 // v10: v9, with a single chunk without an initial state (forward) or without any
 // state (backward, from the saved rows) run by the FlashAttention-style kernels of
