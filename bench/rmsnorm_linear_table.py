@@ -137,11 +137,11 @@ ROUNDS = 3  # every implementation once per round, median over rounds: clock / t
             # run hits all of them alike instead of whichever happens to be measured last
 
 
-def run_shape(impls, n, k, m):
+def run_shape(impls, n, k, m, rounds=ROUNDS):
     x, g, w, dy = inputs(n, k, m)
     shape = f"{n}x{k}->{m}"
     times = {"gemm": [], **{(mode, name): [] for name in impls for mode in ("fwd", "fwd_bwd")}}
-    for rnd in range(ROUNDS):
+    for rnd in range(rounds):
         times["gemm"].append(measure(gemm_fn(x, w)))
         for name, f in impls.items():
             times[("fwd", name)].append(measure_with_env(name, fwd_fn(f, x, g, w)))
@@ -189,9 +189,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds per shape (default {ROUNDS})")
     ap.add_argument("--impls", help="comma-separated implementations to measure (default: all; eager is "
                     "always kept: the speed-up columns divide by it)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     impls = make_impls()
@@ -205,7 +208,7 @@ def main():
     print(header(list(impls.keys())), flush=True)
     rows = []
     for s in shapes:
-        rows.append(run_shape(impls, *s))
+        rows.append(run_shape(impls, *s, rounds=args.rounds))
         print(row_line(rows[-1]), flush=True)
         if args.json:
             with open(args.json, "w") as fh:
