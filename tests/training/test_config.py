@@ -57,5 +57,11 @@ def test_parse_count():
     assert parse_count(1000, "n") == 1000
 
 
-def test_ds_config_is_present():
-    assert (configs_dir() / "ds_config.json").exists()
+def test_ds_configs_are_present():
+    """ZeRO-2 with the optimizer on the CPU (the default) and ZeRO-2 with it on the GPUs."""
+    import json
+
+    offload = json.loads((configs_dir() / "ds_config.json").read_text())["zero_optimization"]
+    assert offload["stage"] == 2 and offload["offload_optimizer"]["device"] == "cpu"
+    on_gpu = json.loads((configs_dir() / "ds_zero2.json").read_text())["zero_optimization"]
+    assert on_gpu["stage"] == 2 and "offload_optimizer" not in on_gpu

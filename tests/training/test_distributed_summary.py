@@ -1,0 +1,58 @@
+"""bench/distributed_summary.py: the 2-GPU check's verdicts (tolerance, resume coverage, exit code)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "distributed_summary.py"
+
+
+@pytest.fixture(scope="module")
+def summary():
+    spec = importlib.util.spec_from_file_location("distributed_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(runs: Path, name: str, losses: dict[int, float], tok_s: float, first: int = 1) -> None:
+    (runs / name).mkdir(parents=True)
+    rows = [{"step": s, "loss": losses[s], "tokens_per_s": tok_s, "peak_mem_gib": 9.0}
+            for s in sorted(losses) if s >= first]
+    (runs / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def curve(scale: float = 1.0) -> dict[int, float]:
+    return {s: (8.0 - 0.05 * s) * scale for s in range(1, 51)}
+
+
+def test_agreeing_runs_pass_with_their_scaling(summary, tmp_path):
+    write_run(tmp_path, "small_1gpu", curve(), 40_000)
+    write_run(tmp_path, "small_ddp", curve(1.004), 74_000)  # 0.4%: inside the 1% tolerance
+    write_run(tmp_path, "small_ddpweak", curve(1.3), 79_000)  # another global batch: loss not compared
+    write_run(tmp_path, "ddp_2to1", curve(1.002), 40_000, first=1)
+    text, failed = summary.summarize(tmp_path)
+    assert failed == []
+    assert "1.85x" in text and "1.98x" in text and "PASS" in text and "FAIL" not in text
+    assert summary.main(["x", str(tmp_path)]) == 0
+
+
+def test_drift_or_a_short_resume_fails(summary, tmp_path, capsys):
+    write_run(tmp_path, "small_1gpu", curve(), 40_000)
+    drifted = curve()
+    drifted[30] *= 1.02  # one step 2% off
+    write_run(tmp_path, "small_fsdp", drifted, 70_000)
+    write_run(tmp_path, "fsdp_1to2", {s: v for s, v in curve().items() if s <= 40}, 70_000)
+    text, failed = summary.summarize(tmp_path)
+    assert failed == ["small FSDP2", "resume fsdp_1to2"]
+    assert "worst 2.00% at step 30" in text and "stopped at step 40" in text
+    assert summary.main(["x", str(tmp_path)]) == 1
+    assert "OUTSIDE TOLERANCE" in capsys.readouterr().out
+
+
+def test_resume_without_its_reference_fails(summary, tmp_path):
+    write_run(tmp_path, "ds_2to1", curve(), 40_000)  # no small_ds1gpu to compare with
+    _, failed = summary.summarize(tmp_path)
+    assert failed == ["resume ds_2to1"]
