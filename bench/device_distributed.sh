@@ -4,10 +4,14 @@
 #   - 1 GPU vs 2 GPUs with the same global batch (1 x 8 and 2 x 4 sequences of 1024 tokens) under DDP,
 #     FSDP2, DeepSpeed ZeRO-2 (optimizer on the GPUs) and ZeRO-2 + CPU Adam offload, for a 124M
 #     retention model and the 1B MLA model: losses within a stated bf16 tolerance, tokens/s;
-#   - weak scaling (2 x 8 against 1 x 8: the same work per GPU), tokens/s;
+#   - FSDP2 on 2 GPUs against FSDP2 on 1 GPU (a group of one: the same bf16-weight numerics);
+#   - weak scaling (the same work per GPU), tokens/s: 8 sequences per GPU, and 32K tokens per GPU and
+#     optimizer step (the 124M model's 8 x 1024 step is bound by the CPU's kernel launches, not the
+#     GPU: 32 x 1024 for it; the 1B: 8 x 1024 x 4 accumulated, DDP's all-reduce on the last only);
 #   - checkpoints saved on 2 GPUs resumed on 1 and the reverse, for DDP, FSDP2 and DeepSpeed.
 #
-# Usage (repo root, on the device): bash bench/device_distributed.sh [all|scaling|weak|deepspeed|resume|summary]
+# Usage (repo root, on the device): bash bench/device_distributed.sh [all|STAGE|summary], STAGE one of
+# scaling weak accum fsdp1 deepspeed offload resume
 # The first call installs the wheels and builds llmtrain (about 3 minutes); later calls on the same
 # warm machine skip that. Every finished run leaves $RUNS/<name>/DONE and is skipped by later calls,
 # so `timeout 540 bash bench/device_distributed.sh all` can be repeated, one device call each, until
@@ -16,8 +20,8 @@
 # tolerance.
 set -uo pipefail  # no -e: a failed run is reported and the others still run
 STAGE=${1:-all}
-case "$STAGE" in all|scaling|weak|deepspeed|resume|summary) ;;
-  *) echo "usage: $0 all|scaling|weak|deepspeed|resume|summary" >&2; exit 2 ;; esac
+case "$STAGE" in all|scaling|weak|accum|fsdp1|deepspeed|offload|resume|summary) ;;
+  *) echo "usage: $0 all|scaling|weak|accum|fsdp1|deepspeed|offload|resume|summary" >&2; exit 2 ;; esac
 # NVLink multicast stays off: a program using it can take the host's shared GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4  # DeepSpeed cannot parse "9.0a"
@@ -27,7 +31,7 @@ RUNS=${RUNS:-/tmp/llmtrain_dist}                # run directories (checkpoints s
 READY=/tmp/llmtrain-dist-ready
 # Each call stops starting runs when fewer seconds than a run needs are left of BUDGET_S (default
 # 540, under the device's 10-minute limit, counted from here); the next call carries on.
-DEADLINE=$(( $(date +%s) + ${BUDGET_S:-540} ))
+DEADLINE=${DEADLINE_AT:-$(( $(date +%s) + ${BUDGET_S:-540} ))}  # DEADLINE_AT: epoch seconds, for several stages in one call
 mkdir -p "$FINAL_OUT" "$RESULTS/logs" "$RUNS"
 pack() { tar czf "$FINAL_OUT/results.tar.gz" -C "$RESULTS" . 2>/dev/null || true; }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -74,7 +78,7 @@ ds_cpu=(--backend deepspeed)                            # configs/ds_config.json
 
 room() { local need=$1; [ $(( DEADLINE - $(date +%s) )) -ge "$need" ] && return 0
          echo "-- no time left in this call for $2 (needs ${need} s): the next call runs it"; return 1; }
-need() { case $1 in big*) echo 170 ;; *) echo 75 ;; esac; }  # seconds, measured plus a margin
+need() { case $1 in big*) echo 100 ;; *) echo 45 ;; esac; }  # seconds: 2026-11-24 took 18-44 and 52-77
 finished() { [ -f "$RUNS/$1/DONE" ]; }
 # run NAME launcher args...: a fresh run directory (a leftover would be resumed or mixed in)
 run() { local name=$1 launcher=$2 t0; shift 2; rm -rf "${RUNS:?}/$name"; t0=$(date +%s)
@@ -115,9 +119,21 @@ if stage weak; then
   single small_ddpweak two "${small[@]}" --batch_size 8
   single big_ddpweak two "${big[@]}" --batch_size 8
 fi
+if stage accum; then  # 32K tokens per GPU and optimizer step
+  single small_1gpu_32k one "${small[@]}" --batch_size 32 --max_steps 30
+  single small_ddp_32k two "${small[@]}" --batch_size 32 --max_steps 30
+  single big_1gpu_32k one "${big[@]}" --batch_size 8 --grad_accum 4 --max_steps 15
+  single big_ddp_32k two "${big[@]}" --batch_size 8 --grad_accum 4 --max_steps 15
+fi
+if stage fsdp1; then  # FSDP2 over a group of one: the reference for FSDP2 on 2 GPUs
+  single small_fsdp1gpu one "${small[@]}" --batch_size 8 "${fsdp[@]}"
+  single big_fsdp1gpu one "${big[@]}" --batch_size 8 "${fsdp[@]}"
+fi
 if stage deepspeed; then  # compared with DeepSpeed on one GPU (bf16 weights with fp32 masters)
   single small_ds1gpu one "${small[@]}" --batch_size 8 "${ds_gpu[@]}"
   single small_dsgpu two_ds "${small[@]}" --batch_size 4 "${ds_gpu[@]}"
+fi
+if stage offload; then
   single small_dscpu two "${small[@]}" --batch_size 4 "${ds_cpu[@]}"
 fi
 if stage resume; then

@@ -32,15 +32,22 @@ def test_agreeing_runs_pass_with_their_scaling(summary, tmp_path):
     write_run(tmp_path, "small_1gpu", curve(), 40_000)
     write_run(tmp_path, "small_ddp", curve(1.004), 74_000)  # 0.4%: inside the 1% tolerance
     write_run(tmp_path, "small_ddpweak", curve(1.3), 79_000)  # another global batch: loss not compared
-    write_run(tmp_path, "ddp_2to1", curve(1.002), 40_000, first=1)
+    write_run(tmp_path, "small_1gpu_32k", curve(1.3), 50_000)
+    write_run(tmp_path, "small_ddp_32k", curve(1.3), 96_000)
+    write_run(tmp_path, "ddp_2to1", {s: v if s <= 20 else v * 1.002 for s, v in curve().items()}, 40_000)
     text, failed = summary.summarize(tmp_path)
     assert failed == []
-    assert "1.85x" in text and "1.98x" in text and "PASS" in text and "FAIL" not in text
+    assert "1.85x" in text and "1.98x" in text and "1.92x" in text and "FAIL" not in text
+    assert "| DDP on 2 GPUs -> 1 GPU | no |" in text  # its reference is small_ddp, 0.4% off at step 1
+    write_run(tmp_path, "ddp_1to2", {s: v if s <= 20 else v * 1.002 for s, v in curve().items()}, 40_000)
+    text, _ = summary.summarize(tmp_path)
+    assert "| 1 GPU -> DDP on 2 GPUs | yes | 0.0" in text
     assert summary.main(["x", str(tmp_path)]) == 0
 
 
 def test_drift_or_a_short_resume_fails(summary, tmp_path, capsys):
     write_run(tmp_path, "small_1gpu", curve(), 40_000)
+    write_run(tmp_path, "small_fsdp1gpu", curve(), 40_000)
     drifted = curve()
     drifted[30] *= 1.02  # one step 2% off
     write_run(tmp_path, "small_fsdp", drifted, 70_000)
@@ -53,6 +60,6 @@ def test_drift_or_a_short_resume_fails(summary, tmp_path, capsys):
 
 
 def test_resume_without_its_reference_fails(summary, tmp_path):
-    write_run(tmp_path, "ds_2to1", curve(), 40_000)  # no small_ds1gpu to compare with
+    write_run(tmp_path, "ds_2to1", curve(), 40_000)  # no small_dsgpu to compare with
     _, failed = summary.summarize(tmp_path)
     assert failed == ["resume ds_2to1"]
