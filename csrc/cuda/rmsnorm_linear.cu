@@ -246,6 +246,14 @@ inline bool parse_flag(const char* name, bool dflt) {
   if (std::strcmp(e, "1") == 0) return true;
   throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not 0 or 1");
 }
+// A two-way switch: unset or `on` -> true, `off` -> false, anything else an error naming both.
+inline bool parse_choice(const char* name, const char* on, const char* off, const char* what) {
+  const char* e = env_value(name);
+  if (!e || std::strcmp(e, on) == 0) return true;
+  if (std::strcmp(e, off) == 0) return false;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not a " + what + " (" +
+                           off + " " + on + ")");
+}
 inline bool legacy() {
   return parse_flag("LLMTRAIN_RMSLIN_LEGACY", false) || parse_gen("LLMTRAIN_RMSLIN", "v2 v3") == Gen::V2;
 }
@@ -267,22 +275,12 @@ inline bool pdl_enabled() { return parse_flag("LLMTRAIN_RMSLIN_PDL", false); }
 // Session 8 (default): the row kernels prep_fwd_s8 (forward pre-pass) and row_bwd_s8 (backward row
 // pass); LLMTRAIN_RMSLIN_ROWS=s7 gives session 7's prep_fwd_rows and row_bwd_v3 (A/B; same bits for
 // y, rstd, dx, dW, dbias; dg the same bits where both grids have the same number of blocks).
-inline bool rows_s8() {
-  const char* e = env_value("LLMTRAIN_RMSLIN_ROWS");
-  if (!e || std::strcmp(e, "s8") == 0) return true;
-  if (std::strcmp(e, "s7") == 0) return false;
-  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_ROWS=") + e +
-                           " is not a row-kernel generation (s7 s8)");
-}
+inline bool rows_s8() { return parse_choice("LLMTRAIN_RMSLIN_ROWS", "s8", "s7", "row-kernel generation"); }
 // LLMTRAIN_RMSLIN_PREFETCH=0|1 (default 0, session 8): the s8 row pass prefetches each row group's
 // next row into L2 (sm_90a builds; a hint, same bits).
 inline bool row_prefetch() { return parse_flag("LLMTRAIN_RMSLIN_PREFETCH", false); }
 inline bool fused_reduce() {
-  const char* e = env_value("LLMTRAIN_RMSLIN_REDUCE");
-  if (!e || std::strcmp(e, "fused") == 0) return true;
-  if (std::strcmp(e, "kernel") == 0) return false;
-  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_REDUCE=") + e +
-                           " is not a reduction mode (fused kernel)");
+  return parse_choice("LLMTRAIN_RMSLIN_REDUCE", "fused", "kernel", "reduction mode");
 }
 
 // ---- per-stream ticket counters for finish_parts ----
