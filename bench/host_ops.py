@@ -1,13 +1,15 @@
 """How many operators one training step dispatches: the host's share of a step.
 
-    python bench/host_ops.py --model small [--baseline gpt2] [--top 15]
+    python bench/host_ops.py --model small [--baseline gpt2] [--top 15] [--device cuda]
 
 At a small batch a GPU finishes each kernel before the host has launched the next, and the step
 time is (operators per step) x (host cost per operator) whatever the batch (the 124M model's
 8 x 1024 step on an H200 takes about 47 ms for 1 x 8 and 2 x 4 sequences alike; docs/perf.md,
 "Distributed"). This counts the ATen and llmtrain operators of one forward + backward under bf16
-autocast, on the CPU with a short sequence (the count does not depend on the sequence length; the
-CUDA path dispatches the same operators), beside the dense SDPA baseline of the same shape.
+autocast with a short sequence (the count does not depend on the sequence length), beside the dense
+SDPA baseline of the same shape. On a GPU (`--device cuda`) the count is the GPU path's. On the CPU
+it is an upper bound of it: there some composite operators decompose (RMSNorm into pow, mean, rsqrt
+and mul, where CUDA runs one fused kernel each way).
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(loss_fn) -> collections.Counter:
-    """Operators of one forward + backward (after one untimed step, so lazy initialisation is not counted)."""
+def count_step(loss_fn, device: torch.device) -> collections.Counter:
+    """Operators of one forward + backward (after one uncounted step, so lazy initialisation is not counted)."""
     for counting in (False, True):
         counter = _OpCounter()
         with counter if counting else contextlib.nullcontext():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = loss_fn()
             loss.backward()
     return counter.counts
@@ -58,21 +60,26 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", choices=["none", "gpt2", "llama"], default="gpt2")
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--top", type=int, default=12, help="most frequent operators to list")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
     if args.seq_len < 2:
         p.error("--seq_len must be at least 2")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
 
     torch.manual_seed(0)
     config = create_model_config(args.model)
-    x = torch.randint(0, config.vocab_size, (1, args.seq_len))
-    y = torch.randint(0, config.vocab_size, (1, args.seq_len))
-    model = build_model(config)
-    rows = [(f"{args.model} ({config.model_type})", count_step(lambda: lm_loss(model, x, y)))]
+    x = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device)
+    y = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device)
+    model = build_model(config).to(device)
+    rows = [(f"{args.model} ({config.model_type})", count_step(lambda: lm_loss(model, x, y), device))]
     if args.baseline != "none":
-        dense = baseline_for(args.baseline, config, args.seq_len)
-        rows.append((f"{args.baseline} baseline (eager)", count_step(lambda: dense(x, y))))
+        del model
+        dense = baseline_for(args.baseline, config, args.seq_len).to(device)
+        rows.append((f"{args.baseline} baseline (eager)", count_step(lambda: dense(x, y), device)))
     layers = config.num_hidden_layers
-    print(f"operators per training step (forward + backward), {layers} layers:")
+    print(f"operators per training step (forward + backward) on {device.type}, {layers} layers:")
     for label, counts in rows:
         total = sum(counts.values())
         kernels = sum(n for name, n in counts.items() if name not in NO_KERNEL)
