@@ -1,20 +1,14 @@
 """bench/host_ops.py: operators dispatched per training step (the host's share of a step)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "host_ops.py"
+from tests.conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def host_ops():
-    spec = importlib.util.spec_from_file_location("host_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("host_ops")
 
 
 def test_counts_one_step_and_no_warmup(host_ops):

@@ -1,20 +1,16 @@
 """bench/distributed_summary.py: the 2-GPU check's verdicts (tolerance, resume coverage, exit code)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "distributed_summary.py"
+from tests.conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def summary():
-    spec = importlib.util.spec_from_file_location("distributed_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("distributed_summary")
 
 
 def write_run(runs: Path, name: str, losses: dict[int, float], tok_s: float, first: int = 1) -> None:
