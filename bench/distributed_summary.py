@@ -145,7 +145,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    text, failed = summarize(Path(argv[1]))
+    runs = Path(argv[1])
+    if not any(runs.glob("*/metrics.jsonl")):
+        print(f"{runs}: no run directories with a metrics.jsonl", file=sys.stderr)
+        return 2
+    text, failed = summarize(runs)
     print(text)
     return 1 if failed else 0
 

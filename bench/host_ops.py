@@ -69,7 +69,10 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is visible")
 
     torch.manual_seed(0)
-    config = create_model_config(args.model)
+    try:
+        config = create_model_config(args.model)
+    except ValueError as exc:
+        p.error(str(exc))
     x = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device)
     y = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device)
     model = build_model(config).to(device)

@@ -32,6 +32,9 @@ def test_script_reports_our_ops_and_the_baseline(host_ops, capsys):
     assert "gpt2 baseline (eager)" in out and "of them run kernels" in out
 
 
-def test_bad_arguments_are_refused(host_ops):
-    with pytest.raises(SystemExit):
-        host_ops.main(["--seq_len", "1"])
+@pytest.mark.parametrize("argv", [["--seq_len", "1"], ["--model", "no-such-preset"]])
+def test_bad_arguments_are_refused(host_ops, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        host_ops.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err

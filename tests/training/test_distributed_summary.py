@@ -59,3 +59,10 @@ def test_resume_without_its_reference_fails(summary, tmp_path):
     write_run(tmp_path, "ds_2to1", curve(), 40_000)  # no small_dsgpu to compare with
     _, failed = summary.summarize(tmp_path)
     assert failed == ["resume ds_2to1"]
+
+
+def test_a_folder_without_runs_is_an_error(summary, tmp_path, capsys):
+    assert summary.main(["x", str(tmp_path / "missing")]) == 2
+    assert summary.main(["x", str(tmp_path)]) == 2
+    assert "no run directories" in capsys.readouterr().err
+    assert summary.main(["x"]) == 2
