@@ -73,6 +73,13 @@ row e3_mla1b_2k_compiled 120 70 --model mla-1b --seq_len 2048 --batch_size 8 --s
 row p_retention1b_2k_profile 60 35 --model retention-1b --seq_len 2048 --batch_size 8 --steps 4 --warmup 2 \
   --profile "$OUT_DIR/p_retention1b_2k_profile.txt"
 row j_mla1b_2k_vs_llama 130 100 --model mla-1b --seq_len 2048 --batch_size 8 --steps 5 --warmup 3 --baseline llama
+# k / kc: the host-bound small step (8 x 1024 took ~47 ms on an H200 whatever the batch; perf.md,
+# "Distributed"): eager against compiled, and the exact CUDA operator count beside them
+row k_small_1k 40 25 --model small --seq_len 1024 --batch_size 8 --steps 20 --warmup 5
+row kc_small_1k_compiled 120 70 --model small --seq_len 1024 --batch_size 8 --steps 20 --warmup 5 --compile true
+if [ -z "${TRAIN_ROWS:-}" ] || [[ " $TRAIN_ROWS " == *" k "* ]]; then
+  timeout 120 python3 bench/host_ops.py --model small --device cuda > "$OUT_DIR/k_host_ops_cuda.txt" 2>&1 || true
+fi
 
 wait "$ESTIMATES"
 grep -h ESTIMATED "$OUT_DIR"/estimate_*.txt
