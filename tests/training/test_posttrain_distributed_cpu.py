@@ -17,6 +17,7 @@ pytest.importorskip("deepspeed", reason="the deepspeed backend is an optional ex
 
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
+    from llmtrain.cli import finish_distributed
     from llmtrain.training.posttrain_config import SFTConfig, load_posttrain_config
     from llmtrain.training.sft import SFTTrainer
 
@@ -28,6 +29,9 @@ SCRIPT = textwrap.dedent("""
 
     summary = SFTTrainer(load_posttrain_config(SFTConfig, None, values), callbacks=[stop]).train()
     print("SUMMARY", json.dumps({"step": summary["step"], "interrupted": summary["interrupted"]}))
+    # as `llmtrain` does after a distributed command: a rank that exits with a live gloo group can
+    # abort at interpreter shutdown ("terminate called without an active exception", seen in CI)
+    finish_distributed()
 """)
 
 
