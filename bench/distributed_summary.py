@@ -66,8 +66,9 @@ def peak_gib(m: dict[int, dict]) -> float:
     return max(r.get("peak_mem_gib", 0.0) for r in m.values())
 
 
-def compare(ref: dict[int, dict], m: dict[int, dict], first: int = 1) -> tuple[bool, str]:
-    """(within TOL at every common step from `first`, a one-line description)."""
+def compare(ref: dict[int, dict], m: dict[int, dict], first: int = 1, verdict: bool = True) -> tuple[bool, str]:
+    """(within TOL at every common step from `first`, a one-line description; with verdict=False the
+    description leaves out PASS/FAIL, for comparisons shown for information only)."""
     steps = [s for s in sorted(ref) if s in m and s >= first]
     if not steps:
         return False, "no common steps: FAIL"
@@ -75,8 +76,8 @@ def compare(ref: dict[int, dict], m: dict[int, dict], first: int = 1) -> tuple[b
     worst = max(steps, key=rel.get)
     ok = all(r <= TOL for r in rel.values())
     biggest = max(abs(m[s]["loss"] - ref[s]["loss"]) for s in steps)
-    return ok, (f"{biggest:.4f} over steps {steps[0]}-{steps[-1]} (worst {rel[worst]:.2%} at step {worst}) "
-                f"{'PASS' if ok else 'FAIL'}")
+    text = f"{biggest:.4f} over steps {steps[0]}-{steps[-1]} (worst {rel[worst]:.2%} at step {worst})"
+    return ok, f"{text} {'PASS' if ok else 'FAIL'}" if verdict else text
 
 
 def summarize(runs: Path) -> tuple[str, list[str]]:
@@ -103,7 +104,7 @@ def summarize(runs: Path) -> tuple[str, list[str]]:
         ref, m = load(runs, f"{model}_1gpu"), load(runs, f"{model}_fsdp")
         if ref is not None and m is not None:
             out(f"\n{label}, FSDP2 on 2 GPUs against plain DDP-style autocast on 1 GPU (another numerics: "
-                f"FSDP2 computes with bf16 weights): {compare(ref, m)[1].replace('PASS', '').replace('FAIL', '')}")
+                f"FSDP2 computes with bf16 weights): {compare(ref, m, verdict=False)[1]}")
     weak = [(label, how, load(runs, f"{model}_1gpu{acc}"), load(runs, f"{model}_ddp{acc or 'weak'}"))
             for model, label in MODELS.items() for acc, how in WEAK.items()]
     weak = [w for w in weak if w[2] is not None and w[3] is not None]

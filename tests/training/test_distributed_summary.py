@@ -51,6 +51,8 @@ def test_drift_or_a_short_resume_fails(summary, tmp_path, capsys):
     text, failed = summary.summarize(tmp_path)
     assert failed == ["small FSDP2", "resume fsdp_1to2"]
     assert "worst 2.00% at step 30" in text and "stopped at step 40" in text
+    info = next(line for line in text.splitlines() if "FSDP2 on 2 GPUs against plain" in line)
+    assert "worst 2.00% at step 30" in info and "PASS" not in info and "FAIL" not in info  # information only
     assert summary.main(["x", str(tmp_path)]) == 1
     assert "OUTSIDE TOLERANCE" in capsys.readouterr().out
 
