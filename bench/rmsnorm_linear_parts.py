@@ -2,6 +2,8 @@
 
     python3 bench/rmsnorm_linear_parts.py [--shape 16384,2048,2048] [--rounds 6] [--iters 200]
         [--impls ours,eager] [--graph] [--json PATH] [--max-s SECONDS]
+    On the device machine, after the build and the tests:
+    RMS_PLAN=parts RMSNORM_LINEAR_S=240 RMS_PARTS_ARGS=--graph bash bench/device_session.sh rmsnorm_linear
 
 docs/perf.md ("RMSNorm + Linear (CUDA)", session 8): at 16384 x 2048 -> 2048 bf16 on an H100 the
 do_bench median of our forward+backward is bimodal across rounds (0.70 vs 1.0-1.4 ms; Liger and
