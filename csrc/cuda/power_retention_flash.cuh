@@ -83,13 +83,12 @@ __device__ __forceinline__ void column_factors(float* cb, const float* Gs, int k
   }
 }
 
-// v13: MT m16 tiles per warp (MT = 2: 32 rows per warp, 4 warps per 128-row block), so that every
+// v14: MT m16 tiles per warp (MT = 2: 32 rows per warp, 4 warps per 128-row block), so that every
 // B fragment a warp loads from shared memory feeds MT MMAs instead of one: the v10 kernels spent
 // most of their time on ldmatrix traffic (session 5-8 notes, perf.md). MT = 1 is v10-v13's layout.
 // Per row the MMAs and the element-wise work are the same operations in the same order for every
-// MT, so v13 is bitwise v12: where a warp's first m-tile has nothing to do in a tile (every key
-// after every row, or every query before every key) its masked weights are exact zeros, which
-// add nothing (the MMAs stay unconditional: predicated MMAs would not interleave).
+// MT, so v14 is bitwise v12; an m16 tile with nothing to do in a tile (every key after every row,
+// or every query before every key) skips its MMAs, which the other layout added as exact zeros.
 template <int MT> constexpr int flash_threads() { return kThreads / MT; }
 
 // A fragments of a warp's 16 rows x (16 * KS) columns of a [rows][LD] bf16 tile.
@@ -100,11 +99,11 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&a)[KS][4], const bf16* t
     ldsm4(a[ks], tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
 }
 
-// s[mt][16 x 16 NP] += A[mt][16 x d] . B^T, B a [16 NP][LD] tile (rows = the
+// s[mt][16 x 16 NP] += A[mt][16 x d] . B^T for the active m-tiles, B a [16 NP][LD] tile (rows = the
 // n index); each B fragment is loaded once for all MT tiles.
 template <int MT, int NP, int KS, int LD>
 __device__ __forceinline__ void gemm_abt(float (&s)[MT][2 * NP][4], const uint32_t (&a)[MT][KS][4], const bf16* b_tile,
-                                         int lane) {
+                                         int lane, const bool (&act)[MT]) {
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
@@ -112,20 +111,21 @@ __device__ __forceinline__ void gemm_abt(float (&s)[MT][2 * NP][4], const uint32
       uint32_t b[4];
       ldsm4(b, b_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma(s[mt][2 * np], a[mt][ks], b[0], b[1]);
-        mma(s[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        if (act[mt]) {
+          mma(s[mt][2 * np], a[mt][ks], b[0], b[1]);
+          mma(s[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
+        }
     }
 }
 
-// acc[mt][16 x d] += P[mt][16 x 16 KK] . B, P in accumulator layout (rounded
+// acc[mt][16 x d] += P[mt][16 x 16 KK] . B for the active m-tiles, P in accumulator layout (rounded
 // to bf16), B a [16 KK][LD] tile. With den: also den[mt][0] / [2] += the row sums of the rounded P
 // (an MMA against ones), so that the normaliser sums exactly the weights the numerator used (at
 // t = 1, y = v exactly; dq / dk = 0).
 template <int MT, int KK, int ND, int LD>
 __device__ __forceinline__ void gemm_pb(float (&acc)[MT][ND][4], const float (&p)[MT][2 * KK][4], const bf16* b_tile,
-                                        int lane, float (*den)[4] = nullptr) {
+                                        int lane, const bool (&act)[MT], float (*den)[4] = nullptr) {
   constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
@@ -143,21 +143,23 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[MT][ND][4], const float (&p
       uint32_t b[4];
       ldsm4t(b, bp + np * 16);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma(acc[mt][2 * np], A[mt], b[0], b[1]);
-        mma(acc[mt][2 * np + 1], A[mt], b[2], b[3]);
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        if (act[mt]) {
+          mma(acc[mt][2 * np], A[mt], b[0], b[1]);
+          mma(acc[mt][2 * np + 1], A[mt], b[2], b[3]);
+        }
     }
     if (den)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mma(den[mt], A[mt], kOnes, kOnes);
+      for (int mt = 0; mt < MT; ++mt)
+        if (act[mt]) mma(den[mt], A[mt], kOnes, kOnes);
   }
 }
 
 // The same with P already packed into A fragments.
 template <int MT, int KK, int ND, int LD>
 __device__ __forceinline__ void gemm_ab(float (&acc)[MT][ND][4], const uint32_t (&A)[MT][KK][4], const bf16* b_tile,
-                                        int lane) {
+                                        int lane, const bool (&act)[MT]) {
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
     const bf16* bp = b_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
@@ -166,10 +168,11 @@ __device__ __forceinline__ void gemm_ab(float (&acc)[MT][ND][4], const uint32_t 
       uint32_t b[4];
       ldsm4t(b, bp + np * 16);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma(acc[mt][2 * np], A[mt][kk], b[0], b[1]);
-        mma(acc[mt][2 * np + 1], A[mt][kk], b[2], b[3]);
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        if (act[mt]) {
+          mma(acc[mt][2 * np], A[mt][kk], b[0], b[1]);
+          mma(acc[mt][2 * np + 1], A[mt][kk], b[2], b[3]);
+        }
     }
   }
 }
@@ -250,6 +253,11 @@ template <int d, typename T, int MT> struct QueryBlock {
     cp_wait<1>();
     __syncthreads();
   }
+  // The m-tiles with a key of [kb0, kb0 + n) at or before one of their rows.
+  __device__ void active(bool (&act)[MT], int kb0) const {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) act[mt] = kb0 <= wfirst + mt * 16 + 15;
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -287,13 +295,16 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_fwd_kernel(co
     if (kb0 > wfirst + 16 * MT - 1) continue;  // every key after every row of this warp
     const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
     const float* cb = cbs + (it & 1) * kFT;
+    bool act[MT];
+    blk.active(act, kb0);
     float s[MT][8][4];
     zero(s);
-    gemm_abt<MT, 4, KS, LD>(s, aq, Ks, lane);
+    gemm_abt<MT, 4, KS, LD>(s, aq, Ks, lane, act);
     const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+      if (!act[mt]) continue;
       const int i0 = blk.i0[mt], i1 = blk.i1[mt];
       const float ra0 = __expf(blk.gi0[mt] - gkl) * sc2, ra1 = __expf(blk.gi1[mt] - gkl) * sc2;
       if (wfirst + mt * 16 > kl) {  // below the diagonal: p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j}
@@ -318,7 +329,7 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_fwd_kernel(co
           }
       }
     }
-    gemm_pb<MT, 4, ND, LD>(acc, s, Ks + kFT * LD, lane, den);
+    gemm_pb<MT, 4, ND, LD>(acc, s, Ks + kFT * LD, lane, act, den);
   }
   cp_wait<0>();
 
@@ -424,22 +435,25 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dq_kernel(con
 #pragma unroll
     for (int hh = 0; hh < NH; ++hh) {
       const int hb0 = kb0 + hh * HK;
-      if (hb0 > wfirst + 16 * MT - 1) continue;
+      bool act[MT];
+      blk.active(act, hb0);
+      if (!act[MT - 1]) continue;  // (the last m-tile holds the latest rows)
       float s[MT][2 * NP][4], da[MT][2 * NP][4];
       zero(s);
       zero(da);
       if constexpr (AREG) {
-        gemm_abt<MT, NP, KS, LD>(s, aq, Ks + hh * HK * LD, lane);
-        gemm_abt<MT, NP, KS, LD>(da, ady, Ks + (kFT + hh * HK) * LD, lane);
+        gemm_abt<MT, NP, KS, LD>(s, aq, Ks + hh * HK * LD, lane, act);
+        gemm_abt<MT, NP, KS, LD>(da, ady, Ks + (kFT + hh * HK) * LD, lane, act);
       } else {
         uint32_t a[1][KS][4];
         load_a_frags<KS, LD>(a[0], qs, warp * 16, lane);
-        gemm_abt<1, NP, KS, LD>(s, a, Ks, lane);
+        gemm_abt<1, NP, KS, LD>(s, a, Ks, lane, act);
         load_a_frags<KS, LD>(a[0], dys, warp * 16, lane);
-        gemm_abt<1, NP, KS, LD>(da, a, Ks + kFT * LD, lane);
+        gemm_abt<1, NP, KS, LD>(da, a, Ks + kFT * LD, lane, act);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
+        if (!act[mt]) continue;
         const int i0 = blk.i0[mt], i1 = blk.i1[mt];
         const bool below = wfirst + mt * 16 > kl;
 #pragma unroll
@@ -455,7 +469,7 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dq_kernel(con
                                  : score_grad(x, ex, da[mt][nt][e], st1[mt].y, c1[mt], dot1[mt]);
           }
       }
-      gemm_pb<MT, NP, ND, LD>(acc, s, Ks + hh * HK * LD, lane);
+      gemm_pb<MT, NP, ND, LD>(acc, s, Ks + hh * HK * LD, lane, act);
     }
   }
   cp_wait<0>();
@@ -557,7 +571,10 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
 #pragma unroll
     for (int qh = 0; qh < 2; ++qh) {
       const int qh0 = qb0 + qh * 32;
-      if (qh0 + 31 < wfirst) continue;  // every query before every key of this warp
+      bool act[MT];  // m-tiles with a query of this half at or after one of their keys
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) act[mt] = qh0 + 31 >= wfirst + mt * 16;
+      if (!act[0]) continue;  // every query before every key of this warp
       float s[MT][4][4], da[MT][4][4];
       zero(s);
       zero(da);
@@ -567,8 +584,10 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const int off = (wrow + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
-          ldsm4(a_k[mt], ks + off);
-          ldsm4(a_v[mt], vs + off);
+          if (act[mt]) {
+            ldsm4(a_k[mt], ks + off);
+            ldsm4(a_v[mt], vs + off);
+          }
         }
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
@@ -576,22 +595,25 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
           const int off = (qh * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
           ldsm4(b, Qs + off);
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma(s[mt][2 * np], a_k[mt], b[0], b[1]);
-            mma(s[mt][2 * np + 1], a_k[mt], b[2], b[3]);
-          }
+          for (int mt = 0; mt < MT; ++mt)
+            if (act[mt]) {
+              mma(s[mt][2 * np], a_k[mt], b[0], b[1]);
+              mma(s[mt][2 * np + 1], a_k[mt], b[2], b[3]);
+            }
           ldsm4(b, DYs + off);
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma(da[mt][2 * np], a_v[mt], b[0], b[1]);
-            mma(da[mt][2 * np + 1], a_v[mt], b[2], b[3]);
-          }
+          for (int mt = 0; mt < MT; ++mt)
+            if (act[mt]) {
+              mma(da[mt][2 * np], a_v[mt], b[0], b[1]);
+              mma(da[mt][2 * np + 1], a_v[mt], b[2], b[3]);
+            }
         }
       }
       const bool below = qh0 > kl;  // every query after the reference key: factored, no masks
       uint32_t aw[MT][2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
+        if (!act[mt]) continue;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           const int li = qh * 32 + nt * 8 + 2 * tq;
@@ -617,8 +639,8 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
           }
         }
       }
-      gemm_ab<MT, 2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
-      gemm_pb<MT, 2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
+      gemm_ab<MT, 2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane, act);
+      gemm_pb<MT, 2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane, act);
     }
   }
   cp_wait<0>();
