@@ -98,7 +98,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 13;
+constexpr int kDefaultVersion = 12;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -114,8 +114,7 @@ int kernel_version() {
   if (!std::strcmp(e, "v10")) return 10;
   if (!std::strcmp(e, "v11")) return 11;
   if (!std::strcmp(e, "v12")) return 12;
-  if (!std::strcmp(e, "v13")) return 13;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v13, got '") +
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12, got '") +
                               e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -274,26 +273,13 @@ const float* gate_cumsums(Carver& ws, const float* log_g, const Plan& P, cudaStr
 }
 
 // v10: the one-chunk flash kernels (2 blocks per SM at d <= 64, where they fit in 128 registers).
-// v13: at d <= 64, 32 rows per warp (MT = 2: 4 warps per block, up to 255 registers, 2 blocks per SM).
-template <typename K> void launch_flash(K kern, int threads, size_t smem, unsigned rows, unsigned heads,
-                                        const Plan& P, const FlashArgs& a, cudaStream_t st, const char* what) {
+template <typename K> void launch_flash(K kern, size_t smem, unsigned rows, unsigned heads, const Plan& P,
+                                        const FlashArgs& a, cudaStream_t st, const char* what) {
   set_smem(kern, smem);
-  kern<<<dim3(rows, heads, (unsigned)P.b), threads, smem, st>>>(a);
+  kern<<<dim3(rows, heads, (unsigned)P.b), kThreads, smem, st>>>(a);
   check_launch(what);
 }
 template <int d> constexpr int flash_minb() { return d <= 64 ? 2 : 1; }
-template <int d, typename T, int MT> void launch_flash_fwd(const Plan& P, const FlashArgs& f, cudaStream_t st) {
-  launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), MT>, flash_threads<MT>(), flash_fwd_smem<d>(P.tpad),
-               (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
-}
-template <int d, typename T, int MT> void launch_flash_bwd(const Plan& P, const FlashArgs& f, cudaStream_t st) {
-  launch_flash(flash_dq_kernel<d, T, flash_minb<d>(), MT>, flash_threads<MT>(), flash_dq_smem<d>(P.tpad),
-               (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_dq_kernel");
-  launch_flash(flash_dkv_kernel<d, T, flash_minb<d>(), MT>, flash_threads<MT>(), flash_dkv_smem<d>(P.tpad),
-               (unsigned)(P.tpad / kFR), (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
-}
-// d = 128 keeps one m-tile per warp (its 32-row accumulators would not fit in the registers).
-template <int d> bool flash_two_mtiles() { return d <= 64 && kernel_version() >= 13; }
 
 // The most dynamic shared memory a block of the current device may opt into.
 // The shared memory a flash kernel may use: the device's opt-in limit, or less with
@@ -371,8 +357,8 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
-    if (flash_two_mtiles<d>()) launch_flash_fwd<d, T, (d <= 64 ? 2 : 1)>(P, f, st);
-    else launch_flash_fwd<d, T, 1>(P, f, st);
+    launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
     return -1;
   }
   OutArgs o{};
@@ -507,8 +493,10 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
-    if (flash_two_mtiles<d>()) launch_flash_bwd<d, T, (d <= 64 ? 2 : 1)>(P, f, st);
-    else launch_flash_bwd<d, T, 1>(P, f, st);
+    launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
   } else {
     GradArgs g{};
     g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;

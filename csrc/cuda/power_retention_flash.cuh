@@ -83,14 +83,6 @@ __device__ __forceinline__ void column_factors(float* cb, const float* Gs, int k
   }
 }
 
-// v14: MT m16 tiles per warp (MT = 2: 32 rows per warp, 4 warps per 128-row block), so that every
-// B fragment a warp loads from shared memory feeds MT MMAs instead of one: the v10 kernels spent
-// most of their time on ldmatrix traffic (session 5-8 notes, perf.md). MT = 1 is v10-v13's layout.
-// Per row the MMAs and the element-wise work are the same operations in the same order for every
-// MT, so v14 is bitwise v12; an m16 tile with nothing to do in a tile (every key after every row,
-// or every query before every key) skips its MMAs, which the other layout added as exact zeros.
-template <int MT> constexpr int flash_threads() { return kThreads / MT; }
-
 // A fragments of a warp's 16 rows x (16 * KS) columns of a [rows][LD] bf16 tile.
 template <int KS, int LD>
 __device__ __forceinline__ void load_a_frags(uint32_t (&a)[KS][4], const bf16* tile, int row0, int lane) {
@@ -99,67 +91,49 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&a)[KS][4], const bf16* t
     ldsm4(a[ks], tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
 }
 
-// s[mt][16 x 16 NP] += A[mt][16 x d] . B^T for the active m-tiles, B a [16 NP][LD] tile (rows = the
-// n index); each B fragment is loaded once for all MT tiles.
-template <int MT, int NP, int KS, int LD>
-__device__ __forceinline__ void gemm_abt(float (&s)[MT][2 * NP][4], const uint32_t (&a)[MT][KS][4], const bf16* b_tile,
-                                         int lane, const bool (&act)[MT]) {
+// s[16 x 64] += A[16 x d] . B^T, B a [64][LD] tile (rows = the n index).
+template <int KS, int LD>
+__device__ __forceinline__ void gemm_abt(float (&s)[8][4], const uint32_t (&a)[KS][4], const bf16* b_tile, int lane) {
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-    for (int np = 0; np < NP; ++np) {
+    for (int np = 0; np < 4; ++np) {
       uint32_t b[4];
       ldsm4(b, b_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        if (act[mt]) {
-          mma(s[mt][2 * np], a[mt][ks], b[0], b[1]);
-          mma(s[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
-        }
+      mma(s[2 * np], a[ks], b[0], b[1]);
+      mma(s[2 * np + 1], a[ks], b[2], b[3]);
     }
 }
 
-// acc[mt][16 x d] += P[mt][16 x 16 KK] . B for the active m-tiles, P in accumulator layout (rounded
-// to bf16), B a [16 KK][LD] tile. With den: also den[mt][0] / [2] += the row sums of the rounded P
-// (an MMA against ones), so that the normaliser sums exactly the weights the numerator used (at
-// t = 1, y = v exactly; dq / dk = 0).
-template <int MT, int KK, int ND, int LD>
-__device__ __forceinline__ void gemm_pb(float (&acc)[MT][ND][4], const float (&p)[MT][2 * KK][4], const bf16* b_tile,
-                                        int lane, const bool (&act)[MT], float (*den)[4] = nullptr) {
+// acc[16 x d] += P[16 x 16 KK] . B, P in accumulator layout (rounded to bf16), B a [16 KK][LD] tile.
+// With den: also den[0] / den[2] += the row sums of the rounded P (an MMA against ones), so that the
+// normaliser sums exactly the weights the numerator used (at t = 1, y = v exactly; dq / dk = 0).
+template <int KK, int ND, int LD>
+__device__ __forceinline__ void gemm_pb(float (&acc)[ND][4], const float (&p)[2 * KK][4], const bf16* b_tile,
+                                        int lane, float* den = nullptr) {
   constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
-    uint32_t A[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      A[mt][0] = pack_bf16(p[mt][2 * kk][0], p[mt][2 * kk][1]);
-      A[mt][1] = pack_bf16(p[mt][2 * kk][2], p[mt][2 * kk][3]);
-      A[mt][2] = pack_bf16(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
-      A[mt][3] = pack_bf16(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
-    }
+    uint32_t A[4];
+    A[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    A[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    A[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    A[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     const bf16* bp = b_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
 #pragma unroll
     for (int np = 0; np < ND / 2; ++np) {
       uint32_t b[4];
       ldsm4t(b, bp + np * 16);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        if (act[mt]) {
-          mma(acc[mt][2 * np], A[mt], b[0], b[1]);
-          mma(acc[mt][2 * np + 1], A[mt], b[2], b[3]);
-        }
+      mma(acc[2 * np], A, b[0], b[1]);
+      mma(acc[2 * np + 1], A, b[2], b[3]);
     }
-    if (den)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        if (act[mt]) mma(den[mt], A[mt], kOnes, kOnes);
+    if (den) mma(*reinterpret_cast<float(*)[4]>(den), A, kOnes, kOnes);
   }
 }
 
-// The same with P already packed into A fragments.
-template <int MT, int KK, int ND, int LD>
-__device__ __forceinline__ void gemm_ab(float (&acc)[MT][ND][4], const uint32_t (&A)[MT][KK][4], const bf16* b_tile,
-                                        int lane, const bool (&act)[MT]) {
+// The same with P already packed into A fragments (pack_a_frag).
+template <int KK, int ND, int LD>
+__device__ __forceinline__ void gemm_ab(float (&acc)[ND][4], const uint32_t (&A)[KK][4], const bf16* b_tile, int lane) {
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
     const bf16* bp = b_tile + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
@@ -167,12 +141,8 @@ __device__ __forceinline__ void gemm_ab(float (&acc)[MT][ND][4], const uint32_t 
     for (int np = 0; np < ND / 2; ++np) {
       uint32_t b[4];
       ldsm4t(b, bp + np * 16);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        if (act[mt]) {
-          mma(acc[mt][2 * np], A[mt][kk], b[0], b[1]);
-          mma(acc[mt][2 * np + 1], A[mt][kk], b[2], b[3]);
-        }
+      mma(acc[2 * np], A[kk], b[0], b[1]);
+      mma(acc[2 * np + 1], A[kk], b[2], b[3]);
     }
   }
 }
@@ -183,10 +153,6 @@ template <int ND> __device__ __forceinline__ void zero(float (&a)[ND][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) a[i][e] = 0.f;
 }
-template <int MT, int ND> __device__ __forceinline__ void zero(float (&a)[MT][ND][4]) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) zero(a[mt]);
-}
 
 // Sum over the 4 lanes of a quad (the lanes that hold one accumulator row).
 __device__ __forceinline__ float quad_sum(float x) {
@@ -196,13 +162,11 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // The query-row blocks of the forward and of dq: one block per (128 rows, q head, batch), the
 // longest rows first; keys [0, nk) in 64-key K / V tiles, double-buffered (cp.async for bf16) with
-// their column factors. A warp owns rows [wfirst, wfirst + 16 MT): m-tile mt the 16 from wfirst + 16 mt.
-template <int d, typename T, int MT> struct QueryBlock {
+// their column factors.
+template <int d, typename T> struct QueryBlock {
   static constexpr int LD = Cfg<d>::LD;
   const FlashArgs& p;
-  int row0, cnt, nk, ntiles, wfirst;
-  int i0[MT], i1[MT];
-  float gi0[MT], gi1[MT];
+  int row0, cnt, nk, ntiles;
   int64_t hqi, bi, h, tok0;
 
   __device__ explicit QueryBlock(const FlashArgs& a) : p(a) {
@@ -214,12 +178,6 @@ template <int d, typename T, int MT> struct QueryBlock {
     nk = min(cnt, row0 + kFR);
     ntiles = (nk + kFT - 1) / kFT;
     tok0 = bi * p.t;
-    wfirst = row0 + (int)(threadIdx.x >> 5) * 16 * MT;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      i0[mt] = wfirst + mt * 16 + (int)((threadIdx.x & 31) >> 2);
-      i1[mt] = i0[mt] + 8;
-    }
   }
   __device__ void load_rows(bf16* dst, const void* src) const {
     load_tile<d>(dst, static_cast<const T*>(src), tok0, p.hq, hqi, row0, kFR, cnt, [](int) { return 1.f; });
@@ -233,14 +191,6 @@ template <int d, typename T, int MT> struct QueryBlock {
     stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, nk, cnt);
     load_kv(0, kv);
   }
-  // After the barrier that follows start(): the rows' own gates.
-  __device__ void row_gates(const float* Gs) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      gi0[mt] = Gs[min(i0[mt], cnt - 1)];
-      gi1[mt] = Gs[min(i1[mt], cnt - 1)];
-    }
-  }
   // Top of key tile it: every warp is done with tile it - 1's buffers, tile it + 1 starts loading,
   // tile it (K, V, column factors) is visible to all.
   __device__ void next_tile(int it, bf16* kv, float* cbs, const float* Gs) const {
@@ -253,107 +203,91 @@ template <int d, typename T, int MT> struct QueryBlock {
     cp_wait<1>();
     __syncthreads();
   }
-  // The m-tiles with a key of [kb0, kb0 + n) at or before one of their rows.
-  __device__ void active(bool (&act)[MT], int kb0) const {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) act[mt] = kb0 <= wfirst + mt * 16 + 15;
-  }
 };
 
 // ------------------------------------------------------------------------------------------------
 // Forward: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64
 // keys double-buffered (cp.async for bf16).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB, int MT>
-__global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_fwd_kernel(const FlashArgs p) {
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashArgs p) {
   constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* kv = qs + kFR * LD;                      // 2 x {K [64][LD], V [64][LD]}
   float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);  // 2 x [64] column factors
   float* Gs = cbs + 2 * kFT;                                 // [tpad] gate cumsums
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, tq = lane & 3;
-  QueryBlock<d, T, MT> blk(p);
-  const int cnt = blk.cnt, wfirst = blk.wfirst;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt;
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0;
   blk.start(Gs, kv);
   blk.load_rows(qs, p.q);
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
-  blk.row_gates(Gs);
-  uint32_t aq[MT][KS][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) load_a_frags<KS, LD>(aq[mt], qs, warp * 16 * MT + mt * 16, lane);
+  uint32_t aq[KS][4];
+  load_a_frags<KS, LD>(aq, qs, warp * 16, lane);
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
   const float sc2 = p.scale * p.scale;
-  float acc[MT][ND][4], den[MT][4];
+  float acc[ND][4];
   zero(acc);
-  zero(den);
+  float den[4] = {0.f, 0.f, 0.f, 0.f};
   for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
     blk.next_tile(it, kv, cbs, Gs);
-    if (kb0 > wfirst + 16 * MT - 1) continue;  // every key after every row of this warp
+    if (kb0 > wfirst + 15) continue;  // every key after every row of this warp
     const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
     const float* cb = cbs + (it & 1) * kFT;
-    bool act[MT];
-    blk.active(act, kb0);
-    float s[MT][8][4];
+    float s[8][4];
     zero(s);
-    gemm_abt<MT, 4, KS, LD>(s, aq, Ks, lane, act);
+    gemm_abt<KS, LD>(s, aq, Ks, lane);
     const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
+    const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
+    if (wfirst > kl) {  // below the diagonal: p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j}
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      if (!act[mt]) continue;
-      const int i0 = blk.i0[mt], i1 = blk.i1[mt];
-      const float ra0 = __expf(blk.gi0[mt] - gkl) * sc2, ra1 = __expf(blk.gi1[mt] - gkl) * sc2;
-      if (wfirst + mt * 16 > kl) {  // below the diagonal: p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j}
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
-          s[mt][nt][0] = s[mt][nt][0] * s[mt][nt][0] * ra0 * c.x;
-          s[mt][nt][1] = s[mt][nt][1] * s[mt][nt][1] * ra0 * c.y;
-          s[mt][nt][2] = s[mt][nt][2] * s[mt][nt][2] * ra1 * c.x;
-          s[mt][nt][3] = s[mt][nt][3] * s[mt][nt][3] * ra1 * c.y;
-        }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
-            float ex;
-            if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
-            else ex = (j <= i && j < cnt) ? __expf((e < 2 ? blk.gi0[mt] : blk.gi1[mt]) - Gs[j]) * sc2 : 0.f;
-            s[mt][nt][e] = s[mt][nt][e] * s[mt][nt][e] * ex;
-          }
+      for (int nt = 0; nt < 8; ++nt) {
+        const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
+        s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
+        s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
+        s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
+        s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+          float ex;
+          if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
+          else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
+          s[nt][e] = s[nt][e] * s[nt][e] * ex;
+        }
     }
-    gemm_pb<MT, 4, ND, LD>(acc, s, Ks + kFT * LD, lane, act, den);
+    gemm_pb<4, ND, LD>(acc, s, Ks + kFT * LD, lane, den);
   }
   cp_wait<0>();
 
+  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
   T* Y = static_cast<T*>(p.y);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int i0 = blk.i0[mt], i1 = blk.i1[mt];
-    const float inv0 = 1.f / den[mt][0], inv1 = 1.f / den[mt][2];  // (every column of den holds the row sum)
-    const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-    for (int nt = 0; nt < ND; ++nt) {
-      const int col = nt * 8 + 2 * tq;
-      const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
-      if (v0) IO<T>::store2(Y + o0, acc[mt][nt][0] * inv0, acc[mt][nt][1] * inv0);
-      if (v1) IO<T>::store2(Y + o1, acc[mt][nt][2] * inv1, acc[mt][nt][3] * inv1);
-      if (p.y32) {
-        if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[mt][nt][0] * inv0, acc[mt][nt][1] * inv0);
-        if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[mt][nt][2] * inv1, acc[mt][nt][3] * inv1);
-      }
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
+    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
+    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
+    if (p.y32) {
+      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
+      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
     }
-    if (p.inv_den && tq == 0) {
-      if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
-      if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
-    }
+  }
+  if (p.inv_den && tq == 0) {
+    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
+    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
   }
 }
 
@@ -370,25 +304,19 @@ __device__ __forceinline__ float score_grad(float x, float ex, float da, float d
 // ------------------------------------------------------------------------------------------------
 // dq: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64 keys.
 // Writes dq and q.dq per row (the dlog_g row term, summed in fp32 from the a_ij x_ij).
-// MT = 1: the q and dy fragments are reloaded per tile (d = 64 stays within 128 registers, 2 blocks
-// per SM). MT = 2: they stay in registers and the tile is taken in two 32-key halves (the scores of
-// 32 rows x 64 keys would not fit beside them); the same sums in the same order.
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB, int MT>
-__global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dq_kernel(const FlashArgs p) {
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArgs p) {
   constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
-  constexpr int NH = MT == 1 ? 1 : 2;  // key sub-tiles per 64-key tile
-  constexpr int HK = kFT / NH, NP = HK / 16;
-  constexpr bool AREG = MT > 1;  // q / dy fragments kept in registers
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* dys = qs + kFR * LD;                     // [128][LD]
   bf16* kv = dys + kFR * LD;                     // 2 x {K, V}
   float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);
   float* Gs = cbs + 2 * kFT;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, tq = lane & 3;
-  QueryBlock<d, T, MT> blk(p);
-  const int cnt = blk.cnt, wfirst = blk.wfirst;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt;
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0;
   blk.start(Gs, kv);
   blk.load_rows(qs, p.q);
@@ -396,114 +324,77 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dq_kernel(con
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
-  blk.row_gates(Gs);
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
   const float2* rst = p.rowstat + (bi * p.hq + hqi) * p.tpad;
-  float2 st0[MT], st1[MT];
-  float c0[MT], c1[MT], dot0[MT], dot1[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    st0[mt] = rst[blk.i0[mt]];  // i < tpad
-    st1[mt] = rst[blk.i1[mt]];
-    c0[mt] = 2.f * st0[mt].x * p.scale;
-    c1[mt] = 2.f * st1[mt].x * p.scale;
-    dot0[mt] = dot1[mt] = 0.f;
-  }
-  uint32_t aq[AREG ? MT : 1][KS][4], ady[AREG ? MT : 1][KS][4];
-  if constexpr (AREG) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      load_a_frags<KS, LD>(aq[mt], qs, warp * 16 * MT + mt * 16, lane);
-      load_a_frags<KS, LD>(ady[mt], dys, warp * 16 * MT + mt * 16, lane);
-    }
-  }
-  float acc[MT][ND][4];
+  const float2 st0 = rst[i0], st1 = rst[i1];  // i < tpad
+  const float c0 = 2.f * st0.x * p.scale, c1 = 2.f * st1.x * p.scale;
+  float acc[ND][4];
   zero(acc);
+  float dot0 = 0.f, dot1 = 0.f;
   for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
     blk.next_tile(it, kv, cbs, Gs);
-    if (kb0 > wfirst + 16 * MT - 1) continue;
+    if (kb0 > wfirst + 15) continue;
     const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
     const float* cb = cbs + (it & 1) * kFT;
+    float s[8][4], da[8][4];
+    zero(s);
+    zero(da);
+    {  // (q and dy fragments reloaded per tile: d = 64 stays within 128 registers, 2 blocks per SM)
+      uint32_t a[KS][4];
+      load_a_frags<KS, LD>(a, qs, warp * 16, lane);
+      gemm_abt<KS, LD>(s, a, Ks, lane);
+      load_a_frags<KS, LD>(a, dys, warp * 16, lane);
+      gemm_abt<KS, LD>(da, a, Ks + kFT * LD, lane);
+    }
     const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
-    float ra0[MT], ra1[MT];
+    const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
+    const bool below = wfirst > kl;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      ra0[mt] = __expf(blk.gi0[mt] - gkl);
-      ra1[mt] = __expf(blk.gi1[mt] - gkl);
-    }
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-    for (int hh = 0; hh < NH; ++hh) {
-      const int hb0 = kb0 + hh * HK;
-      bool act[MT];
-      blk.active(act, hb0);
-      if (!act[MT - 1]) continue;  // (the last m-tile holds the latest rows)
-      float s[MT][2 * NP][4], da[MT][2 * NP][4];
-      zero(s);
-      zero(da);
-      if constexpr (AREG) {
-        gemm_abt<MT, NP, KS, LD>(s, aq, Ks + hh * HK * LD, lane, act);
-        gemm_abt<MT, NP, KS, LD>(da, ady, Ks + (kFT + hh * HK) * LD, lane, act);
-      } else {
-        uint32_t a[1][KS][4];
-        load_a_frags<KS, LD>(a[0], qs, warp * 16, lane);
-        gemm_abt<1, NP, KS, LD>(s, a, Ks, lane, act);
-        load_a_frags<KS, LD>(a[0], dys, warp * 16, lane);
-        gemm_abt<1, NP, KS, LD>(da, a, Ks + kFT * LD, lane, act);
+      for (int e = 0; e < 4; ++e) {
+        const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+        float ex;
+        if (below || i > kl) ex = (e < 2 ? ra0 : ra1) * cb[nt * 8 + 2 * tq + (e & 1)];
+        else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) : 0.f;
+        const float x = s[nt][e] * p.scale;
+        s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
       }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (!act[mt]) continue;
-        const int i0 = blk.i0[mt], i1 = blk.i1[mt];
-        const bool below = wfirst + mt * 16 > kl;
-#pragma unroll
-        for (int nt = 0; nt < 2 * NP; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e < 2 ? i0 : i1, jl = hh * HK + nt * 8 + 2 * tq + (e & 1), j = kb0 + jl;
-            float ex;
-            if (below || i > kl) ex = (e < 2 ? ra0[mt] : ra1[mt]) * cb[jl];
-            else ex = (j <= i && j < cnt) ? __expf((e < 2 ? blk.gi0[mt] : blk.gi1[mt]) - Gs[j]) : 0.f;
-            const float x = s[mt][nt][e] * p.scale;
-            s[mt][nt][e] = e < 2 ? score_grad(x, ex, da[mt][nt][e], st0[mt].y, c0[mt], dot0[mt])
-                                 : score_grad(x, ex, da[mt][nt][e], st1[mt].y, c1[mt], dot1[mt]);
-          }
-      }
-      gemm_pb<MT, NP, ND, LD>(acc, s, Ks + hh * HK * LD, lane, act);
-    }
+    gemm_pb<4, ND, LD>(acc, s, Ks, lane);
   }
   cp_wait<0>();
 
   T* DQ = static_cast<T*>(p.dq);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int i0 = blk.i0[mt], i1 = blk.i1[mt];
-    const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-    for (int nt = 0; nt < ND; ++nt) {
-      const int col = nt * 8 + 2 * tq;
-      if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[mt][nt][0], acc[mt][nt][1]);
-      if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[mt][nt][2], acc[mt][nt][3]);
-    }
-    const float s0 = quad_sum(dot0[mt]), s1 = quad_sum(dot1[mt]);
-    if (p.dGq && tq == 0) {
-      if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = s0 / p.scale;
-      if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = s1 / p.scale;
-    }
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
+    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGq && tq == 0) {
+    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
+    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // dk, dv: one block per (128 key rows, KV head, batch), the longest first; for each q head of the
 // GQA group, q / dy / row-statistic tiles of 64 queries from the block's first key on. Each warp's
-// 16 MT keys lie in one 64-key tile, so its gate reference kl is fixed; the query factors
-// e^{G_i - G_kl} of the two 64-key halves of the block are computed once per query tile. The
-// warp's k and v fragments are reloaded per k-step from shared memory (in registers they would
-// take 32 MT more).
+// 16 keys lie in one 64-key tile, so its gate reference kl is fixed; the query factors
+// e^{G_i - G_kl} of the two 64-key halves of the block are computed once per query tile.
+// KREG: the warp's k and v fragments stay in registers (off: reloaded per k-step from shared
+// memory, which keeps d = 64 within 128 registers for 2 blocks per SM).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB, int MT>
-__global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(const FlashArgs p) {
+template <int d, typename T, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashArgs p) {
   constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  constexpr bool KREG = false;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* vs = ks + kFR * LD;                      // [128][LD]
@@ -525,10 +416,10 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
     flash_tile<d>(dst + kFT * LD, DY, tok0, p.hq, hq_i, qb0, kFT, cnt);
     if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
       cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
-    for (int u = tid; u < 2 * kFT; u += blockDim.x) {  // the query factors of both key halves
-      const int half = u / kFT, i = qb0 + u % kFT;
+    if (tid < 2 * kFT) {  // the query factors of both key halves
+      const int half = tid / kFT, i = qb0 + tid % kFT;
       const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
-      ras[(buf * 2 + half) * kFT + u % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
+      ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
     }
   };
 
@@ -538,23 +429,20 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
   __syncthreads();  // Gs (load_q reads it)
   load_q(h * r, kb, 0);
   cp_commit();
-  const int wrow = warp * 16 * MT, wfirst = kb + wrow;
-  const int kl = tile_last_key(wfirst, cnt), half = wrow / kFT;
+  const int wfirst = kb + warp * 16, j0 = wfirst + g, j1 = j0 + 8;
+  const int kl = tile_last_key(wfirst, cnt), half = warp / 4;
   const float gkl = Gs[kl];
-  int j0[MT], j1[MT];
-  float cb0[MT], cb1[MT], dot0[MT], dot1[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    j0[mt] = wfirst + mt * 16 + g;
-    j1[mt] = j0[mt] + 8;
-    cb0[mt] = j0[mt] < cnt ? __expf(gkl - Gs[j0[mt]]) : 0.f;
-    cb1[mt] = j1[mt] < cnt ? __expf(gkl - Gs[j1[mt]]) : 0.f;
-    dot0[mt] = dot1[mt] = 0.f;
-  }
+  const float cb0 = j0 < cnt ? __expf(gkl - Gs[j0]) : 0.f, cb1 = j1 < cnt ? __expf(gkl - Gs[j1]) : 0.f;
+  uint32_t ak[KREG ? KS : 1][4], av[KREG ? KS : 1][4];
   __syncthreads();  // ks, vs
-  float dk[MT][ND][4], dv[MT][ND][4];
+  if constexpr (KREG) {
+    load_a_frags<KS, LD>(ak, ks, warp * 16, lane);
+    load_a_frags<KS, LD>(av, vs, warp * 16, lane);
+  }
+  float dk[ND][4], dv[ND][4];
   zero(dk);
   zero(dv);
+  float dot0 = 0.f, dot1 = 0.f;
   const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
   const int total = r * nq;
   for (int it = 0; it < total; ++it) {
@@ -571,103 +459,86 @@ __global__ void __launch_bounds__(flash_threads<MT>(), MINB) flash_dkv_kernel(co
 #pragma unroll
     for (int qh = 0; qh < 2; ++qh) {
       const int qh0 = qb0 + qh * 32;
-      bool act[MT];  // m-tiles with a query of this half at or after one of their keys
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) act[mt] = qh0 + 31 >= wfirst + mt * 16;
-      if (!act[0]) continue;  // every query before every key of this warp
-      float s[MT][4][4], da[MT][4][4];
+      if (qh0 + 31 < wfirst) continue;  // every query before every key of this warp
+      float s[4][4], da[4][4];
       zero(s);
       zero(da);
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a_k[MT][4], a_v[MT][4];
+        uint32_t a_k[4], a_v[4];
+        if constexpr (KREG) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int off = (wrow + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
-          if (act[mt]) {
-            ldsm4(a_k[mt], ks + off);
-            ldsm4(a_v[mt], vs + off);
-          }
+          for (int u = 0; u < 4; ++u) a_k[u] = ak[kk][u], a_v[u] = av[kk][u];
+        } else {
+          const int off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
+          ldsm4(a_k, ks + off);
+          ldsm4(a_v, vs + off);
         }
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
           uint32_t b[4];
           const int off = (qh * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
           ldsm4(b, Qs + off);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-            if (act[mt]) {
-              mma(s[mt][2 * np], a_k[mt], b[0], b[1]);
-              mma(s[mt][2 * np + 1], a_k[mt], b[2], b[3]);
-            }
+          mma(s[2 * np], a_k, b[0], b[1]);
+          mma(s[2 * np + 1], a_k, b[2], b[3]);
           ldsm4(b, DYs + off);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-            if (act[mt]) {
-              mma(da[mt][2 * np], a_v[mt], b[0], b[1]);
-              mma(da[mt][2 * np + 1], a_v[mt], b[2], b[3]);
-            }
+          mma(da[2 * np], a_v, b[0], b[1]);
+          mma(da[2 * np + 1], a_v, b[2], b[3]);
         }
       }
       const bool below = qh0 > kl;  // every query after the reference key: factored, no masks
-      uint32_t aw[MT][2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
+      uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (!act[mt]) continue;
+      for (int nt = 0; nt < 4; ++nt) {
+        const int li = qh * 32 + nt * 8 + 2 * tq;
+        const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
+        const float2 rai = *reinterpret_cast<const float2*>(ra + li);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int li = qh * 32 + nt * 8 + 2 * tq;
-          const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
-          const float2 rai = *reinterpret_cast<const float2*>(ra + li);
+        for (int hr = 0; hr < 2; ++hr) {
+          const int j = hr ? j1 : j0;
+          const float cbj = hr ? cb1 : cb0;
+          float w2[2];
 #pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int j = hr ? j1[mt] : j0[mt];
-            const float cbj = hr ? cb1[mt] : cb0[mt];
-            float w2[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int e = 2 * hr + c, i = qb0 + li + c;
-              const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
-              float ex;
-              if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
-              else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
-              const float x = s[mt][nt][e] * p.scale;
-              w2[c] = x * ex * x * r_i;
-              s[mt][nt][e] = score_grad(x, ex, da[mt][nt][e], delta, 2.f * r_i * p.scale, hr ? dot1[mt] : dot0[mt]);
-            }
-            aw[mt][nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
+          for (int c = 0; c < 2; ++c) {
+            const int e = 2 * hr + c, i = qb0 + li + c;
+            const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
+            float ex;
+            if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
+            else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
+            const float x = s[nt][e] * p.scale;
+            w2[c] = x * ex * x * r_i;
+            s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
           }
+          aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
         }
       }
-      gemm_ab<MT, 2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane, act);
-      gemm_pb<MT, 2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane, act);
+      gemm_ab<2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
+      gemm_pb<2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
     }
   }
   cp_wait<0>();
 
   T* DK = static_cast<T*>(p.dk);
   T* DV = static_cast<T*>(p.dv);
+  const bool v0 = j0 < cnt, v1 = j1 < cnt;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const bool v0 = j0[mt] < cnt, v1 = j1[mt] < cnt;
-#pragma unroll
-    for (int nt = 0; nt < ND; ++nt) {
-      const int col = nt * 8 + 2 * tq;
-      const int64_t o0 = ((tok0 + j0[mt]) * p.hk + h) * d + col, o1 = ((tok0 + j1[mt]) * p.hk + h) * d + col;
-      if (v0) {
-        IO<T>::store2(DK + o0, dk[mt][nt][0], dk[mt][nt][1]);
-        IO<T>::store2(DV + o0, dv[mt][nt][0], dv[mt][nt][1]);
-      }
-      if (v1) {
-        IO<T>::store2(DK + o1, dk[mt][nt][2], dk[mt][nt][3]);
-        IO<T>::store2(DV + o1, dv[mt][nt][2], dv[mt][nt][3]);
-      }
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
+    if (v0) {
+      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
+      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
     }
-    const float s0 = quad_sum(dot0[mt]), s1 = quad_sum(dot1[mt]);
-    if (p.dGk && tq == 0) {
-      if (v0) p.dGk[(tok0 + j0[mt]) * p.hk + h] = s0 / p.scale;
-      if (v1) p.dGk[(tok0 + j1[mt]) * p.hk + h] = s1 / p.scale;
+    if (v1) {
+      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
+      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
     }
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGk && tq == 0) {
+    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
+    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
   }
 }
 

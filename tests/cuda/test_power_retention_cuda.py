@@ -37,7 +37,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1 .. v6 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v13"
+DEFAULT_KERNEL = "v12"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -51,7 +51,6 @@ KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # v7 = v6 with one gate cumsum per chunk (chunks up to 8192; short sequences as a single chunk),
 # v8 = v7 with the intra-chunk tiles loaded by cp.async, double-buffered (bf16; bitwise v7).
 # v9 = v8, and one chunk without states keeps the forward's fp32 y and 1 / den for the backward.
-# v13 = v12 with 32-row warps in the one-chunk flash kernels at d <= 64 (bitwise v12).
 OLDER = ("v1", "v2")  # the generations that recompute the states (every later one keeps the forward's)
 TOL_DLOG_G = 6e-2 if KERNEL == "v1" else 1.5e-2
 
@@ -637,32 +636,6 @@ def test_v12_state_contraction_matches_v11(monkeypatch, c):
             err = rel(b_, a)
             log_err(f"v12_vs_v11-{'-'.join(map(str, c))}", nm, err)
             assert err < 1e-3, f"{nm}: {err:.3e}"
-
-
-@pytest.mark.parametrize("c", [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),
-                               (2, 4096, 4, 1, 64, torch.bfloat16, True), (3, 1, 5, 5, 64, torch.bfloat16, True),
-                               (2, 129, 4, 4, 64, torch.float16, False), (2, 900, 4, 2, 64, torch.float32, True),
-                               (3, 77, 5, 5, 32, torch.bfloat16, True), (2, 1000, 4, 4, 32, torch.float16, False),
-                               (2, 700, 4, 4, 128, torch.bfloat16, True)])
-def test_v13_flash_two_mtiles_match_v12(monkeypatch, c):
-    """v13 runs the one-chunk flash kernels with 32 rows per warp at d <= 64 (each B fragment feeds
-    two m16 tiles): per row the same MMAs and element-wise operations in the same order as v12's 16-row
-    warps, and an m-tile with nothing to add skips the MMAs that v12 ran on exact zeros, so y and
-    every gradient are bitwise v12's. d = 128 keeps v12's kernels (bitwise by construction)."""
-    b, t, hq, hk, d, dtype, gated = c
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
-    res = {}
-    for ver in ("v12", "v13"):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
-        kept = []
-        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
-        res[ver] = (y,) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
-    torch.cuda.synchronize()
-    for nm, a, b_ in zip(("y", "dq", "dk", "dv", "dlog_g"), res["v12"], res["v13"]):
-        if a is not None:
-            assert torch.isfinite(b_).all(), nm
-            assert torch.equal(a, b_), f"{nm}: max |diff| {(a.float() - b_.float()).abs().max().item():.3e}"
 
 
 def test_v11_kind0_buffer_has_no_rows(monkeypatch):
