@@ -68,7 +68,8 @@ def test_bench_train_profile_table(tmp_path):
     rows = [line for line in per_op.splitlines() if line.startswith("| ") and "ms/step" not in line]
     assert len(rows) >= 5
     shares = [float(r.split("|")[2].strip().rstrip("%")) for r in rows]
-    assert all(0 < s <= 100 for s in shares) and shares == sorted(shares, reverse=True)
+    # (printed to 0.1%: an op under 0.05% of a step reads 0.0%, e.g. while the host is busy)
+    assert all(0 <= s <= 100 for s in shares) and sum(shares) > 0 and shares == sorted(shares, reverse=True)
     assert any("aten::mm" in r or "aten::addmm" in r for r in rows)
     # the second table: copies and casts by input shape
     copy_rows = [line for line in per_copy.splitlines() if line.startswith("| ") and "ms/step" not in line]
