@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import llmtrain.ops as ops
+from llmtrain.ops.cross_entropy import linear_cross_entropy
 from tests.ops.retention_inputs import make_inputs
 
 
@@ -71,3 +72,49 @@ def test_ops_follow_autocast(rng):
         assert ops.power_retention(q, k, v, log_g).dtype == torch.bfloat16
         assert ops.rmsnorm_linear(x, g, w).dtype == torch.bfloat16
     assert ops.rmsnorm_linear(x, g, w).dtype == torch.float32
+
+
+def _node_names(t, depth=4):
+    """The autograd node types within a few steps of t's grad_fn."""
+    names, frontier = set(), [t.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names.update(type(f).__name__ for f in frontier)
+        frontier = [n for f in frontier for n, _ in f.next_functions]
+    return names
+
+
+def _grads(out, inputs):
+    return torch.autograd.grad(out.float().pow(2).sum(), [t for t in inputs if t is not None and t.requires_grad])
+
+
+@pytest.mark.parametrize("name", ["rmsnorm_linear", "power_retention", "linear_cross_entropy"])
+def test_eager_calls_skip_custom_op_dispatch_with_the_same_results(rng, name):
+    """Eager calls run the ops' implementations through a plain autograd.Function (custom-op dispatch
+    costs ~100 us of host time per call: docs/perf.md, session 10); the registered custom op, which
+    torch.compile traces, computes the same outputs and gradients bit for bit."""
+    if name == "rmsnorm_linear":
+        x = torch.randn(7, 16, generator=rng, requires_grad=True)
+        g = torch.randn(16, generator=rng, requires_grad=True)
+        w = torch.randn(8, 16, generator=rng, requires_grad=True)
+        b = torch.randn(8, generator=rng, requires_grad=True)
+        inputs = (x, g, w, b)
+        eager = ops.rmsnorm_linear(x, g, w, b, 1e-6)
+        custom = torch.ops.llmtrain.rmsnorm_linear_fwd(x, g, w, b, 1e-6)[0]
+    elif name == "power_retention":
+        q, k, v, log_g, _ = make_inputs(2, 19, 4, 2, 8, gen=rng, requires_grad=True)
+        inputs = (q, k, v, log_g)
+        eager = ops.power_retention(q, k, v, log_g, chunk_size=8)
+        custom = torch.ops.llmtrain.power_retention_fwd(q, k, v, log_g, None, None, 2, 8 ** -0.5, 8, False)[0]
+    else:
+        h = torch.randn(9, 16, generator=rng, requires_grad=True)
+        w = torch.randn(11, 16, generator=rng, requires_grad=True)
+        t = torch.randint(0, 11, (9,), generator=rng)
+        inputs = (h, w)
+        eager = linear_cross_entropy(h, w, t, reduction="sum", chunk_rows=4)
+        custom = torch.ops.llmtrain.linear_ce_fwd(h, w, t, -100, 4, True)[0]
+    names = _node_names(eager)
+    assert any(n.endswith("FunctionBackward") for n in names), names  # not the custom op's autograd node
+    assert torch.equal(eager, custom)
+    for a, b_ in zip(_grads(eager, inputs), _grads(custom, inputs)):
+        assert torch.equal(a, b_)

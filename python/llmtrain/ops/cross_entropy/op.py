@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmtrain.ops import _native
+from llmtrain.ops import _eager, _native
 
 # Logits elements per chunk (rows x vocab): 2^27 -> 0.5 GB of float32 logits (the gradient is formed in
 # place) + its bf16 copy. Bigger than needed for memory on purpose: every chunk re-reads and re-writes
@@ -79,11 +79,13 @@ def _run(h, w, t, ignore_index, rows, want_grad):
     return loss, dh, (dw.to(w.dtype) if want_grad else w.new_empty(0))
 
 
-@torch.library.custom_op("llmtrain::linear_ce_fwd", mutates_args=())
-def _fwd_op(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, rows: int,
+def _forward(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, rows: int,
             with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss_sum, d loss_sum/d h or empty, d loss_sum/d w or empty)."""
     return _run(h, w, t, ignore_index, rows, with_grad)
+
+
+_fwd_op = torch.library.custom_op("llmtrain::linear_ce_fwd", _forward, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -94,11 +96,13 @@ def _fwd_fake(h, w, t, ignore_index, rows, with_grad):
     return loss, h.new_empty(0), w.new_empty(0)
 
 
-@torch.library.custom_op("llmtrain::linear_ce_bwd", mutates_args=())
-def _bwd_op(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, rows: int) -> tuple[Tensor, Tensor]:
+def _backward_impl(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, rows: int) -> tuple[Tensor, Tensor]:
     """(d loss_sum/d h, d loss_sum/d w), recomputing each chunk's logits."""
     _, dh, dw = _run(h, w, t, ignore_index, rows, True)
     return dh, dw
+
+
+_bwd_op = torch.library.custom_op("llmtrain::linear_ce_bwd", _backward_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -120,11 +124,13 @@ def _backward(ctx, g_loss, _g_dh, _g_dw):
         dh, dw = ctx.saved_tensors
     else:
         h, w, t = ctx.saved_tensors
-        dh, dw = torch.ops.llmtrain.linear_ce_bwd(h, w, t, ctx.ignore_index, ctx.rows)
+        bwd = _eager.backward_op(ctx, torch.ops.llmtrain.linear_ce_bwd, _backward_impl)
+        dh, dw = bwd(h, w, t, ctx.ignore_index, ctx.rows)
     return (dh * g_loss.to(dh.dtype)), (dw * g_loss.to(dw.dtype)), None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerFunction = _eager.autograd_function("LinearCrossEntropyFunction", _forward, _setup_context, _backward)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
@@ -171,8 +177,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
         weight = weight.to(hidden.dtype)
     h = hidden.reshape(-1, hsize).contiguous()
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and not recompute
-    loss_sum, _, _ = torch.ops.llmtrain.linear_ce_fwd(h, weight.contiguous(), t, int(ignore_index),
-                                                      int(chunk_rows), with_grad)
+    fwd = torch.ops.llmtrain.linear_ce_fwd if _eager.tracing(h) else _EagerFunction.apply
+    loss_sum, _, _ = fwd(h, weight.contiguous(), t, int(ignore_index), int(chunk_rows), with_grad)
     if reduction == "sum":
         return loss_sum
     return loss_sum / (t != ignore_index).sum().to(loss_sum.dtype)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from llmtrain.ops import _native
+from llmtrain.ops import _eager, _native
 from llmtrain.ops.power_retention import reference
 
 _DEG = 2  # the degree the kernels implement
@@ -126,8 +126,7 @@ def _all_finite(*tensors) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("llmtrain::power_retention_fwd", mutates_args=())
-def _fwd_op(
+def _forward(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
     deg: int, scale: float, chunk_size: int, need_state: bool, keep_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -162,6 +161,9 @@ def _fwd_op(
     return y, S, z, ws if keep else no_saved
 
 
+_fwd_op = torch.library.custom_op("llmtrain::power_retention_fwd", _forward, mutates_args=())
+
+
 def _fwd_workspace_kind(t: int, chunk_size: int, s0: Optional[Tensor], need_state: bool,
                         keep_states: bool = False) -> int:
     """The forward's workspace: 4 (one chunk, no state in or out: no chunk states, only the gate sums
@@ -192,8 +194,7 @@ def _fwd_fake(q, k, v, log_g, s0, z0, deg, scale, chunk_size, need_state, keep_s
             q.new_empty(_saved_bytes(q, k, s0, chunk_size, need_state, keep_states), dtype=torch.uint8))
 
 
-@torch.library.custom_op("llmtrain::power_retention_bwd", mutates_args=())
-def _bwd_op(
+def _backward_impl(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], s0: Optional[Tensor], z0: Optional[Tensor],
     dy: Tensor, ds: Optional[Tensor], dz: Optional[Tensor], deg: int, scale: float, chunk_size: int,
     saved: Optional[Tensor] = None,
@@ -218,6 +219,9 @@ def _bwd_op(
     # absent gradients are distinct empty tensors (custom op outputs may not alias)
     return (dq, dk, dv, dlog_g if dlog_g is not None else q.new_empty(0),
             ds0 if ds0 is not None else q.new_empty(0), dz0 if dz0 is not None else q.new_empty(0))
+
+
+_bwd_op = torch.library.custom_op("llmtrain::power_retention_bwd", _backward_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -256,7 +260,8 @@ def _backward(ctx, dy, ds, dz, _dsaved):
             ds = q.new_zeros(b, k.shape[2], D, d, dtype=acc)
         else:
             dz = q.new_zeros(b, k.shape[2], D, dtype=acc)
-    dq, dk, dv, dlog_g, ds0, dz0 = torch.ops.llmtrain.power_retention_bwd(
+    bwd = _eager.backward_op(ctx, torch.ops.llmtrain.power_retention_bwd, _backward_impl)
+    dq, dk, dv, dlog_g, ds0, dz0 = bwd(
         q, k, v, log_g, s0, z0, dy.contiguous(),
         ds.contiguous() if ds is not None else None, dz.contiguous() if dz is not None else None,
         ctx.deg, ctx.scale, ctx.chunk_size, saved if saved.numel() > 0 else None)
@@ -265,6 +270,7 @@ def _backward(ctx, dy, ds, dz, _dsaved):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerFunction = _eager.autograd_function("PowerRetentionFunction", _forward, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +396,8 @@ def power_retention(
     keep = _keep_states(q) and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0)) and (
         s0 is not None or _cuda_chunk_count(t, chunk_size) > 1 or _cuda_generation() >= 9)
-    y, S, z, _ = torch.ops.llmtrain.power_retention_fwd(
+    fwd = torch.ops.llmtrain.power_retention_fwd if _eager.tracing(q) else _EagerFunction.apply
+    y, S, z, _ = fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), log_g, s0, z0, deg, scale, chunk_size, return_state, keep)
     return (y, RetentionState(S, z)) if return_state else y
 

@@ -1,8 +1,9 @@
 """``rmsnorm_linear``: y = linear(rms_norm(x, norm_weight, eps), weight, bias), fused.
 
 Registered as ``llmtrain::rmsnorm_linear_fwd`` / ``llmtrain::rmsnorm_linear_bwd`` custom ops with
-fake implementations and autograd, so it traces under ``torch.compile``. Native kernels on CPU
-(and CUDA when built with nvcc); elsewhere, torch's own rms_norm + linear.
+fake implementations and autograd, so it traces under ``torch.compile``; eager calls take the same
+implementations through an autograd.Function (``_eager``: no custom-op dispatch on the host). Native
+kernels on CPU (and CUDA when built with nvcc); elsewhere, torch's own rms_norm + linear.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmtrain.ops import _native
+from llmtrain.ops import _eager, _native
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("llmtrain::rmsnorm_linear_fwd", mutates_args=())
-def _fwd_op(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+def _forward(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     """x [n, k] -> (y [n, m], rstd [n])."""
     acc = _acc_dtype(x.dtype)
     if not _native.supports(x):
@@ -36,13 +36,15 @@ def _fwd_op(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tenso
     return y, rstd
 
 
+_fwd_op = torch.library.custom_op("llmtrain::rmsnorm_linear_fwd", _forward, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _fwd_fake(x, norm_weight, weight, bias, eps):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], dtype=_acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("llmtrain::rmsnorm_linear_bwd", mutates_args=())
-def _bwd_op(x: Tensor, norm_weight: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, has_bias: bool,
+def _backward_impl(x: Tensor, norm_weight: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, has_bias: bool,
             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, d_norm_weight, d_weight, d_bias); d_bias is empty without a bias."""
     if not _native.supports(x):
@@ -59,6 +61,9 @@ def _bwd_op(x: Tensor, norm_weight: Tensor, weight: Tensor, rstd: Tensor, dy: Te
         _native.dl(x), _native.dl(norm_weight), _native.dl(weight), _native.dl(rstd), _native.dl(dy),
         _native.dl(dx), _native.dl(dg), _native.dl(dw), _native.dl(db), eps, _native.stream_of(x))
     return dx, dg, dw, db if db is not None else x.new_empty(0)
+
+
+_bwd_op = torch.library.custom_op("llmtrain::rmsnorm_linear_bwd", _backward_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -82,12 +87,13 @@ def _backward(ctx, dy, _drstd):
     x, norm_weight, weight, rstd = ctx.saved_tensors
     if dy is None:  # y did not reach the loss (grads are not materialized): no gradient at all
         return None, None, None, None, None
-    dx, dg, dw, db = torch.ops.llmtrain.rmsnorm_linear_bwd(
-        x, norm_weight, weight, rstd, dy.contiguous(), ctx.has_bias, ctx.eps)
+    bwd = _eager.backward_op(ctx, torch.ops.llmtrain.rmsnorm_linear_bwd, _backward_impl)
+    dx, dg, dw, db = bwd(x, norm_weight, weight, rstd, dy.contiguous(), ctx.has_bias, ctx.eps)
     return dx, dg, dw, (db if ctx.has_bias else None), None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerFunction = _eager.autograd_function("RMSNormLinearFunction", _forward, _setup_context, _backward)
 
 
 def rmsnorm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -121,7 +127,8 @@ def rmsnorm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
         # Zero rows make y's extra columns zero; sliced off below (their gradient is zero).
         weight = F.pad(weight, (0, 0, 0, pad))
         bias = F.pad(bias, (0, pad)) if bias is not None else None
-    y, _ = torch.ops.llmtrain.rmsnorm_linear_fwd(
+    fwd = torch.ops.llmtrain.rmsnorm_linear_fwd if _eager.tracing(x) else _EagerFunction.apply
+    y, _ = fwd(
         x.reshape(-1, k).contiguous(), norm_weight.contiguous(), weight.contiguous(),
         bias.contiguous() if bias is not None else None, float(eps))
     if pad:
