@@ -87,13 +87,15 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> float:
-        """Clip, step, zero; returns the gradient norm before clipping."""
+    def step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip, step, zero; returns the gradient norm before clipping, unread on the device (reading it
+        makes the host wait for the device). skip: a bool tensor, set when the step's loss was not finite:
+        the parameters and the optimizer state then stay as they were."""
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                               self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        optimizer_step_unless(self.optimizer, skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,12 +158,12 @@ class FSDPBackend(TorchBackend):
     def no_sync(self, last_micro_step: bool):
         return contextlib.nullcontext()
 
-    def step(self) -> float:
+    def step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                               self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        optimizer_step_unless(self.optimizer, skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(_full(norm))
+        return _full(norm)
 
     def model_state(self) -> dict:
         return _gather_model_state(self.module)
@@ -187,6 +189,23 @@ class FSDPBackend(TorchBackend):
         plain = build_model(self.module.config)
         plain.load_state_dict(state)
         return plain.to(self.device).eval()
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None) -> None:
+    """optimizer.step(), unless skip (a bool tensor) is set. A fused optimizer (our AdamW on GPUs) takes
+    the decision on the device: skip goes in as found_inf, the input through which torch's GradScaler
+    skips steps, and the kernel leaves parameters, moments and step count unchanged. Any other
+    optimizer needs the decision on the host, which waits for the device (free on the CPU)."""
+    if skip is None:
+        optimizer.step()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):  # the flag GradScaler checks
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()
 
 
 def _full(t):
@@ -331,10 +350,16 @@ class DeepSpeedBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> float:
+    def step(self, skip: torch.Tensor | None = None):
+        """The engine's step, or with skip set (a bool tensor: the loss was not finite) zeroed gradients
+        only; the engine steps from the host, so skip is read here. Returns DeepSpeed's gradient norm
+        (a tensor or a float) unread."""
+        if skip is not None and skip.item():
+            self.engine.zero_grad()
+            return float("nan")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def skip_step(self) -> None:
         self.engine.zero_grad()

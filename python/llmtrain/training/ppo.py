@@ -222,7 +222,7 @@ class PPOTrainer:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {self.step}: non-finite PPO loss; lower the learning rate")
                 self.backend.backward(loss)
-                losses["grad_norm"] = torch.tensor(self.backend.step())
+                losses["grad_norm"] = torch.as_tensor(self.backend.step())
                 with torch.no_grad():
                     losses["entropy"] = masked_mean(entropy_from_logits(logits), mask)
                 for k, v in losses.items():

@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -117,6 +118,72 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def host_floats(values: list) -> list[float]:
+    """float() of each value (numbers and 0-dim tensors), the tensors read back in one transfer: each
+    read of a device tensor waits for everything queued on the device before it."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.detach().to(tensors[0].device) for t in tensors]).tolist() if tensors else ())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+class StepRecord(NamedTuple):
+    step: int  # the optimizer steps before this one
+    loss: float
+    grad_norm: float
+
+
+class StepRecords:
+    """Each optimizer step's loss and gradient norm, left on the device until the host needs them.
+
+    Reading a device tensor (.item(), float()) stalls the host until the device has caught up, so it
+    cannot queue the next step's kernels meanwhile: a loop that reads the loss every step is paced by
+    the host. The loops add every step here and read the records back (one transfer) only at a step
+    boundary that acts (a log line, an evaluation, a checkpoint, a callback, a signal, the end), or
+    after max_bad_steps steps. A step with a non-finite loss was already skipped on the device
+    (backend.step(skip=...)); reading replays the host's side of it: the message, the count of
+    consecutive ones, the FloatingPointError when they reach max_bad_steps.
+    """
+
+    def __init__(self, max_bad_steps: int, verbose: bool, advice: str):
+        self.max_bad_steps = max_bad_steps
+        self.verbose = verbose
+        self.advice = advice  # ends the FloatingPointError's message
+        self.bad_steps = 0  # consecutive, up to the last read
+        self._pending: list[tuple[int, object, object]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm) -> None:
+        self._pending.append((step, loss, grad_norm))
+
+    def read(self) -> list[StepRecord]:
+        """The steps with a finite loss since the last read, oldest first; the others are reported."""
+        values = host_floats([v for _, loss, norm in self._pending for v in (loss, norm)])
+        steps = [step for step, _, _ in self._pending]
+        self._pending = []
+        finite = []
+        for step, loss, grad_norm in zip(steps, values[0::2], values[1::2]):
+            if math.isfinite(loss):
+                self.bad_steps = 0
+                finite.append(StepRecord(step, loss, grad_norm))
+                continue
+            self.bad_steps += 1
+            if self.verbose:
+                print(f"step {step}: non-finite loss ({loss}); step skipped ({self.bad_steps}/{self.max_bad_steps})")
+            if self.bad_steps >= self.max_bad_steps:
+                raise FloatingPointError(f"{self.bad_steps} consecutive non-finite losses at step {step}: {self.advice}")
+        return finite
+
+
+def boundary_acts(trainer, stop: _StopFlag, intervals) -> bool:
+    """Whether the step boundary just reached does anything (every `intervals` steps, the last step, callbacks,
+    a signal), i.e. whether the loop must read its StepRecords now: each of these is skipped after a
+    non-finite loss."""
+    return (trainer.step == trainer.total_steps or any(trainer.step % n == 0 for n in intervals)
+            or bool(trainer.callbacks) or stop.signal is not None)
 
 
 def end_of_step(trainer, stop: _StopFlag) -> bool:
@@ -252,7 +319,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         train_iter = iter(self.data.train)
-        bad_steps = 0
+        records = StepRecords(cfg.max_bad_steps, self.is_main,
+                              "lower the learning rate, check the data, or use fp32/bf16 instead of fp16")
         last_loss = float("nan")
         progress = None
         if self.is_main and cfg.progress:
@@ -283,24 +351,23 @@ class Trainer:
                     step_loss += loss.detach().float() / cfg.grad_accum
                 if self.world_size > 1:
                     torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
-                step_loss = step_loss.item()
-                if not math.isfinite(step_loss):
-                    self.backend.skip_step()
-                    bad_steps += 1
-                    if self.is_main:
-                        print(f"step {self.step}: non-finite loss ({step_loss}); step skipped "
-                              f"({bad_steps}/{cfg.max_bad_steps})")
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{bad_steps} consecutive non-finite losses at step {self.step}: lower the learning "
-                            "rate, check the data, or use fp32/bf16 instead of fp16")
-                    self.step += 1
-                    continue
-                bad_steps = 0
-                grad_norm = self.backend.step()
+                grad_norm = self.backend.step(skip=~torch.isfinite(step_loss))
+                records.add(self.step, step_loss, grad_norm)
                 self.step += 1
-                last_loss = step_loss
-                tokens_since += self.tokens_per_step
+                if progress:
+                    progress.update(1)
+                stop_due = cfg.stop_at_step is not None and self.step >= cfg.stop_at_step
+                # read at least every max_bad_steps steps: a diverged run stops within that many of the limit
+                if not (boundary_acts(self, stop, (cfg.log_interval, cfg.eval_interval, cfg.save_interval))
+                        or stop_due or len(records) >= cfg.max_bad_steps):
+                    continue  # nothing for the host to decide: queue the next step while the device works
+                finite = records.read()
+                tokens_since += len(finite) * self.tokens_per_step
+                if finite:
+                    last_loss = finite[-1].loss
+                if not finite or finite[-1].step != self.step - 1:
+                    continue  # this step's loss was not finite: no log line, evaluation or checkpoint
+                step_loss, grad_norm = finite[-1].loss, finite[-1].grad_norm
                 if self.is_main and (self.step % cfg.log_interval == 0 or self.step == self.total_steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -318,8 +385,6 @@ class Trainer:
                             post["mfu"] = f"{metrics['mfu']:.1%}"
                         progress.set_postfix(post, refresh=False)
                     t_last, tokens_since = time.time(), 0
-                if progress:
-                    progress.update(1)
                 if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
                     val = self.evaluate()
                     if self.is_main:
@@ -328,7 +393,7 @@ class Trainer:
                             progress.write(f"step {self.step}: val loss {val:.4f} (ppl {compute_perplexity(val):.1f})")
                 if end_of_step(self, stop):
                     break
-                if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step and self.step < self.total_steps:
+                if stop_due and self.step < self.total_steps:
                     self.save()
                     if self.is_main:
                         print(f"stop_at_step {cfg.stop_at_step}: saved a checkpoint; resume with --resume latest")
