@@ -305,10 +305,11 @@ class Trainer:
     def evaluate(self) -> float:
         self.model.eval()
         losses = []
-        for i, (x, y) in enumerate(self.data.val_batches(self.cfg.eval_batches)):
+        for x, y in self.data.val_batches(self.cfg.eval_batches):
             with self._autocast():
-                losses.append(lm_loss(self.forward, x.to(self.device), y.to(self.device)).item())
+                losses.append(lm_loss(self.forward, x.to(self.device), y.to(self.device)))
         self.model.train()
+        losses = host_floats(losses)
         loss = sum(losses) / max(1, len(losses))
         if self.world_size > 1:
             t = torch.tensor([loss], device=self.device)
