@@ -97,9 +97,6 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def model_state(self) -> dict:
         return self.module.state_dict()
 
@@ -360,9 +357,6 @@ class DeepSpeedBackend:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return norm if norm is not None else float("nan")
-
-    def skip_step(self) -> None:
-        self.engine.zero_grad()
 
     def model_state(self) -> dict:
         return self.module.state_dict()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -23,7 +22,8 @@ from llmtrain.training import checkpoint as ckpt
 from llmtrain.training.backends import init_distributed, make_backend
 from llmtrain.training.logger import TrainingLogger
 from llmtrain.training.schedule import cosine_with_warmup
-from llmtrain.training.trainer import _StopFlag, autocast_dtype, end_of_step, resolve_device, seed_everything
+from llmtrain.training.trainer import (StepRecords, _StopFlag, autocast_dtype, boundary_acts, end_of_step,
+                                      host_floats, resolve_device, seed_everything)
 
 
 # -- models and tokenizer ---------------------------------------------------------------------------
@@ -110,6 +110,16 @@ def model_inputs(batch: dict, prefix: str = "") -> dict:
         if f"{prefix}{key}" in batch:
             out[key] = batch[f"{prefix}{key}"]
     return out
+
+
+def mean_over_micro_batches(micro_metrics: list[dict]) -> dict:
+    """Each metric's mean over the micro-batches of a step (tensors read back in one transfer)."""
+    keys = [k for metrics in micro_metrics for k in metrics]
+    values = host_floats([v for metrics in micro_metrics for v in metrics.values()])
+    mean: dict[str, float] = {}
+    for k, v in zip(keys, values):
+        mean[k] = mean.get(k, 0.0) + v / len(micro_metrics)
+    return mean
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -227,7 +237,8 @@ class PostTrainer:
     # -- the loop --------------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
-        bad_steps, last_loss = 0, float("nan")
+        records = StepRecords(cfg.max_bad_steps, self.is_main, "lower the learning rate or check the data")
+        last_loss = float("nan")
         progress = None
         if self.is_main and cfg.progress:
             from tqdm import tqdm
@@ -240,39 +251,37 @@ class PostTrainer:
                                         total_steps=self.total_steps, min_lr=cfg.learning_rate * cfg.min_lr_ratio)
                 self.backend.set_lr(lr)
                 step_loss = torch.zeros((), device=self.device)
-                step_metrics: dict[str, float] = {}
+                micro_metrics = []  # each micro-batch's metrics, unread until a log line needs them
                 for micro in range(cfg.grad_accum):
                     batch = self.micro_batch(self.step, micro)
                     with self.backend.no_sync(micro == cfg.grad_accum - 1), self.autocast():
                         loss, metrics = self.compute_loss(batch)
                     self.backend.backward(loss)
                     step_loss += loss.detach().float() / cfg.grad_accum
-                    for k, v in metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
+                    micro_metrics.append({k: torch.as_tensor(v).detach() for k, v in metrics.items()})
                 if self.world_size > 1:
                     torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
-                step_loss = step_loss.item()
-                if not math.isfinite(step_loss):
-                    self.backend.skip_step()
-                    bad_steps += 1
-                    if self.is_main:
-                        print(f"step {self.step}: non-finite loss; step skipped ({bad_steps}/{cfg.max_bad_steps})")
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise FloatingPointError(f"{bad_steps} consecutive non-finite losses at step {self.step}: "
-                                                 "lower the learning rate or check the data")
-                    self.step += 1
-                    continue
-                bad_steps = 0
-                grad_norm = self.backend.step()
+                grad_norm = self.backend.step(skip=~torch.isfinite(step_loss))
+                records.add(self.step, step_loss, grad_norm)
                 self.step += 1
-                last_loss = step_loss
-                if self.is_main and (self.step % cfg.log_interval == 0 or self.step == self.total_steps):
-                    self.logger.log(self.step, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                                "epoch": self.step / self.steps_per_epoch, **step_metrics})
-                    if progress:
-                        progress.set_postfix({"loss": f"{step_loss:.3f}", "lr": f"{lr:.1e}"}, refresh=False)
                 if progress:
                     progress.update(1)
+                # read at least every max_bad_steps steps: a diverged run stops within that many of the limit
+                if not (boundary_acts(self, stop, (cfg.log_interval, cfg.eval_interval, cfg.save_interval))
+                        or len(records) >= cfg.max_bad_steps):
+                    continue  # nothing for the host to decide: queue the next step while the device works
+                finite = records.read()
+                if finite:
+                    last_loss = finite[-1].loss
+                if not finite or finite[-1].step != self.step - 1:
+                    continue  # this step's loss was not finite: no log line, evaluation or checkpoint
+                step_loss, grad_norm = finite[-1].loss, finite[-1].grad_norm
+                if self.is_main and (self.step % cfg.log_interval == 0 or self.step == self.total_steps):
+                    self.logger.log(self.step, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                                                "epoch": self.step / self.steps_per_epoch,
+                                                **mean_over_micro_batches(micro_metrics)})
+                    if progress:
+                        progress.set_postfix({"loss": f"{step_loss:.3f}", "lr": f"{lr:.1e}"}, refresh=False)
                 if self.eval_items and (self.step % cfg.eval_interval == 0 or self.step == self.total_steps):
                     self.model.eval()
                     with torch.no_grad(), self.autocast():

@@ -60,7 +60,8 @@ class SFTTrainer(PostTrainer):
     def compute_loss(self, batch):
         logits = self.model(**model_inputs(batch)).logits
         loss = response_loss(logits, batch["labels"])
-        return loss, {"response_tokens": float((batch["labels"] != IGNORE_INDEX).sum())}
+        # a tensor: float() here would wait for the device every micro-batch
+        return loss, {"response_tokens": (batch["labels"] != IGNORE_INDEX).sum().float()}
 
     def evaluate(self) -> dict:
         total, count = 0.0, 0
