@@ -7,10 +7,11 @@ transformer of the same size in the same process (bf16 autocast, fused AdamW, to
 ratio compares like with like on one GPU.
 
 Method: ``--warmup`` steps (compilation, allocator, autotuning) are timed but discarded; the next
-``--steps`` are timed one by one (host clock after a device sync, which the loop's loss.item() does
-anyway) and the median is reported. tokens/s = tokens per optimizer step / median step time; MFU =
-tokens/s x FLOPs per token (llmtrain.bench.flops, the training log's formula too) / peak FLOP/s
-(llmtrain.bench.flops.PEAK_FLOPS by GPU name, 989e12 for an H100 in dense bf16, unless --peak_tflops).
+``--steps`` are timed one by one (host clock after a device sync, from a callback at each step's end;
+the training loop itself does not sync between log steps) and the median is reported. tokens/s =
+tokens per optimizer step / median step time; MFU = tokens/s x FLOPs per token (llmtrain.bench.flops,
+the training log's formula too) / peak FLOP/s (llmtrain.bench.flops.PEAK_FLOPS by GPU name, 989e12 for
+an H100 in dense bf16, unless --peak_tflops).
 Peak memory is torch's max_memory_allocated (and reserved) over the run.
 """
 
@@ -327,7 +328,7 @@ def bench_baseline(kind: str, cfg, warmup: int, steps: int, peak_flops: float | 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(total.item())  # the same per-step sync the Trainer does
+            losses.append(total.item())  # a sync before the clock, as the Trainer's timing callback does
             times.append(time.perf_counter() - start)
         row = _summarize(f"{kind}-baseline", times, warmup, cfg.batch_size * cfg.seq_len * cfg.grad_accum,
                          flops, peak_flops, n, losses, device)
