@@ -223,6 +223,10 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
 // An unknown value of any switch is an error (a typo must not silently measure the default).
 enum class Gen { Default, V2, V3, RO };
+inline const char* env_value(const char* name) {
+  const char* e = std::getenv(name);
+  return e && e[0] ? e : nullptr;
+}
 // Parses a generation switch; allowed lists the accepted names (space-separated).
 inline Gen parse_gen(const char* name, const char* allowed) {
   const char* e = env_value(name);
@@ -233,6 +237,14 @@ inline Gen parse_gen(const char* name, const char* allowed) {
     if (std::strcmp(e, n.s) == 0 && list.find(std::string(" ") + n.s + " ") != std::string::npos) return n.g;
   throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not a kernel generation (" +
                            allowed + ")");
+}
+// A 0/1 switch: unset -> dflt, "0" / "1" -> false / true, anything else an error.
+inline bool parse_flag(const char* name, bool dflt) {
+  const char* e = env_value(name);
+  if (!e) return dflt;
+  if (std::strcmp(e, "0") == 0) return false;
+  if (std::strcmp(e, "1") == 0) return true;
+  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not 0 or 1");
 }
 // A two-way switch: unset or `on` -> true, `off` -> false, anything else an error naming both.
 inline bool parse_choice(const char* name, const char* on, const char* off, const char* what) {

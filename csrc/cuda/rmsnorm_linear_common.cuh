@@ -7,8 +7,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -22,20 +20,6 @@ inline void check(cudaError_t e, const char* what) {
   }
 }
 inline void check_launch(const char* what) { check(cudaGetLastError(), what); }
-
-// Environment switches (read on every call, so that one process can A/B the variants).
-inline const char* env_value(const char* name) {
-  const char* e = std::getenv(name);
-  return e && e[0] ? e : nullptr;
-}
-// A 0/1 switch: unset -> dflt, "0" / "1" -> false / true, anything else an error.
-inline bool parse_flag(const char* name, bool dflt) {
-  const char* e = env_value(name);
-  if (!e) return dflt;
-  if (std::strcmp(e, "0") == 0) return false;
-  if (std::strcmp(e, "1") == 0) return true;
-  throw std::runtime_error(std::string("rmsnorm_linear (CUDA): ") + name + "=" + e + " is not 0 or 1");
-}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -16,13 +16,7 @@ void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_
                      cudaStream_t s, bool pdl) {
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  using namespace cute;
   using Layout = cutlass::layout::RowMajor;
-  // LLMTRAIN_RMSLIN_DGRAD_CFG=1 (read per call, for A/B runs): 256x128 tiles with a 1x2 cluster, the
-  // shape cuBLAS picks for this GEMM (session 10: its NT GEMM ran 161 us against our 188 at 2048).
-  if (dtype == DType::BF16 && parse_flag("LLMTRAIN_RMSLIN_DGRAD_CFG", false))
-    return sm90::plain_gemm<cutlass::bfloat16_t, Layout, Shape<_256, _128, _64>, Shape<_1, _2, _1>>(
-        dy, m, w, k, d, n, k, m, s, "backward data GEMM", pdl);
   if (dtype == DType::BF16)
     return sm90::plain_gemm<cutlass::bfloat16_t, Layout>(dy, m, w, k, d, n, k, m, s, "backward data GEMM", pdl);
   if (dtype == DType::F16) return sm90::plain_gemm<cutlass::half_t, Layout>(dy, m, w, k, d, n, k, m, s, "backward data GEMM", pdl);

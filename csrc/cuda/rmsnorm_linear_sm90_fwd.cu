@@ -87,9 +87,11 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   using namespace cute;
-  // Tile 128x256 (cluster 2x1) by default; LLMTRAIN_RMSLIN_FWD_CFG=1 (read per call, for A/B runs)
-  // picks 256x128 (cluster 1x2).
-  const bool alt = parse_flag("LLMTRAIN_RMSLIN_FWD_CFG", false);
+  // Tile 128x256 (cluster 2x1) by default; LLMTRAIN_RMSLIN_FWD_CFG=1 picks 256x128 (cluster 1x2).
+  static const bool alt = [] {
+    const char* e = std::getenv("LLMTRAIN_RMSLIN_FWD_CFG");
+    return e && e[0] == '1';
+  }();
   if (dtype == DType::BF16) {
     if (alt) return sm90::fwd<cutlass::bfloat16_t, Shape<_256, _128, _64>, Shape<_1, _2, _1>>(x, wg, rstd, bias, y, n, k, m, s, pdl);
     return sm90::fwd<cutlass::bfloat16_t, Shape<_128, _256, _64>, Shape<_2, _1, _1>>(x, wg, rstd, bias, y, n, k, m, s, pdl);

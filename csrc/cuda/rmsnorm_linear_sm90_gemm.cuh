@@ -120,12 +120,12 @@ inline cutlass::KernelHardwareInfo hw_info() {
 
 // D[M, N] = A · B with fp32 accumulation and no epilogue fusion (the backward's dgrad and wgrad):
 // A is [M, K] in LayoutA with leading dimension lda, B is [K, N] row-major with leading dimension ldb,
-// D row-major with leading dimension N. 128x256x64 tiles with a 2x1 cluster unless given.
-template <class Element, class LayoutA, class TileShape = Shape<_128, _256, _64>, class ClusterShape = Shape<_2, _1, _1>>
+// D row-major with leading dimension N. 128x256x64 tiles, cluster 2x1.
+template <class Element, class LayoutA>
 void plain_gemm(const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t M, int64_t N, int64_t K,
                 cudaStream_t s, const char* what, bool pdl = false) {
   using Fusion = cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>;
-  using Cfg = GemmCfg<Element, LayoutA, cutlass::layout::RowMajor, TileShape, ClusterShape, Fusion>;
+  using Cfg = GemmCfg<Element, LayoutA, cutlass::layout::RowMajor, Shape<_128, _256, _64>, Shape<_2, _1, _1>, Fusion>;
   using Gemm = typename Cfg::Gemm;
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
