@@ -190,20 +190,7 @@ def span_and_busy(kernels):
 
 # ---- device side ----
 
-@contextlib.contextmanager
-def impl_env(name):
-    """The table's environment for an implementation (ours_s7, ours_sepred, ...; read on every call)."""
-    env = table.ENV.get(name, {})
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+impl_env = table.impl_env  # the table's environment for an implementation (ours_s7, ours_sepred, ...)
 
 
 def autograd_parts(f, x, g, w, dy):

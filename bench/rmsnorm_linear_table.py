@@ -17,6 +17,7 @@ done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import json
 import os
@@ -119,18 +120,25 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"}}
 
 
-def measure_with_env(name, fn):
+@contextlib.contextmanager
+def impl_env(name):
+    """An implementation's environment (ENV) while it runs; the extension reads it on every call."""
     env = ENV.get(name, {})
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        return measure(fn)
+        yield
     finally:
         for key, val in saved.items():
             if val is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = val
+
+
+def measure_with_env(name, fn):
+    with impl_env(name):
+        return measure(fn)
 
 
 ROUNDS = 3  # every implementation once per round, median over rounds: clock / thermal drift over the
