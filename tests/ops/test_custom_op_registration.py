@@ -91,7 +91,7 @@ def _grads(out, inputs):
 @pytest.mark.parametrize("name", ["rmsnorm_linear", "power_retention", "linear_cross_entropy"])
 def test_eager_calls_skip_custom_op_dispatch_with_the_same_results(rng, name):
     """Eager calls run the ops' implementations through a plain autograd.Function (custom-op dispatch
-    costs ~100 us of host time per call: docs/perf.md, session 10); the registered custom op, which
+    costs ~125 us of host time per call: docs/perf.md, session 10); the registered custom op, which
     torch.compile traces, computes the same outputs and gradients bit for bit."""
     if name == "rmsnorm_linear":
         x = torch.randn(7, 16, generator=rng, requires_grad=True)

@@ -2,9 +2,10 @@
 
 Every op is a ``torch.library.custom_op`` forward / backward pair with fake implementations, so that
 ``torch.compile`` traces it into one graph. Called eagerly, that machinery (Python-level dispatch,
-argument normalisation, the autograd wrapper) costs ~125 µs of host time per forward + backward on
-top of the kernel launches: on an H100 the RMSNorm+Linear forward + backward took ~1.0 ms of host
-time for 0.68 ms of kernels (docs/perf.md, session 10), and a small training step waits on the host.
+argument normalisation, the autograd wrapper) costs ~125 µs of host time per call, ~250 µs per
+forward + backward (2-core CPU, tiny tensors: 406 µs against 150 µs for the same native calls). On an
+H100 the RMSNorm+Linear forward + backward took ~1.0 ms of host time for 0.68 ms of kernels
+(docs/perf.md, session 10), and a small training step waits on the host.
 Outside tracing, ops run the same Python implementations through a plain ``torch.autograd.Function``
 built from the custom op's own ``setup_context`` / ``backward``.
 """
