@@ -51,7 +51,7 @@ step() {
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
-[ "${RMS_TESTS:-1}" = 1 ] && step tests 90 bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+[ "${RMS_TESTS:-1}" = 1 ] && step tests "${RMS_TESTS_S:-90}" bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
 # 1b. Row-kernel micro-benchmark (session 8): the pre-pass and the backward row pass alone, s7 vs s8,
 #     against a device-to-device copy, bit-for-bit checks between the two (standalone nvcc build,
 #     no torch). RMS_MICRO=0 skips it. Results: micro.txt.
@@ -65,14 +65,15 @@ fi
 # 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, session 7's row kernels
 #    (LLMTRAIN_RMSLIN_ROWS=s7), the row pass's L2 prefetch, and v2. A profiled run serializes differently from do_bench: compare the sum
 #    of kernel times with the table's wall times for the launch gaps.
-[ "$PLAN" = full ] && step profile 30 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
+#    RMS_PROFILE=1 runs it under the verify plan too (session 11: ps forward, native data GEMM).
+[ "$PLAN" = full ] || [ "${RMS_PROFILE:-0}" = 1 ] && step profile 30 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("s7rows", {"LLMTRAIN_RMSLIN_ROWS": "s7"}),
-                       ("prefetch", {"LLMTRAIN_RMSLIN_PREFETCH": "1"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+for label_env, env in (("default", {}), ("ps", {"LLMTRAIN_RMSLIN_FWD": "ps"}),
+                       ("native_dgrad", {"LLMTRAIN_RMSLIN_DGRAD": "native"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
     os.environ.update(env)

@@ -304,7 +304,7 @@ void rmslin_fwd(py::handle x_, py::handle g_, py::handle w_, py::handle b_, py::
 }
 
 void rmslin_bwd(py::handle x_, py::handle g_, py::handle w_, py::handle rstd_, py::handle dy_, py::handle dx_,
-                py::handle dg_, py::handle dw_, py::handle db_, double eps, uintptr_t stream) {
+                py::handle dg_, py::handle dw_, py::handle db_, double eps, uintptr_t stream, bool dxn_given) {
   Borrowed own;
   auto x = own.arg("x", x_), g = own.arg("norm_weight", g_), w = own.arg("weight", w_),
        rstd = own.arg("rstd", rstd_), dy = own.arg("grad_y", dy_);
@@ -320,8 +320,9 @@ void rmslin_bwd(py::handle x_, py::handle g_, py::handle w_, py::handle rstd_, p
   expect_output(dw, x, {m.m, m.k}, m.dtype);
   if (db.present()) expect_output(db, x, {m.m}, m.dtype);
   RmsLinBwdArgs a{m, x.raw(), g.raw(), w.raw(), rstd.raw(), dy.raw(), dx.raw(), dg.raw(), dw.raw(),
-                  db.present() ? db.raw() : nullptr, stream_ptr(stream)};
+                  db.present() ? db.raw() : nullptr, stream_ptr(stream), dxn_given};
   const bool cuda = is_cuda(x);
+  if (dxn_given && !cuda) throw py::value_error("rmsnorm_linear_bwd: dxn_given is only supported for CUDA tensors");
   py::gil_scoped_release release;
 #ifdef LLMTRAIN_WITH_CUDA
   if (cuda) return rmsnorm_linear_bwd_cuda(a);
@@ -395,5 +396,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias"), py::arg("y"), py::arg("rstd"), py::arg("eps"), py::arg("stream") = 0);
   m.def("rmsnorm_linear_bwd", &rmslin_bwd, py::arg("x"), py::arg("norm_weight"), py::arg("weight"),
         py::arg("rstd"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_norm_weight"),
-        py::arg("grad_weight"), py::arg("grad_bias"), py::arg("eps"), py::arg("stream") = 0);
+        py::arg("grad_weight"), py::arg("grad_bias"), py::arg("eps"), py::arg("stream") = 0,
+        py::arg("dxn_given") = false,
+        "RMSNorm+Linear backward. dxn_given (CUDA only): grad_x already holds grad_y . weight (e.g. from "
+        "cuBLAS) and the kernel's own data GEMM is skipped.");
 }

@@ -102,6 +102,8 @@ struct RmsLinBwdArgs {
   const void *x, *g, *w, *rstd, *dy;
   void *dx, *dg, *dw, *dbias;  // dbias optional
   void* stream;
+  // CUDA only: dx already holds dxn = dy W (in x's dtype, e.g. from cuBLAS); skip that GEMM.
+  bool dxn_given = false;
 };
 
 void rmsnorm_linear_fwd_cpu(const RmsLinFwdArgs& a);

@@ -134,6 +134,12 @@ void launch_colsum(int64_t rows, int64_t cols, F f, S store, cudaStream_t s) {
   check_launch("colsum_kernel");
 }
 
+// dst = float(src), grid-stride (the portable backward's dxn when the caller computed it in T).
+template <typename T> __global__ void widen_kernel(const T* __restrict__ src, float* __restrict__ dst, int64_t count) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = static_cast<float>(src[i]);
+}
+
 // dx from dxn (fp32): dx_i = r_i (dxn_i * g) - r_i^3 / k * x_i * sum_c(dxn_ic g_c x_ic). One block per row.
 template <typename T>
 __global__ void dx_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ rstd,
@@ -216,13 +222,14 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // (register-resident row pass: 102 us against 279 us) and the portable mma.sync GEMMs where the
 // sm_90a ones cannot run (sm_80 / sm_86 / sm_89 / sm_120). LLMTRAIN_RMSLIN=v2 (or _LEGACY=1) gives
 // the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
-// LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
+// LLMTRAIN_RMSLIN_FWD=v2|v3|ro|ps and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ps: session 11, W diag(g)
+// pre-pass, the GEMM's TMA producer warp sums x^2, rmsnorm_linear_sm90_psum.cu; ro: the fused
 // forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2).
 // Session 7 switches: LLMTRAIN_RMSLIN_PDL=0|1 (default 0: programmatic dependent launch between the
 // sm_90a path's kernels) and LLMTRAIN_RMSLIN_REDUCE=fused|kernel (default fused: the row pass's last
 // blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
 // An unknown value of any switch is an error (a typo must not silently measure the default).
-enum class Gen { Default, V2, V3, RO };
+enum class Gen { Default, V2, V3, RO, PS };
 inline const char* env_value(const char* name) {
   const char* e = std::getenv(name);
   return e && e[0] ? e : nullptr;
@@ -231,7 +238,7 @@ inline const char* env_value(const char* name) {
 inline Gen parse_gen(const char* name, const char* allowed) {
   const char* e = env_value(name);
   if (!e) return Gen::Default;
-  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}};
+  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}, {"ps", Gen::PS}};
   const std::string list = std::string(" ") + allowed + " ";
   for (const auto& n : names)
     if (std::strcmp(e, n.s) == 0 && list.find(std::string(" ") + n.s + " ") != std::string::npos) return n.g;
@@ -259,7 +266,7 @@ inline bool legacy() {
 }
 inline Gen fwd_gen() {
   const Gen all = parse_gen("LLMTRAIN_RMSLIN", "v2 v3");
-  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro");
+  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro ps");
   if (legacy()) return Gen::V2;
   if (side != Gen::Default) return side;
   return all == Gen::V3 ? Gen::V3 : Gen::V2;  // the default forward is v2
@@ -470,6 +477,17 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   }
   DeviceBuffer<T> wg(m * k, s);
   const int sms = num_sms();
+  if (gen == Gen::PS && k > 0 && m > 0) {
+    // Producer-sum forward: wg = W diag(g) here; the GEMM's TMA producer warp sums x^2.
+    const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
+    fast::prep_fwd<T><<<w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,
+                                               static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps, 0);
+    check_launch("prep_fwd(wg)");
+    sm90_gemm_fwd_psum(a.dims.dtype, a.x, wg.get(), static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
+                       (float)a.dims.eps, s);
+    wg.release(s);
+    return;
+  }
   if (fused) {
     // Read-only variant: wg = W diag(g) here, the GEMM mainloop only sums x^2.
     const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
@@ -559,8 +577,9 @@ template <typename T> void backward_fast(const RmsLinBwdArgs& a, bool sm80 = fal
   float* part = reinterpret_cast<float*>(ws.get() + xn_bytes);
   float* part_b = reinterpret_cast<float*>(ws.get() + xn_bytes + dg_bytes);
   unsigned* ticket = fused_reduce() ? ticket_for(s) : nullptr;
-  // dxn = dy W into dx.
-  if (sm80)
+  // dxn = dy W into dx (unless the caller computed it there).
+  if (a.dxn_given) {
+  } else if (sm80)
     sm80_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s);
   else
     sm90_gemm_dgrad(a.dims.dtype, a.dy, a.w, a.dx, n, k, m, s, pdl);
@@ -648,8 +667,13 @@ template <typename T> void backward(const RmsLinBwdArgs& a) {
   }
   DeviceBuffer<float> dxn(n * k, s);
   float* dxp = dxn.get();
-  // dxn = dy W: M = n, N = k, reduction over m.
-  launch_gemm(n, k, m, LoadRowMajor<T>{dy, m}, LoadRowMajor<T>{w, k}, EpStore<float>{dxp, k}, s);
+  // dxn = dy W: M = n, N = k, reduction over m (or widened from dx where the caller computed it).
+  if (a.dxn_given) {
+    widen_kernel<T><<<(unsigned)std::max<int64_t>(1, std::min<int64_t>((n * k + 255) / 256, 65535)), 256, 0, s>>>(
+        static_cast<const T*>(a.dx), dxp, n * k);
+    check_launch("widen_kernel");
+  } else
+    launch_gemm(n, k, m, LoadRowMajor<T>{dy, m}, LoadRowMajor<T>{w, k}, EpStore<float>{dxp, k}, s);
   launch_colsum(n, k, DgTerm<T>{dxp, x, rstd, k}, StoreVec<T>{dg}, s);
   dx_kernel<T><<<(unsigned)n, 256, 0, s>>>(x, g, rstd, dxp, dx, n, k);
   check_launch("dx_kernel");

@@ -71,8 +71,9 @@ def ref_all(x, nw, w, b, dy, eps):
     return y.detach(), grads
 
 
-def call_native(x, nw, w, b, dy, eps):
-    """The raw binding with poisoned (NaN) outputs, so any element not written shows up."""
+def call_native(x, nw, w, b, dy, eps, dxn_given=False):
+    """The raw binding with poisoned (NaN) outputs, so any element not written shows up.
+    dxn_given: grad_x enters holding dy . W from cuBLAS (what the op does on CUDA by default)."""
     n, k = x.shape
     m = w.shape[0]
     C = _native.native()
@@ -81,12 +82,12 @@ def call_native(x, nw, w, b, dy, eps):
     rstd = torch.full((n,), float("nan"), device=DEV, dtype=torch.float32)
     C.rmsnorm_linear_fwd(_native.dl(x), _native.dl(nw), _native.dl(w), _native.dl(b), _native.dl(y),
                          _native.dl(rstd), eps, s)
-    dx = torch.full_like(x, float("nan"))
+    dx = torch.mm(dy, w) if dxn_given else torch.full_like(x, float("nan"))
     dg = torch.full_like(nw, float("nan"))
     dw = torch.full_like(w, float("nan"))
     db = torch.full((m,), float("nan"), device=DEV, dtype=x.dtype) if b is not None else None
     C.rmsnorm_linear_bwd(_native.dl(x), _native.dl(nw), _native.dl(w), _native.dl(rstd), _native.dl(dy),
-                         _native.dl(dx), _native.dl(dg), _native.dl(dw), _native.dl(db), eps, s)
+                         _native.dl(dx), _native.dl(dg), _native.dl(dw), _native.dl(db), eps, s, dxn_given)
     torch.cuda.synchronize()
     return y, rstd, dx, dg, dw, db
 
@@ -94,11 +95,11 @@ def call_native(x, nw, w, b, dy, eps):
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_forward_backward_vs_float64(n, k, m, bias, dtype):
+def test_forward_backward_vs_float64(n, k, m, bias, dtype, dxn_given=False):
     eps = 1e-6
     seed = zlib.crc32(repr((n, k, m, bias, str(dtype))).encode())
     x, nw, w, b, dy = make(n, k, m, dtype, bias, seed)
-    y, rstd, dx, dg, dw, db = call_native(x, nw, w, b, dy, eps)
+    y, rstd, dx, dg, dw, db = call_native(x, nw, w, b, dy, eps, dxn_given)
     y_ref, grads = ref_all(x, nw, w, b, dy, eps)
     rstd_ref = torch.rsqrt(x.double().cpu().pow(2).mean(-1) + eps)
     outs = {"y": (y, y_ref), "rstd": (rstd, rstd_ref), "dx": (dx, grads[0]), "dg": (dg, grads[1]),
@@ -232,6 +233,7 @@ def _needs_sm90():
     ("LLMTRAIN_RMSLIN", "v4", "not a kernel generation"),  # v4 lives on branch rmslin-v4-experiment only
     ("LLMTRAIN_RMSLIN_FWD", "v99", "not a kernel generation"),
     ("LLMTRAIN_RMSLIN_BWD", "ro", "not a kernel generation"),  # ro is a forward variant
+    ("LLMTRAIN_RMSLIN_BWD", "ps", "not a kernel generation"),  # so is ps
     ("LLMTRAIN_RMSLIN_LEGACY", "yes", "not 0 or 1"),
     ("LLMTRAIN_RMSLIN_SM80", "2", "not 0 or 1"),
     ("LLMTRAIN_RMSLIN_PDL", "on", "not 0 or 1"),
@@ -400,3 +402,64 @@ def test_cuda_graph_capture_matches_eager():
         torch.cuda.synchronize()
         for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), outs, want):
             assert torch.equal(u, v), f"{name}: graph replay differs from the eager call"
+
+
+# ---- session 11: the producer-sum forward (LLMTRAIN_RMSLIN_FWD=ps), cuBLAS for the data GEMM ----
+
+# Beyond SHAPES: k not a multiple of the 64-wide k tile, and grids with several tiles per persistent
+# CTA (16 x 33 = 528 and 8 x 128 = 1024 tiles on 132 SMs), which exercise the per-tile hand-over of
+# the row sums from the producer warp to the consumers.
+PS_SHAPES = SHAPES + [(257, 200, 136), (4099, 2048, 4096), (16384, 2048, 2048)]
+
+
+@pytest.mark.parametrize("n,k,m", PS_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_producer_sum_forward_vs_float64(n, k, m, bias, dtype, monkeypatch):
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "ps")
+    test_forward_backward_vs_float64(n, k, m, bias, dtype)
+
+
+def test_producer_sum_forward_is_deterministic_and_matches_v2(monkeypatch):
+    """Bit-identical reruns (no race in the sum hand-over); y and rstd agree with the v2 pre-pass
+    (different summation order: rstd to fp32 rounding, y to bf16 rounding)."""
+    _needs_sm90()
+    x, nw, w, b, dy = make(16384, 2048, 2048, torch.bfloat16, True, 12)
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "ps")
+    runs = [call_native(x, nw, w, b, dy, 1e-6) for _ in range(3)]
+    for other in runs[1:]:
+        for name, u, v in zip(("y", "rstd"), runs[0], other):
+            assert torch.equal(u, v), f"{name}: producer-sum forward not bit-identical across runs"
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v2")
+    v2 = call_native(x, nw, w, b, dy, 1e-6)
+    assert rel_err(runs[0][1].cpu(), v2[1].cpu()) < 1e-5, "rstd: ps vs v2"
+    assert rel_err(runs[0][0].cpu(), v2[0].cpu()) < 1e-2, "y: ps vs v2"
+
+
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_with_given_dxn_vs_float64(n, k, m, dtype):
+    """grad_x enters holding dy . W (cuBLAS): every path skips its own data GEMM (the portable one
+    widens it to fp32) and still produces every gradient."""
+    test_forward_backward_vs_float64(n, k, m, True, dtype, dxn_given=True)
+
+
+@pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (45, 4096, 136)])
+def test_backward_with_given_dxn_on_the_portable_tensor_core_path(n, k, m, monkeypatch):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync bf16 needs compute capability 8.0")
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_SM80", "1")
+    test_forward_backward_vs_float64(n, k, m, True, torch.bfloat16, dxn_given=True)
+
+
+@pytest.mark.parametrize("dgrad", ["cublas", "native"])
+def test_op_data_gemm_switch(dgrad, monkeypatch):
+    """The op's LLMTRAIN_RMSLIN_DGRAD choice: both give reference gradients; a typo is an error."""
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_DGRAD", dgrad)
+    test_autograd_any_leading_shape(torch.bfloat16)
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_DGRAD", "cublass")
+    x, nw, w, b, _ = make(16, 64, 32, torch.bfloat16, False, 1)
+    x.requires_grad_(True)
+    y = rmsnorm_linear(x, nw, w)
+    with pytest.raises(ValueError, match="LLMTRAIN_RMSLIN_DGRAD"):
+        y.sum().backward()

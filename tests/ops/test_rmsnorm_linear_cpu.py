@@ -107,3 +107,14 @@ def test_rstd_output_is_not_differentiable():
     ref = torch.autograd.grad(R.rmsnorm_linear(x, g, w, None, 1e-6).sum(), (x, g, w))
     for got, want in zip((dx, dg, dw), ref):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_given_dxn_is_refused_on_cpu():
+    """dxn_given (grad_x holds dy . W from cuBLAS) is a CUDA-only contract: a clear error on CPU."""
+    from llmtrain.ops import _native
+    n, k, m = 4, 16, 8
+    x, g, w = torch.randn(n, k), torch.rand(k) + 0.5, torch.randn(m, k)
+    dy, rstd = torch.randn(n, m), torch.rand(n)
+    dx, dg, dw = torch.mm(dy, w), torch.empty(k), torch.empty(m, k)
+    with pytest.raises(ValueError, match="only supported for CUDA"):
+        _C.rmsnorm_linear_bwd(*(_native.dl(t) for t in (x, g, w, rstd, dy, dx, dg, dw)), None, 1e-6, 0, True)

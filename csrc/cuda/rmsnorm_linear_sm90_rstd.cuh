@@ -1,0 +1,99 @@
+// Shared by the sm_90a forward GEMMs that compute rstd inside the kernel (rmsnorm_linear_sm90_fused.cu,
+// rmsnorm_linear_sm90_psum.cu): the per-tile rstd array in shared memory and the epilogue leaf that
+// writes it to global memory. Only included when the build has the CuTe/CUTLASS headers.
+#pragma once
+
+#include "rmsnorm_linear_sm90_gemm.cuh"
+
+namespace llmtrain {
+namespace rmslin {
+namespace sm90 {
+
+// Per-CTA rstd of the current 128-row tile, shared by the mainloop (writer) and the epilogue node.
+CUTLASS_DEVICE float* tile_rstd_smem() {
+  __shared__ float s[128];
+  return s;
+}
+
+// Epilogue leaf: passes the (already row-scaled) accumulator through and, for the first N tile of
+// each row block, writes that block's rstd (from shared memory) to global memory.
+struct RstdStoreAcc {
+  struct SharedStorage {};
+  struct Arguments {
+    float* rstd = nullptr;
+  };
+  using Params = Arguments;
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& a, void*) {
+    return a;
+  }
+  template <class ProblemShape> static bool can_implement(ProblemShape const&, Arguments const&) { return true; }
+  template <class ProblemShape> static size_t get_workspace_size(ProblemShape const&, Arguments const&) { return 0; }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE RstdStoreAcc() {}
+  CUTLASS_HOST_DEVICE RstdStoreAcc(Params const& p, SharedStorage const&) : params(p) {}
+  Params params;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(cutlass::epilogue::fusion::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
+    template <typename ElementAccumulator, int FragmentSize>
+    CUTLASS_DEVICE cutlass::Array<ElementAccumulator, FragmentSize> visit(
+        cutlass::Array<ElementAccumulator, FragmentSize> const& frg_acc, int, int, int) {
+      return frg_acc;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(cutlass::epilogue::fusion::ConsumerStoreArgs<Args...> const& args) {
+    auto [M, N, K, L] = args.problem_shape_mnkl;
+    auto [m, n, k, l] = args.tile_coord_mnkl;
+    const int t = args.thread_idx;
+    if (params.rstd && int(n) == 0 && t < 128) {
+      const int r = int(m) * 128 + t;
+      if (r < int(M)) params.rstd[r] = tile_rstd_smem()[t];
+    }
+    return ConsumerStoreCallbacks{};
+  }
+};
+
+// Types of a forward GEMM whose mainloop leaves the accumulators rstd-scaled and tile_rstd_smem()
+// filled: D = acc + bias[col], and the epilogue stores rstd. ExtraSmem: bytes of static shared
+// memory the mainloop adds (carved out of the stage count). At namespace scope: the host compiler
+// mis-parses the builders inside a function template.
+template <class Element_, int ExtraSmem> struct RstdFwdTypes {
+  using Element = Element_;
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  static constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Element, float, Round>, RstdStoreAcc,
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float, Stride<_0, _1, int64_t>,
+                                                  16 / sizeof(Element)>>;
+  static constexpr int Align = 8;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, Align, Element,
+      cutlass::layout::RowMajor, Align, cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, Align, Element,
+      cutlass::layout::ColumnMajor, Align, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
+                                                        ExtraSmem>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+};
+
+}  // namespace sm90
+}  // namespace rmslin
+}  // namespace llmtrain
