@@ -82,6 +82,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "../ops.h"
@@ -119,12 +120,27 @@ int kernel_version() {
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// v14 (LLMTRAIN_RETENTION_FLASH=v14; v12, the default, when unset): the one-chunk flash kernels
+// software-pipelined inside each warp (the next key tile's S GEMM issued before this tile's
+// element-wise pass; power_retention_flash.cuh, kPipe): flash_fwd_kernel and flash_dq_kernel.
+// Bitwise v12's results. Read per call, like LLMTRAIN_RETENTION_KERNEL, so one build can A/B them.
+bool flash_pipelined() {
+  const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
+  if (!e || !*e || !std::strcmp(e, "v12")) return false;
+  if (!std::strcmp(e, "v14")) return true;
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v12 or v14, got '") +
+                           e + "'");
+}
+
 struct Plan {
   int64_t b, t, hq, hk, d, D, E;
   int C, N, tpad, ntiles, nprefix;  // nprefix: blocks per b*hk of state_prefix_kernel
 };
 
+bool flash_pipelined();
+
 Plan make_plan(const RetentionDims& m) {
+  (void)flash_pipelined();  // (an unknown LLMTRAIN_RETENTION_FLASH fails every call, not only the flash ones)
   Plan p{};
   p.b = m.b; p.t = m.t; p.hq = m.hq; p.hk = m.hk; p.d = m.d; p.D = m.D; p.E = m.d + 8;
   p.C = (int)retention_cuda_chunk(m.t, m.chunk, kernel_version() >= 7 ? 8192 : 1024);
@@ -357,8 +373,12 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
-    launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                 (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    if (flash_pipelined())  // (v14's forward needs the same shared memory as v12's)
+      launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), true>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    else
+      launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
     return -1;
   }
   OutArgs o{};
@@ -493,8 +513,13 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
-    launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                 (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    // v14's dq keeps a third K / V tile in shared memory; where that does not fit, v12's dq (same bits)
+    if (flash_pipelined() && flash_dq_smem<d, true>(P.tpad) <= max_smem_optin())
+      launch_flash(flash_dq_kernel<d, T, flash_minb<d>(), true>, flash_dq_smem<d, true>(P.tpad),
+                   (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    else
+      launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_dq_kernel");
     launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                  (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
   } else {
