@@ -137,8 +137,6 @@ struct Plan {
   int C, N, tpad, ntiles, nprefix;  // nprefix: blocks per b*hk of state_prefix_kernel
 };
 
-bool flash_pipelined();
-
 Plan make_plan(const RetentionDims& m) {
   (void)flash_pipelined();  // (an unknown LLMTRAIN_RETENTION_FLASH fails every call, not only the flash ones)
   Plan p{};

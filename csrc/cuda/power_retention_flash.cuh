@@ -16,6 +16,28 @@
 // score's gradient a_ij and the dlog_g dots a_ij x_ij with the same float operations on the same
 // gate values (the tile rule depends on (i, j) alone), so the row and column sums of dlog_g
 // telescope as in v7.
+//
+// v14 (template argument kPipe; LLMTRAIN_RETENTION_FLASH=v14, power_retention.cu): software
+// pipelining inside each warp. v10-v12 run, per warp and key tile, the S GEMM (q.k^T), the
+// element-wise pass (square, gate, mask, bf16) and the P.V GEMM strictly one after another, and
+// 16 warps per SM did not hide that chain (session 10: 32-row warps, half the warps, were slower).
+// v14 issues the S GEMM of the next key tile before the element-wise pass of the current one, so
+// the tensor cores work on tile j + 1 while the ALU / MUFU pass of tile j runs; two score tiles
+// live in registers, still 16 rows per warp.
+//  - forward: whole 64-key tiles. K is staged one tile ahead of V in v12's two {K, V} slots (no more
+//    shared memory); q's A fragments are read from shared memory per k-step (gemm_abt_sa) instead
+//    of held in registers, which pays for the second score tile within 128 registers.
+//  - dq: 32-key half tiles ("units"), each issuing the (q.K^T, dy.V^T) GEMMs of the next unit:
+//    two whole (s, dy.v) tile pairs would need 64 registers more than 128 allow. A tile's body
+//    then reads tiles j and j + 1, so K / V (and the column factors) use a 3-slot ring: 6 kFT x LD
+//    of shared memory instead of 4 (flash_dq_smem<d, true>; v12's dq runs where that does not fit).
+//  - dk / dv: not pipelined (v12's kernel already spills at 128 registers).
+// Only warps below the diagonal pipeline: such a warp always needs the next tile (its first row is
+// past the tile's last key), and the diagonal tile is a warp's last (rows are 16-aligned), so the
+// diagonal tile runs as in v12 and "is there a next tile" needs no runtime test in the hot path.
+// Warps whose rows all lie past t skip every tile (v12 computes them and stores nothing).
+// Results are bitwise v12's: per element the same float operations in the same order, the same
+// MMAs accumulating in the same order (the factored / per-element gate forms unchanged).
 #pragma once
 
 #include <type_traits>
