@@ -694,7 +694,7 @@ def test_v14_flash_pipelined_matches_v12(monkeypatch, c):
 def test_v14_flash_dq_shared_memory_fallback(monkeypatch):
     """v14's dq needs a third K / V tile of shared memory: under a limit that fits v12's flash kernels
     but not v14's dq, v14 runs v12's dq (and its own forward): still bitwise v12's. (d = 64, t = 2000:
-    v12's dq / dkv need 82,432 / 84,992 bytes, v14's dq 101,120.)"""
+    v12's dq / dkv need 82,432 / 83,968 bytes, v14's dq 101,120.)"""
     _assert_bitwise(_flash_v12_v14(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), smem="90000"))
 
 
