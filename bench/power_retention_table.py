@@ -73,13 +73,18 @@ def make_impls(d):
 
     # All kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
     # call; set before the forward, it also holds for the backward that follows).
-    def ours(ver, chunk=None):
+    def ours(ver, chunk=None, flash="v14"):
         def fn(q, k, v, g):
             os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
+            os.environ["LLMTRAIN_RETENTION_FLASH"] = flash
             return power_retention(q, k, v, g, chunk_size=q.shape[1] if chunk == "single" else chunk)
         return fn
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
+    # session 11: the one-chunk flash kernels with the v12 dq (ours-f12) and with the pipelined forward
+    # too (ours-f14all); "ours" runs the default, the pipelined dq (LLMTRAIN_RETENTION_FLASH=v14)
+    impls["ours-f12"] = (ours("", flash="v12"), flops_power)
+    impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
     for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows;

@@ -82,6 +82,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "../ops.h"
@@ -119,12 +120,31 @@ int kernel_version() {
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// v14: the one-chunk flash kernels software-pipelined inside each warp (the next key tile's S GEMM
+// issued before this tile's element-wise pass; power_retention_flash.cuh, kPipe), bitwise v12's
+// results. H100, session 11 (docs/perf.md): the pipelined dq runs 1.08 ms against 1.24 at t = 2048,
+// the pipelined forward 0.79 against 0.72. LLMTRAIN_RETENTION_FLASH picks, per call:
+//   v14 (the default, also when unset): pipelined dq, v12 forward;
+//   v14-all: the pipelined forward as well (A/B);  v12: neither.
+struct FlashPipe {
+  bool fwd, dq;
+};
+FlashPipe flash_pipelined() {
+  const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
+  if (!e || !*e || !std::strcmp(e, "v14")) return {false, true};
+  if (!std::strcmp(e, "v14-all")) return {true, true};
+  if (!std::strcmp(e, "v12")) return {false, false};
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v14, v14-all or v12, "
+                                       "got '") + e + "'");
+}
+
 struct Plan {
   int64_t b, t, hq, hk, d, D, E;
   int C, N, tpad, ntiles, nprefix;  // nprefix: blocks per b*hk of state_prefix_kernel
 };
 
 Plan make_plan(const RetentionDims& m) {
+  (void)flash_pipelined();  // (an unknown LLMTRAIN_RETENTION_FLASH fails every call, not only the flash ones)
   Plan p{};
   p.b = m.b; p.t = m.t; p.hq = m.hq; p.hk = m.hk; p.d = m.d; p.D = m.D; p.E = m.d + 8;
   p.C = (int)retention_cuda_chunk(m.t, m.chunk, kernel_version() >= 7 ? 8192 : 1024);
@@ -357,8 +377,12 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
-    launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                 (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    if (flash_pipelined().fwd)  // (v14's forward needs the same shared memory as v12's)
+      launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), true>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    else
+      launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
     return -1;
   }
   OutArgs o{};
@@ -493,8 +517,13 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
-    launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                 (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    // v14's dq keeps a third K / V tile in shared memory; where that does not fit, v12's dq (same bits)
+    if (flash_pipelined().dq && flash_dq_smem<d, true>(P.tpad) <= max_smem_optin())
+      launch_flash(flash_dq_kernel<d, T, flash_minb<d>(), true>, flash_dq_smem<d, true>(P.tpad),
+                   (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_dq_kernel");
+    else
+      launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hq, P, f, st, "flash_dq_kernel");
     launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                  (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
   } else {

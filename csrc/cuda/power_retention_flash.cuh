@@ -16,6 +16,28 @@
 // score's gradient a_ij and the dlog_g dots a_ij x_ij with the same float operations on the same
 // gate values (the tile rule depends on (i, j) alone), so the row and column sums of dlog_g
 // telescope as in v7.
+//
+// v14 (template argument kPipe; LLMTRAIN_RETENTION_FLASH=v14, power_retention.cu): software
+// pipelining inside each warp. v10-v12 run, per warp and key tile, the S GEMM (q.k^T), the
+// element-wise pass (square, gate, mask, bf16) and the P.V GEMM strictly one after another, and
+// 16 warps per SM did not hide that chain (session 10: 32-row warps, half the warps, were slower).
+// v14 issues the S GEMM of the next key tile before the element-wise pass of the current one, so
+// the tensor cores work on tile j + 1 while the ALU / MUFU pass of tile j runs; two score tiles
+// live in registers, still 16 rows per warp.
+//  - forward: whole 64-key tiles. K is staged one tile ahead of V in v12's two {K, V} slots (no more
+//    shared memory); q's A fragments are read from shared memory per k-step (gemm_abt_sa) instead
+//    of held in registers, which pays for the second score tile within 128 registers.
+//  - dq: 32-key half tiles ("units"), each issuing the (q.K^T, dy.V^T) GEMMs of the next unit:
+//    two whole (s, dy.v) tile pairs would need 64 registers more than 128 allow. A tile's body
+//    then reads tiles j and j + 1, so K / V (and the column factors) use a 3-slot ring: 6 kFT x LD
+//    of shared memory instead of 4 (flash_dq_smem<d, true>; v12's dq runs where that does not fit).
+//  - dk / dv: not pipelined (v12's kernel already spills at 128 registers).
+// Only warps below the diagonal pipeline: such a warp always needs the next tile (its first row is
+// past the tile's last key), and the diagonal tile is a warp's last (rows are 16-aligned), so the
+// diagonal tile runs as in v12 and "is there a next tile" needs no runtime test in the hot path.
+// Warps whose rows all lie past t skip every tile (v12 computes them and stores nothing).
+// Results are bitwise v12's: per element the same float operations in the same order, the same
+// MMAs accumulating in the same order (the factored / per-element gate forms unchanged).
 #pragma once
 
 #include <type_traits>
@@ -47,9 +69,10 @@ template <int d> constexpr size_t flash_fwd_smem(int tpad) {
   constexpr int LD = Cfg<d>::LD;
   return (size_t)kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 4 + (size_t)tpad * 4;
 }
-template <int d> constexpr size_t flash_dq_smem(int tpad) {
-  constexpr int LD = Cfg<d>::LD;
-  return (size_t)2 * kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 4 + (size_t)tpad * 4;
+// (v14's dq keeps 3 K / V tiles and column factors in a ring instead of 2)
+template <int d, bool kPipe = false> constexpr size_t flash_dq_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD, NS = kPipe ? 3 : 2;
+  return (size_t)2 * kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 4 + (size_t)tpad * 4;
 }
 template <int d> constexpr size_t flash_dkv_smem(int tpad) {
   constexpr int LD = Cfg<d>::LD;
@@ -103,6 +126,26 @@ __device__ __forceinline__ void gemm_abt(float (&s)[8][4], const uint32_t (&a)[K
       mma(s[2 * np], a[ks], b[0], b[1]);
       mma(s[2 * np + 1], a[ks], b[2], b[3]);
     }
+}
+
+// The same with the A fragments read from shared memory per k-step (4 live registers instead of
+// 4 KS): the same MMAs in the same order, so the same sums.
+// NP: 16-key column pairs of B (4: a 64-key tile; 2: half of one, b_tile at its first key).
+template <int KS, int LD, int NP = 4>
+__device__ __forceinline__ void gemm_abt_sa(float (&s)[2 * NP][4], const bf16* a_tile, int row0, const bf16* b_tile,
+                                            int lane) {
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[1][4];
+    ldsm4(a[0], a_tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int np = 0; np < NP; ++np) {
+      uint32_t b[4];
+      ldsm4(b, b_tile + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+      mma(s[2 * np], a[0], b[0], b[1]);
+      mma(s[2 * np + 1], a[0], b[2], b[3]);
+    }
+  }
 }
 
 // acc[16 x d] += P[16 x 16 KK] . B, P in accumulator layout (rounded to bf16), B a [16 KK][LD] tile.
@@ -203,13 +246,65 @@ template <int d, typename T> struct QueryBlock {
     cp_wait<1>();
     __syncthreads();
   }
+  // v14 (kPipe): K runs one tile ahead of V in the same two {K, V} slots. Group n + 2, committed at
+  // the top of tile n, holds K(n + 2) (into K slot n & 1: K(n) fed the S GEMM of tile n, issued
+  // during tile n - 1) and V(n + 1) (into V slot (n + 1) & 1: V(n - 1) fed tile n - 1's P.V). After
+  // the wait, group n + 1 = {K(n + 1), V(n)} has landed: tile n's body reads K(n + 1) (the next S
+  // GEMM), V(n) and the column factors of tile n, while group n + 2 writes the other K and V slots.
+  // Shared memory as v12 (4 kFT x LD). Prologue: group 0 = {K(0), V(0), the rows} (start), then
+  // start_pipe: group 1 = {K(1)}, waits for group 0 (K(0) for the first S GEMM) and syncs.
+  __device__ void start_pipe(bf16* kv) const {
+    if (1 < ntiles) flash_tile<d>(kv + 2 * kFT * LD, static_cast<const T*>(p.k), tok0, p.hk, h, kFT, kFT, cnt);
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+  }
+  // v14 dq (kPipe): a 3-slot ring, slot n % 3 = {K(n), V(n), column factors of tile n}; tile n's
+  // body also issues the first S / dy.V GEMMs of tile n + 1, so tiles n and n + 1 are read while
+  // tile n + 2 loads into the slot of tile n - 1 (free: every warp has passed the barrier after
+  // tile n - 1's body). Group n (tile n) is committed at the top of tile n - 2; prologue: group 0
+  // = {tile 0, the rows} (start), then start_ring3: group 1 = {tile 1}; waits for group 0, syncs.
+  // 6 kFT x LD of shared memory instead of 4 (flash_dq_smem).
+  __device__ void start_ring3(bf16* kv, float* cbs, const float* Gs) const {
+    if (1 < ntiles) {
+      load_kv(kFT, kv + 2 * kFT * LD);
+      column_factors(cbs + kFT, Gs, kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+  }
+  __device__ void next_tile_ring3(int it, bf16* kv, float* cbs, const float* Gs) const {
+    __syncthreads();
+    if (it + 2 < ntiles) {
+      const int sl = (it + 2) % 3;
+      load_kv((it + 2) * kFT, kv + sl * 2 * kFT * LD);
+      column_factors(cbs + sl * kFT, Gs, (it + 2) * kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+  }
+  __device__ void next_tile_pipe(int it, bf16* kv, float* cbs, const float* Gs) const {
+    __syncthreads();
+    if (it + 2 < ntiles)
+      flash_tile<d>(kv + (it & 1) * 2 * kFT * LD, static_cast<const T*>(p.k), tok0, p.hk, h, (it + 2) * kFT, kFT, cnt);
+    if (it + 1 < ntiles) {
+      flash_tile<d>(kv + ((it + 1) & 1) * 2 * kFT * LD + kFT * LD, static_cast<const T*>(p.v), tok0, p.hk, h,
+                    (it + 1) * kFT, kFT, cnt);
+      column_factors(cbs + ((it + 1) & 1) * kFT, Gs, (it + 1) * kFT, cnt);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
 // Forward: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64
 // keys double-buffered (cp.async for bf16).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB>
+template <int d, typename T, int MINB, bool kPipe = false>
 __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashArgs p) {
   constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -226,14 +321,75 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
-  uint32_t aq[KS][4];
-  load_a_frags<KS, LD>(aq, qs, warp * 16, lane);
+  if constexpr (kPipe) blk.start_pipe(kv);
+  uint32_t aq[kPipe ? 1 : KS][4];  // (v14 reads q's fragments from shared memory per k-step)
+  if constexpr (!kPipe) load_a_frags<KS, LD>(aq, qs, warp * 16, lane);
   const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
   const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
   const float sc2 = p.scale * p.scale;
   float acc[ND][4];
   zero(acc);
   float den[4] = {0.f, 0.f, 0.f, 0.f};
+  if constexpr (kPipe) {
+    // v14: the S GEMM of tile it + 1 is issued before tile it's element-wise pass and P.V, so the
+    // tensor cores work on the next tile while the ALU / MUFU pass runs (two score tiles in
+    // registers). A warp whose tile it lies below the diagonal needs tile it + 1 too (its first row
+    // is past the tile's last key, so it + 1 < ntiles and the next tile starts at or before that
+    // row); a warp on its diagonal tile has no further tile (wfirst is a multiple of 16, so the
+    // next tile would start past its last row). So only the factored (below) branch issues the next
+    // S GEMM, in the same basic block as the element-wise pass. Warps whose rows all lie past t
+    // (v12 computes them and stores nothing) skip every tile, which keeps "below" => "a next tile".
+    // Per element the same float operations in the same order as v12, the P.V MMAs in the same
+    // order over tiles: y, y32 and 1 / den are bitwise v12's.
+    const bool live = wfirst < cnt;
+    float sa[8][4], sb[8][4];
+    if (live) {
+      zero(sa);
+      gemm_abt_sa<KS, LD>(sa, qs, warp * 16, kv, lane);
+    }
+    auto step = [&](int it, float (&s)[8][4], float (&sn)[8][4]) {
+      const int kb0 = it * kFT;
+      blk.next_tile_pipe(it, kv, cbs, Gs);
+      if (!live || kb0 > wfirst + 15) return;
+      const bf16* Vs = kv + (it & 1) * 2 * kFT * LD + kFT * LD;
+      const float* cb = cbs + (it & 1) * kFT;
+      const int kl = tile_last_key(kb0, cnt);
+      const float gkl = Gs[kl];
+      const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
+      if (wfirst > kl) {
+        zero(sn);
+        gemm_abt_sa<KS, LD>(sn, qs, warp * 16, kv + ((it + 1) & 1) * 2 * kFT * LD, lane);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
+          s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
+          s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
+          s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
+          s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+            float ex;
+            if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
+            else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
+            s[nt][e] = s[nt][e] * s[nt][e] * ex;
+          }
+        // (this warp's last tile: sn is never read. Defined here, after the pass, so that the
+        // register allocator does not keep the other tile's values alive through it.)
+        zero(sn);
+      }
+      gemm_pb<4, ND, LD>(acc, s, Vs, lane, den);
+    };
+    // unrolled by two so that the two score tiles swap roles without register copies
+    for (int it = 0; it < blk.ntiles; it += 2) {
+      step(it, sa, sb);
+      if (it + 1 < blk.ntiles) step(it + 1, sb, sa);
+    }
+  } else
   for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
     blk.next_tile(it, kv, cbs, Gs);
@@ -305,15 +461,15 @@ __device__ __forceinline__ float score_grad(float x, float ex, float da, float d
 // dq: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64 keys.
 // Writes dq and q.dq per row (the dlog_g row term, summed in fp32 from the a_ij x_ij).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB>
+template <int d, typename T, int MINB, bool kPipe = false>
 __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArgs p) {
-  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16, NS = kPipe ? 3 : 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* dys = qs + kFR * LD;                     // [128][LD]
-  bf16* kv = dys + kFR * LD;                     // 2 x {K, V}
-  float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);
-  float* Gs = cbs + 2 * kFT;
+  bf16* kv = dys + kFR * LD;                     // NS x {K, V}
+  float* cbs = reinterpret_cast<float*>(kv + NS * 2 * kFT * LD);  // NS x [64]
+  float* Gs = cbs + NS * kFT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const QueryBlock<d, T> blk(p);
   const int row0 = blk.row0, cnt = blk.cnt;
@@ -324,6 +480,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   cp_commit();
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
+  if constexpr (kPipe) blk.start_ring3(kv, cbs, Gs);
   const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
   const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
   const float2* rst = p.rowstat + (bi * p.hq + hqi) * p.tpad;
@@ -332,6 +489,83 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   float acc[ND][4];
   zero(acc);
   float dot0 = 0.f, dot1 = 0.f;
+  if constexpr (kPipe) {
+    // v14: the key tile in two 32-key halves ("units"), software-pipelined: each unit issues the
+    // q.K^T and dy.V^T GEMMs of the next unit (the tile's second half, or the next tile's first)
+    // before its own element-wise pass and its ds.K MMAs. Halves, not whole tiles: two whole
+    // (s, dy.v) tile pairs would need 64 more registers than 128 allow. Tile n + 1's first half is
+    // issued during tile n, hence the 3-slot K / V ring (QueryBlock::next_tile_ring3). As in the
+    // forward: a warp below the diagonal in tile n also needs tile n + 1, a warp on its diagonal
+    // tile needs no further one, and warps with every row past t skip every tile.
+    // Per element the same float operations as v12; the da / dot sums over the same keys in the
+    // same order (v12's nt = 0..7 is the halves' 0..3, 0..3) and the ds.K MMAs in the same k order
+    // (kk = 0, 1 | 2, 3): dq and q.dq are bitwise v12's.
+    const bool live = wfirst < cnt;
+    float sa[4][4], ga[4][4], sb[4][4], gb[4][4];  // (s, dy.v) of the current and the next half
+    // the GEMMs of half hf of the tile in ring slot sl
+    auto gemms = [&](float (&s)[4][4], float (&da)[4][4], int sl, int hf) {
+      const bf16* Ks = kv + sl * 2 * kFT * LD + hf * 32 * LD;
+      zero(s);
+      zero(da);
+      gemm_abt_sa<KS, LD, 2>(s, qs, warp * 16, Ks, lane);
+      gemm_abt_sa<KS, LD, 2>(da, dys, warp * 16, Ks + kFT * LD, lane);
+    };
+    if (live) gemms(sa, ga, 0, 0);
+    for (int it = 0; it < blk.ntiles; ++it) {
+      const int kb0 = it * kFT;
+      blk.next_tile_ring3(it, kv, cbs, Gs);
+      if (!live || kb0 > wfirst + 15) continue;
+      const int sl = it % 3;
+      const bf16* Ks = kv + sl * 2 * kFT * LD;
+      const float* cb = cbs + sl * kFT;
+      const int kl = tile_last_key(kb0, cnt);
+      const float gkl = Gs[kl];
+      const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
+      const bool below = wfirst > kl;
+      // the element-wise pass of half hf (v12's, with its below-the-diagonal case split off: there
+      // v12's per-element test picks ra * cb for every element, the same product as here)
+      auto pass = [&](float (&s)[4][4], const float (&da)[4][4], int hf) {
+        if (below) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float ex = (e < 2 ? ra0 : ra1) * cb[hf * 32 + nt * 8 + 2 * tq + (e & 1)];
+              const float x = s[nt][e] * p.scale;
+              s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
+            }
+        } else {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = e < 2 ? i0 : i1, c = hf * 32 + nt * 8 + 2 * tq + (e & 1), j = kb0 + c;
+              float ex;
+              if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[c];
+              else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) : 0.f;
+              const float x = s[nt][e] * p.scale;
+              s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
+            }
+        }
+      };
+      if (below) {
+        gemms(sb, gb, sl, 1);  // the second half's GEMMs (this tile)
+        pass(sa, ga, 0);
+        gemm_pb<2, ND, LD>(acc, sa, Ks, lane);
+        gemms(sa, ga, (it + 1) % 3, 0);  // the next tile's first half (see above)
+        pass(sb, gb, 1);
+        gemm_pb<2, ND, LD>(acc, sb, Ks + 32 * LD, lane);
+      } else {  // the diagonal tile, the warp's last: not pipelined (its masked pass needs the registers)
+        pass(sa, ga, 0);
+        gemm_pb<2, ND, LD>(acc, sa, Ks, lane);
+        gemms(sb, gb, sl, 1);
+        pass(sb, gb, 1);
+        gemm_pb<2, ND, LD>(acc, sb, Ks + 32 * LD, lane);
+        zero(sa);  // (never read; defined here so that they hold no live values through the tile)
+        zero(ga);
+      }
+    }
+  } else
   for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
     blk.next_tile(it, kv, cbs, Gs);

@@ -638,6 +638,91 @@ def test_v12_state_contraction_matches_v11(monkeypatch, c):
             assert err < 1e-3, f"{nm}: {err:.3e}"
 
 
+V14_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),
+             (2, 4096, 4, 1, 64, torch.bfloat16, True), (3, 1, 5, 5, 64, torch.bfloat16, True),
+             (3, 129, 5, 5, 64, torch.float16, False), (2, 4096, 4, 2, 64, torch.float16, False),
+             (3, 1000, 5, 5, 64, torch.float16, True), (2, 900, 4, 2, 64, torch.float32, True),
+             (3, 77, 5, 5, 32, torch.bfloat16, True), (3, 1000, 4, 4, 32, torch.float16, False),
+             (2, 4096, 4, 2, 32, torch.bfloat16, True), (3, 1, 5, 5, 32, torch.float16, False),
+             (2, 700, 4, 4, 128, torch.bfloat16, True), (3, 129, 5, 5, 128, torch.float16, True),
+             (2, 4096, 4, 1, 128, torch.bfloat16, False), (3, 1000, 6, 3, 128, torch.float16, False)]
+
+
+def _flash_v12_v14(monkeypatch, c, smem=""):
+    """y, dq, dk, dv, dlog_g of one-chunk runs under LLMTRAIN_RETENTION_FLASH=v12 and =v14-all (same inputs)."""
+    b, t, hq, hk, d, dtype, gated = c
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
+    res = {}
+    for ver, env in (("v12", "v12"), ("v14", "v14-all")):  # v14-all: the pipelined forward and dq
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", env)
+        kept = []
+        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
+        # the kept buffer starts with the forward's fp32 y [b, t, hq, d] and 1 / den [b, hq, t]
+        # (csrc/cuda/power_retention.cu: one chunk, each carved at a multiple of 256 bytes)
+        n_y, n_den = b * t * hq * d, b * hq * t
+        off = (n_y * 4 + 255) // 256 * 256
+        y32 = kept[0][: n_y * 4].view(torch.float32).clone()
+        inv_den = kept[0][off: off + n_den * 4].view(torch.float32).clone()
+        res[ver] = (y, y32, inv_den) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
+    torch.cuda.synchronize()
+    return res
+
+
+def _assert_bitwise(res):
+    for nm, a, b_ in zip(("y", "y32", "inv_den", "dq", "dk", "dv", "dlog_g"), res["v12"], res["v14"]):
+        if a is None:
+            continue
+        assert torch.isfinite(b_).all(), nm
+        assert torch.equal(a, b_), f"{nm}: max |diff| {(a.float() - b_.float()).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("c", V14_CASES, ids=[f"b{c[0]}-t{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-{str(c[5]).split('.')[-1]}-"
+                                               f"{'gated' if c[6] else 'ungated'}" for c in V14_CASES])
+def test_v14_flash_pipelined_matches_v12(monkeypatch, c):
+    """LLMTRAIN_RETENTION_FLASH=v14 software-pipelines the one-chunk flash kernels inside each warp
+    (forward: the next key tile's S GEMM before this tile's element-wise pass; dq: the same over
+    32-key halves, with a 3-slot K / V ring): per element the same float operations in the same order
+    and the MMAs accumulating in the same order, so y, the forward's fp32 y and 1 / den (the kept
+    buffer), dq, dk, dv and dlog_g are bitwise v12's. d = 32 / 64 / 128, bf16 / fp16 / fp32, GQA,
+    t = 1 / 77 / 129 / 1000 / 4096, b = 3, 5 heads, gated and not."""
+    _assert_bitwise(_flash_v12_v14(monkeypatch, c))
+
+
+def test_v14_flash_dq_shared_memory_fallback(monkeypatch):
+    """v14's dq needs a third K / V tile of shared memory: under a limit that fits v12's flash kernels
+    but not v14's dq, v14 runs v12's dq (and its own forward): still bitwise v12's. (d = 64, t = 2000:
+    v12's dq / dkv need 82,432 / 83,968 bytes, v14's dq 101,120.)"""
+    _assert_bitwise(_flash_v12_v14(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), smem="90000"))
+
+
+def test_v14_flash_kernels_run(monkeypatch):
+    """The switch reaches the kernels: unset and v14 (the default) run the pipelined dq (template
+    argument kPipe = true) with v12's forward, v14-all both pipelined, v12 neither; a bad value is a
+    clear error."""
+    q, k, v, log_g, gen = make(2, 1000, 4, 2, 64, torch.bfloat16, True)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
+    expect = {"": (False, True), "v14": (False, True), "v14-all": (True, True), "v12": (False, False)}
+    for ver, (fwd_piped, dq_piped) in expect.items():
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            kept = []
+            run_fwd(q, k, v, log_g, None, None, 1000, False, keep=kept)
+            run_bwd(q, k, v, log_g, None, None, dy, None, None, 1000, saved=kept[0])
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        for kern in ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel"):
+            assert any(kern in n for n in names), (ver, kern)
+        piped = tuple(any(kern in n and "true>" in n for n in names) for kern in ("flash_fwd_kernel", "flash_dq_kernel"))
+        assert piped == (fwd_piped, dq_piped), (ver, piped)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v13")
+    with pytest.raises(RuntimeError, match="LLMTRAIN_RETENTION_FLASH"):
+        run_fwd(q, k, v, log_g, None, None, 1000, False)
+
+
 def test_v11_kind0_buffer_has_no_rows(monkeypatch):
     """A general (kind 0) forward workspace holds chunk states but no rows, though at small sizes it is
     larger than states + rows (its v2 scratch): a v11 backward given it must recompute ghat instead of
