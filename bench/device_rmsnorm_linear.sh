@@ -65,15 +65,15 @@ fi
 # 3. Kernel breakdown at 16384x2048->2048 (torch profiler): the default, session 7's row kernels
 #    (LLMTRAIN_RMSLIN_ROWS=s7), the row pass's L2 prefetch, and v2. A profiled run serializes differently from do_bench: compare the sum
 #    of kernel times with the table's wall times for the launch gaps.
-#    RMS_PROFILE=1 runs it under the verify plan too (session 11: ps forward, native data GEMM).
+#    RMS_PROFILE=1 runs it under the verify plan too (session 11: the native data GEMM).
 [ "$PLAN" = full ] || [ "${RMS_PROFILE:-0}" = 1 ] && step profile 30 python3 - <<'PY' 2>&1 | tee "$R/profile.txt"
 import os, sys, torch
 sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("ps", {"LLMTRAIN_RMSLIN_FWD": "ps"}),
-                       ("native_dgrad", {"LLMTRAIN_RMSLIN_DGRAD": "native"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+for label_env, env in (("default", {}), ("native_dgrad", {"LLMTRAIN_RMSLIN_DGRAD": "native"}),
+                       ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
     os.environ.update(env)

@@ -8,7 +8,7 @@ LLMTRAIN_RMSLIN_FWD=ro (W diag(g) pre-pass, the fused GEMM only sums x^2), "ours
 mma.sync path forced on this GPU, "ours_pdl" / "ours_sepred" the default with programmatic
 dependent launch / with the separate reduce_parts kernel, "ours_s7" the default with session 7's
 row kernels (LLMTRAIN_RMSLIN_ROWS=s7), "ours_pf" the default with the row pass's opt-in L2 prefetch
-(LLMTRAIN_RMSLIN_PREFETCH=1), "ours_ps" the producer-sum forward (LLMTRAIN_RMSLIN_FWD=ps), "ours_nat"
+(LLMTRAIN_RMSLIN_PREFETCH=1), "ours_nat"
 the extension's own backward data GEMM instead of cuBLAS's (LLMTRAIN_RMSLIN_DGRAD=native); all in
 the same process.
 `--impls ours,ours_pdl,compiled` measures a subset (eager always).
@@ -49,7 +49,6 @@ def make_impls():
         "ours_s7": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_pf": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
-        "ours_ps": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_nat": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
@@ -122,8 +121,6 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        "ours_s7": {"LLMTRAIN_RMSLIN_ROWS": "s7"},
        # session 8: the s8 row pass with its opt-in L2 prefetch of each warp's next row
        "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"},
-       # session 11: the producer-sum forward (the GEMM's TMA warp sums x^2; W diag(g) pre-pass only)
-       "ours_ps": {"LLMTRAIN_RMSLIN_FWD": "ps"},
        # session 11 A/B: the extension's own data GEMM instead of cuBLAS's (the session-10 default)
        "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"}}
 

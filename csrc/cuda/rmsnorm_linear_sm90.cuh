@@ -29,11 +29,6 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
 bool sm90_fwd_fused_available(DType dtype);
 void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
-// Producer-sum forward (bf16 / fp16): y = (x . wg^T) * rstd[row] + bias with wg = W diag(g) given,
-// rstd computed inside the GEMM by its TMA producer warp and written to rstd[n] (k > 0). See
-// rmsnorm_linear_sm90_psum.cu.
-void sm90_gemm_fwd_psum(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
-                        int64_t k, int64_t m, float eps, cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
                      cudaStream_t s, bool pdl = false);

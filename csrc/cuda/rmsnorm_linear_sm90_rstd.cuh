@@ -1,5 +1,5 @@
-// Shared by the sm_90a forward GEMMs that compute rstd inside the kernel (rmsnorm_linear_sm90_fused.cu,
-// rmsnorm_linear_sm90_psum.cu): the per-tile rstd array in shared memory and the epilogue leaf that
+// Shared by the sm_90a forward GEMMs that compute rstd inside the kernel (rmsnorm_linear_sm90_fused.cu;
+// the producer-sum variant on branch exp-rmslin-ps): the per-tile rstd array in shared memory and the epilogue leaf that
 // writes it to global memory. Only included when the build has the CuTe/CUTLASS headers.
 #pragma once
 
