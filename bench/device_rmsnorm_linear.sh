@@ -51,7 +51,7 @@ step() {
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1
 PYT="python3 -m pytest -q -p no:cacheprovider tests/cuda/test_rmsnorm_linear_cuda.py"
 # 1. Correctness: every test (v2 default + v3 and the switches via their own tests).
-[ "${RMS_TESTS:-1}" = 1 ] && step tests "${RMS_TESTS_S:-90}" bash -c "$PYT 2>&1 | tail -25 | tee '$R/tests.txt'"
+[ "${RMS_TESTS:-1}" = 1 ] && step tests "${RMS_TESTS_S:-90}" bash -c "$PYT 2>&1 | tail -${RMS_TESTS_TAIL:-25} | tee '$R/tests.txt'"
 # 1b. Row-kernel micro-benchmark (session 8): the pre-pass and the backward row pass alone, s7 vs s8,
 #     against a device-to-device copy, bit-for-bit checks between the two (standalone nvcc build,
 #     no torch). RMS_MICRO=0 skips it. Results: micro.txt.
