@@ -172,3 +172,20 @@ def test_classifying_a_batch_needs_a_pad_token(kind):
     model = KINDS[kind][2](KINDS[kind][0](pad_token_id=None))
     with pytest.raises(ValueError, match="pad_token_id"):
         model(tokens(2, 5))
+
+
+def test_forward_takes_the_cache_under_either_name(kind):
+    """transformers >= 5.24 hands the cache to forward as `cache` (before: `past_key_values`). A cache
+    under the new name must be used, not dropped into **kwargs (which made every MLA generation step
+    start from an empty cache); two different caches at once are an error."""
+    model = make(kind)
+    ids = tokens(1, 5)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = model.model._new_cache()
+            model(ids[:, :4], use_cache=True, **{name: cache})
+            step = model(ids[:, 4:], use_cache=True, **{name: cache}).logits[:, -1]
+            assert torch.allclose(step, full, rtol=1e-4, atol=1e-4), name
+        with pytest.raises(ValueError, match="pass the cache once"):
+            model(ids, cache=model.model._new_cache(), past_key_values=model.model._new_cache())

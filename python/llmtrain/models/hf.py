@@ -24,6 +24,16 @@ except ImportError:  # pragma: no cover - transformers 4
     from torch.nn import init
 
 
+def cache_argument(past_key_values, kwargs: dict):
+    """The cache a forward was given. transformers >= 5.24 passes it to forward as ``cache`` (earlier as
+    ``past_key_values``, still accepted); a ``cache`` left in **kwargs would silently be ignored and every
+    generation step would start from an empty cache."""
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not two different ones")
+    return past_key_values if past_key_values is not None else cache
+
+
 def init_common_weights(module: nn.Module, config: PretrainedConfig) -> None:
     """GPT-2 / Llama initialisation: N(0, 0.02) weights, unit norms, residual projections / sqrt(2L)."""
     std = config.initializer_range

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from llmtrain.models.config import MLAConfig
-from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, init_common_weights
+from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, cache_argument, init_common_weights
 from llmtrain.models.layers import NormLinear, OutputProjection, SwiGLU, apply_rotary, rotary_cos_sin
 
 
@@ -159,6 +159,7 @@ class MLAModel(DecoderStack, MLAPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
+        past_key_values = cache_argument(past_key_values, kwargs)
         hidden, cache, output_hidden_states, return_dict = self._start_forward(
             input_ids, inputs_embeds, past_key_values, use_cache, output_hidden_states, return_dict)
         b, t = hidden.shape[:2]
@@ -195,6 +196,7 @@ class MLAForCausalLM(CausalLMHead, MLAPreTrainedModel, GenerationMixin):
         shift_labels: Optional[Tensor] = None,
         **kwargs,
     ):
+        past_key_values = cache_argument(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache,

@@ -24,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
-from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, init, init_common_weights
+from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, cache_argument, init, init_common_weights
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm, SwiGLU
 from llmtrain.ops import power_retention, power_retention_step
 
@@ -174,6 +174,7 @@ class RetentionModel(DecoderStack, RetentionPreTrainedModel):
         **kwargs,
     ):
         # A cache costs a state copy per layer, so plain forwards do without unless asked or given one.
+        past_key_values = cache_argument(past_key_values, kwargs)
         hidden, cache, output_hidden_states, return_dict = self._start_forward(
             input_ids, inputs_embeds, past_key_values, use_cache, output_hidden_states, return_dict)
         seq_len = hidden.shape[1]
@@ -231,6 +232,7 @@ class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
         shift_labels: Optional[Tensor] = None,
         **kwargs,
     ):
+        past_key_values = cache_argument(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          past_key_values=past_key_values, use_cache=use_cache,
