@@ -304,6 +304,37 @@ template <int d, typename T> struct QueryBlock {
 // Forward: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64
 // keys double-buffered (cp.async for bf16).
 // ------------------------------------------------------------------------------------------------
+// The forward's element-wise pass over a warp's 16 x 64 score tile s (rows i0, i1 = i0 + 8 per
+// thread, columns kb0 + nt * 8 + 2 tq + {0, 1}), shared by the v12 and the pipelined (v14) forward.
+// Below the diagonal (every key before every row): p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j},
+// ra = e^{G_i - G_kl} scale^2 per row, cb[j - kb0] = e^{G_kl - G_j} per column.
+__device__ __forceinline__ void weigh_below_diagonal(float (&s)[8][4], const float* cb, float ra0, float ra1, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
+    s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
+    s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
+    s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
+    s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
+  }
+}
+// The diagonal tile: rows past the tile's last key kl keep the factored gate; the others take
+// e^{G_i - G_j} per element, zero for keys after the row or past cnt.
+__device__ __forceinline__ void weigh_diagonal(float (&s)[8][4], const float* cb, const float* Gs, int kb0, int kl,
+                                               int cnt, int i0, int i1, float gi0, float gi1, float ra0, float ra1,
+                                               float sc2, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
+      float ex;
+      if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
+      else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
+      s[nt][e] = s[nt][e] * s[nt][e] * ex;
+    }
+}
+
 template <int d, typename T, int MINB, bool kPipe = false>
 __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashArgs p) {
   constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
@@ -359,25 +390,9 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
       if (wfirst > kl) {
         zero(sn);
         gemm_abt_sa<KS, LD>(sn, qs, warp * 16, kv + ((it + 1) & 1) * 2 * kFT * LD, lane);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
-          s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
-          s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
-          s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
-          s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
-        }
+        weigh_below_diagonal(s, cb, ra0, ra1, tq);
       } else {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
-            float ex;
-            if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
-            else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
-            s[nt][e] = s[nt][e] * s[nt][e] * ex;
-          }
+        weigh_diagonal(s, cb, Gs, kb0, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
         // (this warp's last tile: sn is never read. Defined here, after the pass, so that the
         // register allocator does not keep the other tile's values alive through it.)
         zero(sn);
@@ -403,25 +418,9 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
     const float gkl = Gs[kl];
     const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
     if (wfirst > kl) {  // below the diagonal: p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j}
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
-        s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
-        s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
-        s[nt][2] = s[nt][2] * s[nt][2] * ra1 * c.x;
-        s[nt][3] = s[nt][3] * s[nt][3] * ra1 * c.y;
-      }
+      weigh_below_diagonal(s, cb, ra0, ra1, tq);
     } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
-          float ex;
-          if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[j - kb0];
-          else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) * sc2 : 0.f;
-          s[nt][e] = s[nt][e] * s[nt][e] * ex;
-        }
+      weigh_diagonal(s, cb, Gs, kb0, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
     }
     gemm_pb<4, ND, LD>(acc, s, Ks + kFT * LD, lane, den);
   }
