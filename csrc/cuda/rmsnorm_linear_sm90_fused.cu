@@ -8,6 +8,23 @@
 // memory and scales the accumulators; a small epilogue visitor node writes rstd to global memory
 // (the consumer only learns the tile coordinate in the epilogue) and the epilogue adds the bias.
 // Each row's sum is recomputed by every N tile of that row: redundant ALU work, no extra DRAM.
+//
+// v5 (kMode = kSplit, LLMTRAIN_RMSLIN_FWD=v5): the read-only variant's row sums, split over the N tiles
+// of each row block instead of repeated by every one of them. With nsplit = min(N tiles, k tiles),
+// N tile n < nsplit reads only the k tiles kt with kt % nsplit == n (1/nsplit of the shared-memory
+// reads and barriers that made ro 19 us slower than the plain GEMM), writes its 128 partial sums to
+// a workspace and counts itself in once per row block; every N tile then waits for the nsplit
+// counts and adds the partials in slice order, so every tile (and every run) gets the same rstd.
+// The mainloop learns its tile coordinate from the producer warp (a small shared-memory ring written
+// before the tile's first stage is armed; mbarrier arrive/wait order it). Cross-CTA waiting is
+// deadlock-free because (1) the grid is no larger than the co-resident clusters
+// (cudaOccupancyMaxActiveClusters), (2) the persistent scheduler rasters along N with no swizzle, so
+// a row block's N tiles are consecutive in every CTA's tile order, and (3) a CTA only waits after its
+// own mainloop: a tile's wait depends on sibling mainloops at most nN - 1 tiles ahead of it, which
+// depend only on epilogues at least a whole wave earlier. A bounded spin turns any violation into a
+// trap instead of a hang.
+#include <algorithm>
+#include <atomic>
 #include <stdexcept>
 
 #include "rmsnorm_linear_sm90.cuh"
@@ -46,9 +63,45 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
   return *reinterpret_cast<const uint32_t*>(&o);
 }
 
+// nanoseconds since an arbitrary epoch (wall clock, unaffected by SM clock changes)
+CUTLASS_DEVICE uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Spin until *count >= target (acquire, GPU scope); trap after 10 s rather than hang.
+CUTLASS_DEVICE void wait_for_count(const unsigned* count, unsigned target) {
+  const uint64_t t0 = global_ns();
+  for (;;) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+    if (v >= target) return;
+    __nanosleep(64);
+    if (global_ns() - t0 > 10000000000ull) {
+      printf("rmsnorm_linear v5 forward: row-block count stuck at %u of %u\n", v, target);
+      __trap();
+    }
+  }
+}
+
+enum : int { kScaleInPlace = 0, kReadOnly = 1, kSplit = 2 };
+
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
-// kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing.
-template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
+// kScaleInPlace: x diag(g) written over the A tiles (v3). kReadOnly: the row sums only (B is already
+// W diag(g)); a read-only variant for A/B timing. kSplit: v5, the read-only sums split over the N
+// tiles of a row block (top of the file).
+template <class Base, int kMode> struct RmsNormMainloop : Base {
+  static constexpr bool kScaleA = kMode == kScaleInPlace;
+  static constexpr bool kSplitSums = kMode == kSplit;
+  // tile coordinates handed from the producer warp to the consumers (see load())
+  static constexpr int kRing = Base::DispatchPolicy::Stages + 2;
+  static CUTLASS_DEVICE int2* tile_coord_ring() {
+    __shared__ int2 ring[kRing];
+    return ring;
+  }
+  int tiles_seen_ = 0;  // per role: the producer's and the consumers' copies count their own tiles
+
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -67,11 +120,20 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
     const cutlass::bfloat16_t* g = nullptr;  // norm weight [K]
     int k = 0;
     float eps = 0.f;
+    // kSplit: partial sums [nsplit][rows] and one zeroed counter per 128-row block (cluster-padded)
+    float* partials = nullptr;
+    unsigned* counts = nullptr;
+    int rows = 0;
+    int nsplit = 1;
   };
   struct Params : Base::Params {
     const cutlass::bfloat16_t* g;
     int k;
     float eps;
+    float* partials;
+    unsigned* counts;
+    int rows;
+    int nsplit;
   };
 
   template <class ProblemShape>
@@ -81,7 +143,29 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
     p.g = args.g;
     p.k = args.k;
     p.eps = args.eps;
+    p.partials = args.partials;
+    p.counts = args.counts;
+    p.rows = args.rows;
+    p.nsplit = args.nsplit;
     return p;
+  }
+
+  // Producer: record this tile's (m, n) for the consumers, then the base's TMA loads. Every lane
+  // writes the same value; the elected lane's write precedes its arrive on the tile's first full
+  // barrier (release), which the consumers' wait acquires. The ring is Stages + 2 deep: the producer
+  // cannot get that many tiles ahead without a consumer release of the slot's tile.
+  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB> const& load_inputs, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
+                           TensorStorage& shared_tensors) {
+    if constexpr (kSplitSums) {
+      tile_coord_ring()[tiles_seen_ % kRing] = make_int2(int(get<0>(blk_coord)), int(get<1>(blk_coord)));
+      ++tiles_seen_;
+      __syncwarp();
+    }
+    Base::load(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count, thread_idx,
+               block_rank_in_cluster, shared_tensors);
   }
 
   // Consumer: 256 threads (two warpgroups). Thread t handles tile row t/2, columns 32*(t%2)..+31 of
@@ -113,6 +197,12 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
     float ss = 0.f;
     const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
 
+    // v5: which k tiles this tile sums (those with kt % nsplit == n; none when n >= nsplit), known
+    // after the first wait (tile_coord_ring). Other modes sum every k tile.
+    int2 coord = make_int2(0, 0);
+    int slice = 0, nsplit = 1;
+    bool first = true;
+
     // Wait for k tile kt (stage of smem_pipe_read), apply the row sums and g in place, publish to wgmma.
     auto wait_and_transform = [&](int kt) {
       // g for this tile's columns (issued before the wait so the latency overlaps it).
@@ -125,6 +215,16 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       const int stage = smem_pipe_read.index();
+      if constexpr (kSplitSums) {
+        if (first) {
+          coord = tile_coord_ring()[tiles_seen_ % kRing];
+          ++tiles_seen_;
+          nsplit = params.nsplit;
+          slice = coord.y;
+          first = false;
+        }
+        if (slice >= nsplit || kt % nsplit != slice) return stage;
+      }
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const uint32_t a = chunk_addr(q, stage);
@@ -136,7 +236,8 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
         if constexpr (kScaleA) sts128(a, v);
       }
       // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
-      // whole tile is rewritten before any wgmma on it is issued.
+      // whole tile is rewritten before any wgmma on it is issued (read-only modes: every consumer's
+      // reads of the stage are done before any of them can release it).
       if constexpr (kScaleA) cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(256, bar);
       return stage;
@@ -180,8 +281,27 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
 
     ss += __shfl_xor_sync(0xFFFFFFFF, ss, 1);
     float* srstd = tile_rstd_smem();
-    cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
-    if (half == 0) srstd[row] = 1.f / sqrtf(ss / (float)params.k + params.eps);
+    if constexpr (kSplitSums) {
+      // Publish this slice's partial sums, count in, wait for the row block's nsplit slices.
+      const int grow = coord.x * 128 + row;
+      if (slice < nsplit) {
+        if (half == 0 && grow < params.rows) params.partials[(int64_t)slice * params.rows + grow] = ss;
+        __threadfence();
+        cutlass::arch::NamedBarrier::sync(256, bar);
+        if (thread_idx == 0) atomicAdd(params.counts + coord.x, 1u);
+      }
+      if (thread_idx == 0) wait_for_count(params.counts + coord.x, (unsigned)nsplit);
+      cutlass::arch::NamedBarrier::sync(256, bar);  // the counts are in; previous tile's epilogue readers done
+      if (half == 0) {
+        float tot = 0.f;
+        if (grow < params.rows)
+          for (int sl = 0; sl < nsplit; ++sl) tot += __ldcg(params.partials + (int64_t)sl * params.rows + grow);
+        srstd[row] = 1.f / sqrtf(tot / (float)params.k + params.eps);
+      }
+    } else {
+      cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
+      if (half == 0) srstd[row] = 1.f / sqrtf(ss / (float)params.k + params.eps);
+    }
     cutlass::arch::NamedBarrier::sync(256, bar);
     Tensor cC = make_identity_tensor(take<0, 2>(TileShape{}));
     Tensor tCcC = tiled_mma.get_slice(thread_idx).partition_C(cC);
@@ -195,11 +315,46 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
 // bf16 only (the in-place g scaling converts bf16); 1 KiB carved out for tile_rstd_smem().
 using FusedFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;
 
-template <bool kScaleA>
+// Clusters of this kernel that can be resident at once (cached per device). v5's cross-CTA wait
+// needs every CTA of the persistent grid resident, so the grid is sized from this, not from the
+// SM count (2-CTA clusters cannot use every SM of a GPC with an odd count).
+template <class Kernel> int co_resident_clusters() {
+  static std::atomic<int> cache[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev >= 0 && dev < 64 && cache[dev].load()) return cache[dev].load();
+  const void* fn = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
+  const int smem = (int)Kernel::SharedStorageSize;
+  check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size<0>(typename Kernel::ClusterShape{});
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(attr.val.clusterDim.x, 1, 1);
+  cfg.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  check(cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg), "cudaOccupancyMaxActiveClusters");
+  if (clusters <= 0) throw std::runtime_error("rmsnorm_linear (CUDA): the v5 forward GEMM cannot be resident");
+  if (dev >= 0 && dev < 64) cache[dev].store(clusters);
+  return clusters;
+}
+
+struct SplitSums {
+  float* partials = nullptr;
+  unsigned* counts = nullptr;
+  int nsplit = 1;
+};
+
+template <int kMode>
 void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
-                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+                    int64_t k, int64_t m, float eps, cudaStream_t s, SplitSums split = {}) {
   using Element = FusedFwdTypes::Element;
-  using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kScaleA>;
+  using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kMode>;
   using Epilogue = FusedFwdTypes::Epilogue;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
@@ -213,16 +368,26 @@ void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, co
   ml.g = static_cast<const Element*>(g);
   ml.k = (int)k;
   ml.eps = eps;
+  ml.partials = split.partials;
+  ml.counts = split.counts;
+  ml.rows = (int)n;
+  ml.nsplit = split.nsplit;
+  cutlass::KernelHardwareInfo hw = hw_info();
+  if constexpr (kMode == kSplit) hw.max_active_clusters = co_resident_clusters<Kernel>();
   typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                 {(int)n, (int)m, (int)k, 1},
                                 ml,
                                 {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
                                  ld_stride<typename Kernel::StrideD>(m)},
-                                hw_info()};
+                                hw};
   args.epilogue.thread = {
       {rstd},                                               // rstd store (acc pass-through)
       {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
       {}};
+  if constexpr (kMode == kSplit) {  // a row block's N tiles consecutive in every CTA's order (top of file)
+    args.scheduler.raster_order = Kernel::TileScheduler::RasterOrderOptions::AlongN;
+    args.scheduler.max_swizzle_size = 1;
+  }
   run_gemm<Gemm>(args, s, "fused forward GEMM");
 }
 
@@ -243,12 +408,35 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if (dtype == DType::BF16) {
-    if (g) return sm90::fwd_fused_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
-    return sm90::fwd_fused_bf16<false>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    if (g) return sm90::fwd_fused_bf16<sm90::kScaleInPlace>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    return sm90::fwd_fused_bf16<sm90::kReadOnly>(x, g, w, rstd, bias, y, n, k, m, eps, s);
   }
 #endif
   (void)dtype; (void)x; (void)g; (void)w; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps; (void)s;
   throw std::runtime_error("rmsnorm_linear (CUDA): fused sm_90a forward not built for this dtype");
+}
+
+// v5 geometry: 128 x 256 x 64 tiles, 2-CTA clusters along the rows.
+int sm90_fwd_v5_nsplit(int64_t k, int64_t m) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>((m + 255) / 256, (k + 63) / 64));
+}
+int64_t sm90_fwd_v5_counts(int64_t n) { return (n + 255) / 256 * 2; }
+
+void sm90_gemm_fwd_v5(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
+                      int64_t k, int64_t m, float eps, float* partials, unsigned* counts, cudaStream_t s) {
+#if defined(LLMTRAIN_WITH_CUTE)
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if (dtype == DType::BF16) {
+    sm90::SplitSums split;
+    split.partials = partials;
+    split.counts = counts;
+    split.nsplit = sm90_fwd_v5_nsplit(k, m);
+    return sm90::fwd_fused_bf16<sm90::kSplit>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s, split);
+  }
+#endif
+  (void)dtype; (void)x; (void)wg; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps;
+  (void)partials; (void)counts; (void)s;
+  throw std::runtime_error("rmsnorm_linear (CUDA): v5 sm_90a forward not built for this dtype");
 }
 
 }  // namespace rmslin
