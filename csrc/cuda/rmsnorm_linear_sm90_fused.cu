@@ -95,9 +95,13 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
   static constexpr bool kScaleA = kMode == kScaleInPlace;
   static constexpr bool kSplitSums = kMode == kSplit;
   // tile coordinates handed from the producer warp to the consumers (see load())
+  // (512 bytes, so that the kernel's static shared memory stays 1 KiB, a multiple of 128: the dynamic
+  // shared memory that holds the TMA stages starts after it, and a 560-byte total misaligned them:
+  // "misaligned address" on the H100)
   static constexpr int kRing = Base::DispatchPolicy::Stages + 2;
+  static_assert(kRing <= 64, "ring slots");
   static CUTLASS_DEVICE int2* tile_coord_ring() {
-    __shared__ int2 ring[kRing];
+    __shared__ __align__(128) int2 ring[64];
     return ring;
   }
   int tiles_seen_ = 0;  // per role: the producer's and the consumers' copies count their own tiles
