@@ -477,7 +477,11 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   }
   DeviceBuffer<T> wg(m * k, s);
   const int sms = num_sms();
-  if (gen == Gen::V5 && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 && sm90_fwd_fused_available(a.dims.dtype)) {
+  const int v5_clusters = gen == Gen::V5 && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
+                                  sm90_fwd_fused_available(a.dims.dtype)
+                              ? sm90_fwd_v5_clusters(m)
+                              : 0;
+  if (v5_clusters > 0) {
     // v5: fold g into W and zero the row-block counters, then one GEMM that sums x^2 split over the
     // N tiles of each row block (rmsnorm_linear_sm90_fused.cu).
     const int nsplit = sm90_fwd_v5_nsplit(k, m);
@@ -489,7 +493,7 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
     fast::fold_g<T><<<blocks, 256, 0, s>>>(static_cast<const T*>(a.g), w, wg.get(), k, m, counts, ncounts);
     check_launch("fold_g");
     sm90_gemm_fwd_v5(a.dims.dtype, a.x, wg.get(), static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
-                     (float)a.dims.eps, partials, counts, s);
+                     (float)a.dims.eps, partials, counts, v5_clusters, s);
     work.release(s);
     wg.release(s);
     return;

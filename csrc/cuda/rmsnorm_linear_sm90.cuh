@@ -34,8 +34,11 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
 // counts [sm90_fwd_v5_counts(n)] zeroed before the launch). See rmsnorm_linear_sm90_fused.cu.
 int sm90_fwd_v5_nsplit(int64_t k, int64_t m);
 int64_t sm90_fwd_v5_counts(int64_t n);
+// persistent grid in clusters for out features m (0: v5 does not apply, take another forward)
+int sm90_fwd_v5_clusters(int64_t m);
 void sm90_gemm_fwd_v5(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
-                      int64_t k, int64_t m, float eps, float* partials, unsigned* counts, cudaStream_t s);
+                      int64_t k, int64_t m, float eps, float* partials, unsigned* counts, int clusters,
+                      cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
                      cudaStream_t s, bool pdl = false);

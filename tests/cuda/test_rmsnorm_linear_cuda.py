@@ -145,10 +145,11 @@ def test_one_sided_switches_vs_float64(n, k, m, var, val, monkeypatch):
 # One N tile (m <= 256: nsplit 1), one k tile (k = 64), uneven slices (m = 5632: 22 of 32 k tiles),
 # more N tiles than k tiles (k = 128, m = 1000: nsplit 2 of 4), a row count that leaves the second
 # CTA of the last 2-CTA cluster past the rows (n = 129: 2 row blocks; n = 4099: 33), many waves
-# (n = 16384), k not a multiple of the k tile (k = 1000).
+# (n = 16384), k not a multiple of the k tile (k = 1000), and more N tiles (67) than an H100's
+# co-resident clusters (66), where v5 hands over to the v2 forward.
 V5_SHAPES = [(1, 64, 32), (37, 96, 80), (129, 256, 200), (4099, 1000, 2056), (1023, 2048, 2048),
              (515, 2048, 5632), (300, 128, 1000), (45, 4096, 136), (19, 16384, 64), (16384, 2048, 2048),
-             (2047, 2048, 8192)]
+             (2047, 2048, 8192), (33, 64, 17000)]
 
 
 @pytest.mark.parametrize("n,k,m", V5_SHAPES)
