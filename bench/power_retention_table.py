@@ -85,7 +85,6 @@ def make_impls(d):
     # too (ours-f14all); "ours" runs the default, the pipelined dq (LLMTRAIN_RETENTION_FLASH=v14)
     impls["ours-f12"] = (ours("", flash="v12"), flops_power)
     impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
-    impls["ours-f15"] = (ours("", flash="v15"), flops_power)  # session 12: the pipelined dq and dk / dv
     for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows;

@@ -123,22 +123,19 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // v14: the one-chunk flash kernels software-pipelined inside each warp (the next key tile's S GEMM
 // issued before this tile's element-wise pass; power_retention_flash.cuh, kPipe), bitwise v12's
 // results. H100, session 11 (docs/perf.md): the pipelined dq runs 1.08 ms against 1.24 at t = 2048,
-// the pipelined forward 0.79 against 0.72. v15: dk / dv pipelined too (16-query units, a 3-slot
-// q / dy ring; not measured yet). LLMTRAIN_RETENTION_FLASH picks, per call:
-//   v14 (the default, also when unset): pipelined dq, v12 forward and dk / dv;
-//   v15: pipelined dq and dk / dv, v12 forward;
-//   v14-all: the pipelined forward and dq, v12 dk / dv (A/B);  v12: none.
+// the pipelined forward 0.79 against 0.72. LLMTRAIN_RETENTION_FLASH picks, per call:
+//   v14 (the default, also when unset): pipelined dq, v12 forward;
+//   v14-all: the pipelined forward as well (A/B);  v12: neither.
 struct FlashPipe {
-  bool fwd, dq, dkv;
+  bool fwd, dq;
 };
 FlashPipe flash_pipelined() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
-  if (!e || !*e || !std::strcmp(e, "v14")) return {false, true, false};
-  if (!std::strcmp(e, "v15")) return {false, true, true};
-  if (!std::strcmp(e, "v14-all")) return {true, true, false};
-  if (!std::strcmp(e, "v12")) return {false, false, false};
-  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v14, v15, v14-all or "
-                                       "v12, got '") + e + "'");
+  if (!e || !*e || !std::strcmp(e, "v14")) return {false, true};
+  if (!std::strcmp(e, "v14-all")) return {true, true};
+  if (!std::strcmp(e, "v12")) return {false, false};
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v14, v14-all or v12, "
+                                       "got '") + e + "'");
 }
 
 struct Plan {
@@ -527,13 +524,8 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     else
       launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_dq_kernel");
-    // v15's dk / dv keeps a third q / dy tile in shared memory; where that does not fit, v12's (same bits)
-    if (flash_pipelined().dkv && flash_dkv_smem<d, true>(P.tpad) <= max_smem_optin())
-      launch_flash(flash_dkv_kernel<d, T, flash_minb<d>(), true>, flash_dkv_smem<d, true>(P.tpad),
-                   (unsigned)(P.tpad / kFR), (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
-    else
-      launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                   (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
+    launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                 (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
   } else {
     GradArgs g{};
     g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;

@@ -31,27 +31,13 @@
 //    two whole (s, dy.v) tile pairs would need 64 registers more than 128 allow. A tile's body
 //    then reads tiles j and j + 1, so K / V (and the column factors) use a 3-slot ring: 6 kFT x LD
 //    of shared memory instead of 4 (flash_dq_smem<d, true>; v12's dq runs where that does not fit).
-//  - dk / dv: v15 below.
-// Only warps below the diagonal pipeline (forward, dq): such a warp always needs the next tile (its first row is
+//  - dk / dv: not pipelined (v12's kernel already spills at 128 registers).
+// Only warps below the diagonal pipeline: such a warp always needs the next tile (its first row is
 // past the tile's last key), and the diagonal tile is a warp's last (rows are 16-aligned), so the
 // diagonal tile runs as in v12 and "is there a next tile" needs no runtime test in the hot path.
 // Warps whose rows all lie past t skip every tile (v12 computes them and stores nothing).
 // Results are bitwise v12's: per element the same float operations in the same order, the same
 // MMAs accumulating in the same order (the factored / per-element gate forms unchanged).
-//
-// v15 (kPipe of flash_dkv_kernel; LLMTRAIN_RETENTION_FLASH=v15 = v14 + this): dk / dv pipelined
-// the same way. v12's dkv already sits at 128 registers (dk and dv: 64 accumulators at d = 64), so
-// a second (S^T, dA) pair of 32-query halves (+32) does not fit; the unit is a 16-query quarter of
-// a query tile, and two quarter pairs take the registers of one half pair (ptxas at d = 64: 128
-// registers, 32-60 bytes of scalar spills, v12 20-40). Each unit issues the next unit's S^T = k.q^T
-// and dA = v.dy^T MMAs before its own pass and dv / dk MMAs; after a tile's last unit comes the next
-// tile's first (of the same q head or the next one), so q / dy / row statistics / query factors use
-// a 3-slot ring (flash_dkv_smem<d, true>: +2 kFT x LD bf16 + 1 KB; v12's dkv runs where that does
-// not fit). A warp takes exactly v12's 32-query halves; a unit that no earlier unit issued (a warp's
-// first; a head's first where the tile before holds no unit of the warp) issues its own MMAs, so
-// there is no diagonal special case. The element-wise pass is one
-// helper for both (dkv_pass). Cost: the warp's k / v A fragments are read per k-step of each
-// quarter (+16 ldmatrix.x4 per warp and 64 queries at d = 64, on 80: +20% shared-memory reads).
 #pragma once
 
 #include <type_traits>
@@ -88,10 +74,9 @@ template <int d, bool kPipe = false> constexpr size_t flash_dq_smem(int tpad) {
   constexpr int LD = Cfg<d>::LD, NS = kPipe ? 3 : 2;
   return (size_t)2 * kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 4 + (size_t)tpad * 4;
 }
-// (v15's dkv keeps 3 {q, dy} tiles and their row statistics / query factors in a ring instead of 2)
-template <int d, bool kPipe = false> constexpr size_t flash_dkv_smem(int tpad) {
-  constexpr int LD = Cfg<d>::LD, NS = kPipe ? 3 : 2;
-  return (size_t)2 * kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 8 + NS * 2 * kFT * 4 + (size_t)tpad * 4;
+template <int d> constexpr size_t flash_dkv_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD;
+  return (size_t)2 * kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 8 + 2 * 2 * kFT * 4 + (size_t)tpad * 4;
 }
 
 // Gs[i] = G_i for i in [i0, i1) (zeros from cnt on).
@@ -631,44 +616,6 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   }
 }
 
-// The element-wise pass of flash_dkv_kernel over a warp's 16 keys (rows j0, j1 = j0 + 8 per thread)
-// x 8 NT queries (columns q0 + nt * 8 + 2 tq + {0, 1} of the query tile at qb0), shared by the v12
-// and the pipelined (v15) kernel: s (S^T = k.q^T) becomes the score gradients a_ij (dk = sum a q),
-// aw the weights p_ij / den_i as bf16 A fragments (dv = sum aw dy), dot0 / dot1 += a_ij x_ij.
-// below: every query of these columns is past the warp's reference key kl (then the per-element test
-// picks ra * cb for every element: the same product); rs (1 / den, dy . y) and ra e^{G_i - G_kl}
-// per query, cb0 / cb1 e^{G_kl - G_j} per key.
-template <int NT>
-__device__ __forceinline__ void dkv_pass(float (&s)[NT][4], const float (&da)[NT][4], uint32_t (&aw)[NT / 2][4],
-                                         int q0, bool below, const float2* rs, const float* ra, const float* Gs,
-                                         int qb0, int kl, int cnt, int j0, int j1, float cb0, float cb1, float scale,
-                                         int tq, float& dot0, float& dot1) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int li = q0 + nt * 8 + 2 * tq;
-    const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
-    const float2 rai = *reinterpret_cast<const float2*>(ra + li);
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int j = hr ? j1 : j0;
-      const float cbj = hr ? cb1 : cb0;
-      float w2[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int e = 2 * hr + c, i = qb0 + li + c;
-        const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
-        float ex;
-        if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
-        else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
-        const float x = s[nt][e] * scale;
-        w2[c] = x * ex * x * r_i;
-        s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * scale, hr ? dot1 : dot0);
-      }
-      aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // dk, dv: one block per (128 key rows, KV head, batch), the longest first; for each q head of the
 // GQA group, q / dy / row-statistic tiles of 64 queries from the block's first key on. Each warp's
@@ -677,17 +624,17 @@ __device__ __forceinline__ void dkv_pass(float (&s)[NT][4], const float (&da)[NT
 // KREG: the warp's k and v fragments stay in registers (off: reloaded per k-step from shared
 // memory, which keeps d = 64 within 128 registers for 2 blocks per SM).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB, bool kPipe = false>
+template <int d, typename T, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashArgs p) {
-  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16, NS = kPipe ? 3 : 2;
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
   constexpr bool KREG = false;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* vs = ks + kFR * LD;                      // [128][LD]
-  bf16* qb = vs + kFR * LD;                      // NS x {q [64][LD], dy [64][LD]}
-  float2* rsb = reinterpret_cast<float2*>(qb + NS * 2 * kFT * LD);  // NS x [64] (1 / den, dy . y)
-  float* ras = reinterpret_cast<float*>(rsb + NS * kFT);             // NS x [2][64] e^{G_i - G_kl}
-  float* Gs = ras + NS * 2 * kFT;
+  bf16* qb = vs + kFR * LD;                      // 2 x {q [64][LD], dy [64][LD]}
+  float2* rsb = reinterpret_cast<float2*>(qb + 4 * kFT * LD);  // 2 x [64] (1 / den, dy . y)
+  float* ras = reinterpret_cast<float*>(rsb + 2 * kFT);         // 2 x [2][64] e^{G_i - G_kl}
+  float* Gs = ras + 2 * 2 * kFT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int kb = blockIdx.x * kFR;
   const int64_t h = blockIdx.y, bi = blockIdx.z;
@@ -731,82 +678,6 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
   float dot0 = 0.f, dot1 = 0.f;
   const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
   const int total = r * nq;
-  if constexpr (kPipe) {
-    // v15: 16-query units (a quarter of a query tile), software-pipelined: each unit issues the
-    // S^T = k.q^T and dA = v.dy^T MMAs of the next unit before its own element-wise pass and its dv /
-    // dk MMAs, so the tensor cores work on unit n + 1 while the ALU / MUFU pass of unit n runs.
-    // Quarters, not v12's 32-query halves: two (s, dA) pairs of halves would need 32 registers more
-    // than 128 allow; two pairs of quarters live in the registers of one pair of halves.
-    // A warp takes v12's 32-query halves (qh0 + 31 >= wfirst), so within a head its units are a
-    // suffix of the head's units, and the next unit after a tile's last is the next tile's first
-    // taken unit (0 or 2; that tile may be the next head's first): read during this tile, hence the
-    // 3-slot {q, dy, row statistics, query factors} ring (a tile's body reads slots n and n + 1
-    // while tile n + 2 loads into the slot of tile n - 1, free after the barrier that opens tile n).
-    // A unit that no earlier unit issued (a warp's first; a head's first where the tile before holds
-    // no unit of this warp: warps 4-7 when a head's first tile has none) issues its own MMAs.
-    // Per element the same float operations as v12 (dkv_pass), dot0 / dot1 summed over the same
-    // queries in the same order, every accumulator fed the same MMAs in the same order (S^T / dA:
-    // k-steps 0..KS-1; dv / dk: v12's kk = 0, 1 of a half are its two units): dk, dv and k.dk are
-    // bitwise v12's.
-    if (1 < total) load_q(h * r + 1 / nq, kb + (1 % nq) * kFT, 1);
-    cp_commit();
-    float sa[2][4], ga[2][4], sb[2][4], gb[2][4];  // (S^T, dA) of units 0, 2 and of units 1, 3
-    // the S^T and dA MMAs of the 16 queries from row q0 of the {q, dy} tiles at Qs
-    auto gemms = [&](float (&s)[2][4], float (&da)[2][4], const bf16* Qs, int q0) {
-      zero(s);
-      zero(da);
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a_k[4], a_v[4], b[4];
-        const int off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
-        ldsm4(a_k, ks + off);
-        ldsm4(a_v, vs + off);
-        const int offq = (q0 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
-        ldsm4(b, Qs + offq);
-        mma(s[0], a_k, b[0], b[1]);
-        mma(s[1], a_k, b[2], b[3]);
-        ldsm4(b, Qs + kFT * LD + offq);
-        mma(da[0], a_v, b[0], b[1]);
-        mma(da[1], a_v, b[2], b[3]);
-      }
-    };
-    bool issued = false;  // the current unit's S^T / dA MMAs were issued by the unit before it
-    for (int it = 0; it < total; ++it) {
-      const int qb0 = kb + (it % nq) * kFT;
-      __syncthreads();
-      if (it + 2 < total) load_q(h * r + (it + 2) / nq, kb + ((it + 2) % nq) * kFT, (it + 2) % 3);
-      cp_commit();
-      cp_wait<1>();  // tiles it and it + 1
-      __syncthreads();
-      const int sl = it % 3, sn = (it + 1) % 3;
-      const bf16* Qs = qb + sl * 2 * kFT * LD;
-      const bf16* DYs = Qs + kFT * LD;
-      const float2* rs = rsb + sl * kFT;
-      const float* ra = ras + (sl * 2 + half) * kFT;
-      // unit u: (s, da) its MMAs' accumulators, (sn_, dn) the next unit's
-      auto unit = [&](int u, float (&s)[2][4], float (&da)[2][4], float (&sn_)[2][4], float (&dn)[2][4]) {
-        if (qb0 + (u >> 1) * 32 + 31 < wfirst) return;  // v12's skipped half
-        if ((u & 1) == 0 && !issued) gemms(s, da, Qs, u * 16);
-        if (u < 3) {
-          gemms(sn_, dn, Qs, (u + 1) * 16);
-          issued = true;
-        } else {  // the next tile's first unit that this warp takes (none: every query before every key)
-          const int qbn = kb + ((it + 1) % nq) * kFT;
-          issued = it + 1 < total && qbn + 63 >= wfirst;
-          if (issued) gemms(sn_, dn, qb + sn * 2 * kFT * LD, qbn + 31 >= wfirst ? 0 : 32);
-        }
-        uint32_t aw[1][4];
-        dkv_pass(s, da, aw, u * 16, qb0 + u * 16 > kl, rs, ra, Gs, qb0, kl, cnt, j0, j1, cb0, cb1, p.scale, tq,
-                 dot0, dot1);
-        gemm_ab<1, ND, LD>(dv, aw, DYs + u * 16 * LD, lane);
-        gemm_pb<1, ND, LD>(dk, s, Qs + u * 16 * LD, lane);
-      };
-      unit(0, sa, ga, sb, gb);
-      unit(1, sb, gb, sa, ga);
-      unit(2, sa, ga, sb, gb);
-      unit(3, sb, gb, sa, ga);
-    }
-  } else
   for (int it = 0; it < total; ++it) {
     const int qb0 = kb + (it % nq) * kFT;
     __syncthreads();
@@ -850,7 +721,30 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
       }
       const bool below = qh0 > kl;  // every query after the reference key: factored, no masks
       uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
-      dkv_pass(s, da, aw, qh * 32, below, rs, ra, Gs, qb0, kl, cnt, j0, j1, cb0, cb1, p.scale, tq, dot0, dot1);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int li = qh * 32 + nt * 8 + 2 * tq;
+        const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
+        const float2 rai = *reinterpret_cast<const float2*>(ra + li);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int j = hr ? j1 : j0;
+          const float cbj = hr ? cb1 : cb0;
+          float w2[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int e = 2 * hr + c, i = qb0 + li + c;
+            const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
+            float ex;
+            if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
+            else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
+            const float x = s[nt][e] * p.scale;
+            w2[c] = x * ex * x * r_i;
+            s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
+          }
+          aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
+        }
+      }
       gemm_ab<2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
       gemm_pb<2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
     }

@@ -648,17 +648,16 @@ V14_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torc
              (2, 4096, 4, 1, 128, torch.bfloat16, False), (3, 1000, 6, 3, 128, torch.float16, False)]
 
 
-def _flash_v12_v14(monkeypatch, c, smem="", env="v14-all"):
-    """y, dq, dk, dv, dlog_g of one-chunk runs under LLMTRAIN_RETENTION_FLASH=v12 and =env (v14-all: the
-    pipelined forward and dq; v15: the pipelined dq and dk / dv), same inputs; keyed "v12" and "v14"."""
+def _flash_v12_v14(monkeypatch, c, smem=""):
+    """y, dq, dk, dv, dlog_g of one-chunk runs under LLMTRAIN_RETENTION_FLASH=v12 and =v14-all (same inputs)."""
     b, t, hq, hk, d, dtype, gated = c
     q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
     dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
     monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
     res = {}
-    for ver, flash in (("v12", "v12"), ("v14", env)):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", flash)
+    for ver, env in (("v12", "v12"), ("v14", "v14-all")):  # v14-all: the pipelined forward and dq
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", env)
         kept = []
         y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
         # the kept buffer starts with the forward's fp32 y [b, t, hq, d] and 1 / den [b, hq, t]
@@ -699,79 +698,29 @@ def test_v14_flash_dq_shared_memory_fallback(monkeypatch):
     _assert_bitwise(_flash_v12_v14(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), smem="90000"))
 
 
-def _flash_pipelined_kernels(q, k, v, log_g, dy):
-    """Which of flash_fwd / flash_dq / flash_dkv ran as the pipelined instantiation (template argument
-    kPipe = true) in a one-chunk forward + backward, as the profiler names them."""
-    t = q.shape[1]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        kept = []
-        run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)
-        run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
-    kerns = ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel")
-    for kern in kerns:
-        assert any(kern in n for n in names), kern
-    return tuple(any(kern in n and "true>" in n for n in names) for kern in kerns)
-
-
 def test_v14_flash_kernels_run(monkeypatch):
     """The switch reaches the kernels: unset and v14 (the default) run the pipelined dq (template
-    argument kPipe = true) with v12's forward and dk / dv, v15 the pipelined dq and dk / dv with v12's
-    forward, v14-all the pipelined forward and dq, v12 none; a bad value is a clear error."""
+    argument kPipe = true) with v12's forward, v14-all both pipelined, v12 neither; a bad value is a
+    clear error."""
     q, k, v, log_g, gen = make(2, 1000, 4, 2, 64, torch.bfloat16, True)
     dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
-    expect = {"": (False, True, False), "v14": (False, True, False), "v15": (False, True, True),
-              "v14-all": (True, True, False), "v12": (False, False, False)}
-    for ver, want in expect.items():
+    expect = {"": (False, True), "v14": (False, True), "v14-all": (True, True), "v12": (False, False)}
+    for ver, (fwd_piped, dq_piped) in expect.items():
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
-        assert _flash_pipelined_kernels(q, k, v, log_g, dy) == want, ver
-    for bad in ("v13", "v16", "v15-all"):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", bad)
-        with pytest.raises(RuntimeError, match="LLMTRAIN_RETENTION_FLASH"):
-            run_fwd(q, k, v, log_g, None, None, 1000, False)
-
-
-# v15 (LLMTRAIN_RETENTION_FLASH=v15: the pipelined dq and dk / dv): v14's grid, and shapes aimed at
-# flash_dkv's pipeline (16-query units over a 3-slot q / dy ring that runs across the q heads of a
-# GQA group): t < 64 (one query tile per head: warps 4-7 take no unit), t = 64 / 65 / 128 / 129
-# (tile and block edges), GQA 4:1 / 3:1 / 8:1 (the ring wraps from a head's last tile to the next
-# head's first, whose first unit is 0 or 2 depending on the warp), d = 32 / 128 in fp32 too.
-V15_CASES = V14_CASES + [(2, 50, 8, 2, 64, torch.bfloat16, True), (2, 64, 8, 2, 32, torch.float16, True),
-                         (2, 65, 8, 2, 64, torch.bfloat16, False), (2, 128, 4, 1, 128, torch.bfloat16, True),
-                         (3, 129, 8, 2, 32, torch.float32, True), (2, 777, 8, 2, 64, torch.float16, True),
-                         (2, 300, 6, 2, 128, torch.float32, True), (2, 2000, 8, 1, 64, torch.bfloat16, False),
-                         (1, 2000, 8, 2, 128, torch.bfloat16, True), (2, 1000, 8, 2, 32, torch.float32, False),
-                         (1, 4096, 8, 2, 64, torch.bfloat16, True)]
-
-
-@pytest.mark.parametrize("c", V15_CASES, ids=[f"b{c[0]}-t{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-{str(c[5]).split('.')[-1]}-"
-                                               f"{'gated' if c[6] else 'ungated'}" for c in V15_CASES])
-def test_v15_flash_dkv_pipelined_matches_v12(monkeypatch, c):
-    """LLMTRAIN_RETENTION_FLASH=v15 also software-pipelines flash_dkv inside each warp (each 16-query
-    unit issues the k.q^T and v.dy^T MMAs of the next one, across query tiles and q heads, before its
-    own element-wise pass and dv / dk MMAs): per element the same float operations in the same order
-    and every accumulator fed the same MMAs in the same order, so dk, dv and dlog_g (and y, dq) are
-    bitwise v12's. d = 32 / 64 / 128, bf16 / fp16 / fp32, GQA 1:1 to 8:1, t = 1 to 4096, gated and not."""
-    _assert_bitwise(_flash_v12_v14(monkeypatch, c, env="v15"))
-
-
-@pytest.mark.parametrize("smem", ["90000", "102000"])
-def test_v15_flash_dkv_shared_memory_fallback(monkeypatch, smem):
-    """v15's dk / dv needs a third q / dy tile of shared memory: under a limit that fits v12's flash
-    kernels but not v15's dk / dv, v15 runs v12's dk / dv: still bitwise v12's. (d = 64, t = 2000: v12's
-    dq / dkv need 82,432 / 83,968 bytes, the pipelined dq 101,120, the pipelined dkv 103,424: 90000
-    runs v12's dq and dkv, 102000 the pipelined dq with v12's dkv.)"""
-    c = (2, 2000, 8, 2, 64, torch.bfloat16, True)
-    _assert_bitwise(_flash_v12_v14(monkeypatch, c, smem=smem, env="v15"))
-    q, k, v, log_g, gen = make(*c)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v15")
-    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
-    assert _flash_pipelined_kernels(q, k, v, log_g, dy) == (False, smem == "102000", False)
-    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", "")  # the device's limit: both pipelined
-    assert _flash_pipelined_kernels(q, k, v, log_g, dy) == (False, True, True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            kept = []
+            run_fwd(q, k, v, log_g, None, None, 1000, False, keep=kept)
+            run_bwd(q, k, v, log_g, None, None, dy, None, None, 1000, saved=kept[0])
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        for kern in ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel"):
+            assert any(kern in n for n in names), (ver, kern)
+        piped = tuple(any(kern in n and "true>" in n for n in names) for kern in ("flash_fwd_kernel", "flash_dq_kernel"))
+        assert piped == (fwd_piped, dq_piped), (ver, piped)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v13")
+    with pytest.raises(RuntimeError, match="LLMTRAIN_RETENTION_FLASH"):
+        run_fwd(q, k, v, log_g, None, None, 1000, False)
 
 
 def test_v11_kind0_buffer_has_no_rows(monkeypatch):
