@@ -10,8 +10,8 @@ dependent launch / with the separate reduce_parts kernel, "ours_s7" the default 
 row kernels (LLMTRAIN_RMSLIN_ROWS=s7), "ours_pf" the default with the row pass's opt-in L2 prefetch
 (LLMTRAIN_RMSLIN_PREFETCH=1), "ours_nat"
 the extension's own backward data GEMM instead of cuBLAS's (LLMTRAIN_RMSLIN_DGRAD=native), "ours_v5"
-the v5 forward (LLMTRAIN_RMSLIN_FWD=v5: the GEMM sums x^2, split over each row block's N tiles); all
-in the same process.
+the v5 forward (LLMTRAIN_RMSLIN_FWD=v5: the GEMM sums x^2, split over a cluster of 2 CTAs along N),
+"ours_v5c4" the same with clusters of 4; all in the same process.
 `--impls ours,ours_pdl,compiled` measures a subset (eager always).
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
@@ -52,6 +52,7 @@ def make_impls():
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_nat": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_v5": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v5c4": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -125,8 +126,9 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"},
        # session 11 A/B: the extension's own data GEMM instead of cuBLAS's (the session-10 default)
        "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"},
-       # session 12: the v5 forward (W diag(g) pre-pass; the GEMM sums x^2 split over each row block's N tiles)
-       "ours_v5": {"LLMTRAIN_RMSLIN_FWD": "v5"}}
+       # session 12: the v5 forward (W diag(g) pre-pass; the GEMM's clusters of 2 / 4 CTAs along N share
+       # the x^2 row sums)
+       "ours_v5": {"LLMTRAIN_RMSLIN_FWD": "v5"}, "ours_v5c4": {"LLMTRAIN_RMSLIN_FWD": "v5c4"}}
 
 
 @contextlib.contextmanager

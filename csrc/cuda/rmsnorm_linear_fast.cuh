@@ -155,15 +155,13 @@ __global__ void __launch_bounds__(256) prep_fwd(const T* __restrict__ x, const T
   }
 }
 
-// v5 forward pre-pass: wg = W diag(g) (16-byte chunks, grid-stride) and the GEMM's row-block counters
-// zeroed (the GEMM sums x^2 itself; rmsnorm_linear_sm90_fused.cu).
+// v5 forward pre-pass: wg = W diag(g) (16-byte chunks, grid-stride); the GEMM sums x^2 itself
+// (rmsnorm_linear_sm90_fused.cu).
 template <typename T>
 __global__ void __launch_bounds__(256) fold_g(const T* __restrict__ g, const T* __restrict__ w, T* __restrict__ wg,
-                                              int64_t k, int64_t m, unsigned* __restrict__ counts, int64_t ncounts) {
+                                              int64_t k, int64_t m) {
   const int64_t k8 = k / 8, total = m * k8, stride = (int64_t)gridDim.x * blockDim.x;
-  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  for (int64_t i = first; i < ncounts; i += stride) counts[i] = 0u;
-  for (int64_t e = first; e < total; e += stride) {
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
     const int64_t c = (e % k8) * 8;
     float a[8], b[8];
     load8(w + e * 8, a);

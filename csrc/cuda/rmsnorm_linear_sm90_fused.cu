@@ -9,23 +9,20 @@
 // (the consumer only learns the tile coordinate in the epilogue) and the epilogue adds the bias.
 // Each row's sum is recomputed by every N tile of that row: redundant ALU work, no extra DRAM.
 //
-// v5 (kMode = kSplit, LLMTRAIN_RMSLIN_FWD=v5): the read-only variant's row sums, split over the N tiles
-// of each row block instead of repeated by every one of them. With nsplit = min(N tiles, k tiles),
-// N tile n < nsplit reads only the k tiles kt with kt % nsplit == n (1/nsplit of the shared-memory
-// reads and barriers that made ro 19 us slower than the plain GEMM), writes its 128 partial sums to
-// a workspace and counts itself in once per row block; every N tile then waits for the nsplit
-// counts and adds the partials in slice order, so every tile (and every run) gets the same rstd.
-// The mainloop learns its tile coordinate from the producer warp (a small shared-memory ring written
-// before the tile's first stage is armed; mbarrier arrive/wait order it). Cross-CTA waiting is
-// deadlock-free because (1) the grid is no larger than the co-resident clusters
-// (cudaOccupancyMaxActiveClusters; rounded down to whole row blocks, sm90_fwd_v5_clusters), (2) the persistent scheduler rasters along N with no swizzle, so
-// a row block's N tiles are consecutive in every CTA's tile order, and (3) a CTA only waits after its
-// own mainloop: a tile's wait depends on sibling mainloops at most nN - 1 tiles ahead of it, which
-// depend only on epilogues at least a whole wave earlier. A bounded spin turns any violation into a
-// trap instead of a hang.
-#include <algorithm>
-#include <atomic>
+// v5 (kMode = kClusterSums, LLMTRAIN_RMSLIN_FWD=v5 / v5c4): the read-only variant's row sums shared
+// by the CN CTAs of a cluster laid along N, which work on the same 128 rows (x tiles multicast to
+// all of them). CTA rank r of the cluster reads only the k tiles kt with kt % CN == r (1/CN of the
+// shared-memory reads and barriers that made the read-only variant 19 us slower than the plain GEMM
+// at 16384 x 2048 -> 2048), pushes its 128 partial sums into every peer's shared memory (DSMEM) and
+// arrives on the peer's mbarrier; each CTA adds the CN partials in rank order, so all of them (and
+// every run) scale by the same rstd. Cluster CTAs are co-scheduled and coupled by the multicast
+// pipeline, so the exchange waits for a peer that is at most a few k tiles away. W diag(g) comes
+// from a small pre-pass, as in the read-only variant.
+// (Session 12's first v5 published the partials through global memory and counters across the N
+// tiles of a row block instead: correct, but 225-230 us against 181: siblings in different clusters
+// drift apart and every tile waited for the slowest. docs/perf.md.)
 #include <stdexcept>
+#include <type_traits>
 
 #include "rmsnorm_linear_sm90.cuh"
 #include "rmsnorm_linear_common.cuh"
@@ -63,47 +60,48 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
   return *reinterpret_cast<const uint32_t*>(&o);
 }
 
-// nanoseconds since an arbitrary epoch (wall clock, unaffected by SM clock changes)
-CUTLASS_DEVICE uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+enum : int { kScaleInPlace = 0, kReadOnly = 1, kClusterSums = 2 };
 
-// Spin until *count >= target (acquire, GPU scope); trap (a launch failure) after 10 s rather than hang.
-CUTLASS_DEVICE void wait_for_count(const unsigned* count, unsigned target) {
-  const uint64_t t0 = global_ns();
-  for (;;) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
-    if (v >= target) return;
-    __nanosleep(64);
-    // (no printf: a call in the consumer makes ptxas serialize every wgmma of the kernel)
-    if (global_ns() - t0 > 10000000000ull) __trap();
-  }
+CUTLASS_DEVICE uint32_t peer_smem_addr(const void* p, int peer) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(peer));
+  return remote;
 }
-
-enum : int { kScaleInPlace = 0, kReadOnly = 1, kSplit = 2 };
 
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
 // kScaleInPlace: x diag(g) written over the A tiles (v3). kReadOnly: the row sums only (B is already
-// W diag(g)); a read-only variant for A/B timing. kSplit: v5, the read-only sums split over the N
-// tiles of a row block (top of the file).
+// W diag(g)); a read-only variant for A/B timing. kClusterSums: v5, the read-only sums split over the
+// CTAs of a cluster along N (top of the file).
 template <class Base, int kMode> struct RmsNormMainloop : Base {
   static constexpr bool kScaleA = kMode == kScaleInPlace;
-  static constexpr bool kSplitSums = kMode == kSplit;
-  // tile coordinates handed from the producer warp to the consumers (see load())
-  // (512 bytes, so that the kernel's static shared memory stays 1 KiB, a multiple of 128: the dynamic
-  // shared memory that holds the TMA stages starts after it, and a 560-byte total misaligned them:
-  // "misaligned address" on the H100)
-  static constexpr int kRing = Base::DispatchPolicy::Stages + 2;
-  static_assert(kRing <= 64, "ring slots");
-  static CUTLASS_DEVICE int2* tile_coord_ring() {
-    __shared__ __align__(128) int2 ring[64];
-    return ring;
+  static constexpr bool kShare = kMode == kClusterSums;
+  static constexpr int CN = size<1>(typename Base::DispatchPolicy::ClusterShape{});
+  static_assert(!kShare || (size<0>(typename Base::DispatchPolicy::ClusterShape{}) == 1 && CN > 1),
+                "v5 needs a cluster along N only");
+  // v5's exchange: partial sums per tile parity and source rank, and one mbarrier (CN - 1 peers x 128
+  // arrivals per phase). 128-byte aligned so the kernel's static shared memory stays a multiple of
+  // 128: the dynamic shared memory with the TMA stages follows it.
+  struct alignas(128) Exchange {
+    float part[2][CN][128];
+    uint64_t bar;
+  };
+  static CUTLASS_DEVICE Exchange& exchange() {
+    __shared__ Exchange x;
+    return x;
   }
-  int tiles_seen_ = 0;  // per role: the producer's and the consumers' copies count their own tiles
+  int tiles_seen_ = 0;  // consumers: tiles done, the exchange's buffer and mbarrier parity
 
+  // Called once per CTA by warp 0 before the kernel initialises its pipelines and syncs the cluster:
+  // the exchange's mbarrier is initialised under the same cluster sync as CUTLASS's own.
+  static CUTLASS_DEVICE void prefetch_tma_descriptors(typename Base::Params const& params) {
+    if constexpr (kShare) {
+      cutlass::arch::ClusterBarrier::init(&exchange().bar, 128 * (CN - 1));
+      cutlass::arch::fence_barrier_init();
+    }
+    Base::prefetch_tma_descriptors(params);
+  }
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -122,20 +120,11 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
     const cutlass::bfloat16_t* g = nullptr;  // norm weight [K]
     int k = 0;
     float eps = 0.f;
-    // kSplit: partial sums [nsplit][rows] and one zeroed counter per 128-row block (cluster-padded)
-    float* partials = nullptr;
-    unsigned* counts = nullptr;
-    int rows = 0;
-    int nsplit = 1;
   };
   struct Params : Base::Params {
     const cutlass::bfloat16_t* g;
     int k;
     float eps;
-    float* partials;
-    unsigned* counts;
-    int rows;
-    int nsplit;
   };
 
   template <class ProblemShape>
@@ -145,29 +134,7 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
     p.g = args.g;
     p.k = args.k;
     p.eps = args.eps;
-    p.partials = args.partials;
-    p.counts = args.counts;
-    p.rows = args.rows;
-    p.nsplit = args.nsplit;
     return p;
-  }
-
-  // Producer: record this tile's (m, n) for the consumers, then the base's TMA loads. Every lane
-  // writes the same value; the elected lane's write precedes its arrive on the tile's first full
-  // barrier (release), which the consumers' wait acquires. The ring is Stages + 2 deep: the producer
-  // cannot get that many tiles ahead without a consumer release of the slot's tile.
-  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
-  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                           cute::tuple<TensorA, TensorB> const& load_inputs, BlockCoord const& blk_coord,
-                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
-                           TensorStorage& shared_tensors) {
-    if constexpr (kSplitSums) {
-      tile_coord_ring()[tiles_seen_ % kRing] = make_int2(int(get<0>(blk_coord)), int(get<1>(blk_coord)));
-      ++tiles_seen_;
-      __syncwarp();
-    }
-    Base::load(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count, thread_idx,
-               block_rank_in_cluster, shared_tensors);
   }
 
   // Consumer: 256 threads (two warpgroups). Thread t handles tile row t/2, columns 32*(t%2)..+31 of
@@ -198,12 +165,7 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
     const int k8 = params.k / 8;
     float ss = 0.f;
     const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
-
-    // v5: which k tiles this tile sums (those with kt % nsplit == n; none when n >= nsplit), known
-    // after the first wait (tile_coord_ring). Other modes sum every k tile.
-    int2 coord = make_int2(0, 0);
-    int slice = 0, nsplit = 1;
-    bool first = true;
+    const int rank = kShare ? (int)cute::block_id_in_cluster().y : 0;  // v5: this CTA's k-tile slice
 
     // Wait for k tile kt (stage of smem_pipe_read), apply the row sums and g in place, publish to wgmma.
     auto wait_and_transform = [&](int kt) {
@@ -217,16 +179,7 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       const int stage = smem_pipe_read.index();
-      if constexpr (kSplitSums) {
-        if (first) {
-          coord = tile_coord_ring()[tiles_seen_ % kRing];
-          ++tiles_seen_;
-          nsplit = params.nsplit;
-          slice = coord.y;
-          first = false;
-        }
-        if (slice >= nsplit || kt % nsplit != slice) return stage;
-      }
+      if (kShare && kt % CN != rank) return stage;  // a peer sums this k tile
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const uint32_t a = chunk_addr(q, stage);
@@ -283,21 +236,40 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
 
     ss += __shfl_xor_sync(0xFFFFFFFF, ss, 1);
     float* srstd = tile_rstd_smem();
-    if constexpr (kSplitSums) {
-      // Publish this slice's partial sums, count in, wait for the row block's nsplit slices.
-      const int grow = coord.x * 128 + row;
-      if (slice < nsplit) {
-        if (half == 0 && grow < params.rows) params.partials[(int64_t)slice * params.rows + grow] = ss;
-        __threadfence();
-        cutlass::arch::NamedBarrier::sync(256, bar);
-        if (thread_idx == 0) atomicAdd(params.counts + coord.x, 1u);
+    if constexpr (kShare) {
+      // Push this slice's sums to every peer (its part[par][rank]) and arrive there (release,
+      // cluster scope: the store is ordered before the arrive); keep a copy in our own slot.
+      Exchange& ex = exchange();
+      const int par = tiles_seen_ & 1;
+      ++tiles_seen_;
+      if (half == 0) {
+        ex.part[par][rank][row] = ss;
+#pragma unroll
+        for (int peer = 0; peer < CN; ++peer) {
+          if (peer == rank) continue;
+          asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(peer_smem_addr(&ex.part[par][rank][row], peer)),
+                       "f"(ss)
+                       : "memory");
+          asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
+                           peer_smem_addr(&ex.bar, peer))
+                       : "memory");
+        }
       }
-      if (thread_idx == 0) wait_for_count(params.counts + coord.x, (unsigned)nsplit);
-      cutlass::arch::NamedBarrier::sync(256, bar);  // the counts are in; previous tile's epilogue readers done
+      // The peers' pushes of this tile (phase parity par of our mbarrier; acquire, cluster scope).
+      // A peer reaches its push of tile t + 2 (into part[par] again) only after it has our push of
+      // tile t + 1, which we make after reading tile t's sums.
+      const uint32_t mbar = static_cast<uint32_t>(__cvta_generic_to_shared(&ex.bar));
+      asm volatile(
+          "{\n\t.reg .pred P1;\n\tLAB_WAIT:\n\t"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n\t"
+          "@P1 bra DONE;\n\tbra LAB_WAIT;\n\tDONE:\n\t}" ::"r"(mbar),
+          "r"(par)
+          : "memory");
+      cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
       if (half == 0) {
         float tot = 0.f;
-        if (grow < params.rows)
-          for (int sl = 0; sl < nsplit; ++sl) tot += __ldcg(params.partials + (int64_t)sl * params.rows + grow);
+#pragma unroll
+        for (int src = 0; src < CN; ++src) tot += ex.part[par][src][row];
         srstd[row] = 1.f / sqrtf(tot / (float)params.k + params.eps);
       }
     } else {
@@ -314,63 +286,26 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
   }
 };
 
-// bf16 only (the in-place g scaling converts bf16); 1 KiB carved out for tile_rstd_smem().
-using FusedFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;
-
-// Clusters of this kernel that can be resident at once (cached per device). v5's cross-CTA wait
-// needs every CTA of the persistent grid resident, so the grid is sized from this, not from the
-// SM count (2-CTA clusters cannot use every SM of a GPC with an odd count).
-template <class Kernel> int co_resident_clusters() {
-  static std::atomic<int> cache[64] = {};
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev >= 0 && dev < 64 && cache[dev].load()) return cache[dev].load();
-  const void* fn = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
-  const int smem = (int)Kernel::SharedStorageSize;
-  check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = size<0>(typename Kernel::ClusterShape{});
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(attr.val.clusterDim.x, 1, 1);
-  cfg.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  int clusters = 0;
-  check(cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg), "cudaOccupancyMaxActiveClusters");
-  if (clusters <= 0) throw std::runtime_error("rmsnorm_linear (CUDA): the v5 forward GEMM cannot be resident");
-  if (dev >= 0 && dev < 64) cache[dev].store(clusters);
-  return clusters;
-}
-
-struct SplitSums {
-  float* partials = nullptr;
-  unsigned* counts = nullptr;
-  int nsplit = 1;
-  int clusters = 0;
-};
-
-template <int kMode> struct FusedKernel {
-  using Element = FusedFwdTypes::Element;
-  using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kMode>;
-  using Epilogue = FusedFwdTypes::Epilogue;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+// bf16 only (the in-place g scaling converts bf16); 1 KiB carved out for tile_rstd_smem(). v5: a
+// cluster of CN CTAs along N and the exchange's shared memory carved out too.
+template <int kMode, int CN = 1> struct FusedKernel {
+  using Types = std::conditional_t<kMode == kClusterSums,
+                                   RstdFwdTypes<cutlass::bfloat16_t, 1024 + (2 * CN * 128 * 4 + 128), Shape<_1, Int<CN>, _1>>,
+                                   RstdFwdTypes<cutlass::bfloat16_t, 1024>>;
+  using Element = typename Types::Element;
+  using Mainloop = RmsNormMainloop<typename Types::BaseMainloop, kMode>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, typename Types::Epilogue,
                                                       cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// split.clusters (kSplit): the persistent grid in clusters, a multiple of the N tiles per row block
-// (sm90_fwd_v5_clusters).
-template <int kMode>
+template <int kMode, int CN = 1>
 void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
-                    int64_t k, int64_t m, float eps, cudaStream_t s, SplitSums split = {}) {
-  using Element = typename FusedKernel<kMode>::Element;
-  using Mainloop = typename FusedKernel<kMode>::Mainloop;
-  using Kernel = typename FusedKernel<kMode>::Kernel;
-  using Gemm = typename FusedKernel<kMode>::Gemm;
+                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+  using Element = typename FusedKernel<kMode, CN>::Element;
+  using Mainloop = typename FusedKernel<kMode, CN>::Mainloop;
+  using Kernel = typename FusedKernel<kMode, CN>::Kernel;
+  using Gemm = typename FusedKernel<kMode, CN>::Gemm;
 
   typename Mainloop::Arguments ml;
   ml.ptr_A = static_cast<const Element*>(x);
@@ -380,26 +315,16 @@ void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, co
   ml.g = static_cast<const Element*>(g);
   ml.k = (int)k;
   ml.eps = eps;
-  ml.partials = split.partials;
-  ml.counts = split.counts;
-  ml.rows = (int)n;
-  ml.nsplit = split.nsplit;
-  cutlass::KernelHardwareInfo hw = hw_info();
-  if constexpr (kMode == kSplit) hw.max_active_clusters = split.clusters;
   typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
                                 {(int)n, (int)m, (int)k, 1},
                                 ml,
                                 {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
                                  ld_stride<typename Kernel::StrideD>(m)},
-                                hw};
+                                hw_info()};
   args.epilogue.thread = {
       {rstd},                                               // rstd store (acc pass-through)
       {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
       {}};
-  if constexpr (kMode == kSplit) {  // a row block's N tiles consecutive in every CTA's order (top of file)
-    args.scheduler.raster_order = Kernel::TileScheduler::RasterOrderOptions::AlongN;
-    args.scheduler.max_swizzle_size = 1;
-  }
   run_gemm<Gemm>(args, s, "fused forward GEMM");
 }
 
@@ -428,48 +353,18 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
   throw std::runtime_error("rmsnorm_linear (CUDA): fused sm_90a forward not built for this dtype");
 }
 
-// v5 geometry: 128 x 256 x 64 tiles, 2-CTA clusters along the rows.
-int sm90_fwd_v5_nsplit(int64_t k, int64_t m) {
-  return (int)std::max<int64_t>(1, std::min<int64_t>((m + 255) / 256, (k + 63) / 64));
-}
-int64_t sm90_fwd_v5_counts(int64_t n) { return (n + 255) / 256 * 2; }
-
-// The grid, in 2-CTA clusters: the most co-resident clusters that are a whole number of row blocks'
-// N tiles (nN), so that no row block's tiles straddle two waves of the persistent grid. (Straddling
-// makes the tiles of one wave wait a whole tile for their siblings of the next, and the delay
-// cascades: 230 us against 181 at 16384 x 2048 -> 2048 on an H100 with 66 clusters and nN = 8.)
-// Those shapes lose nothing: 512 cluster tiles take 8 waves of 64 clusters as of 66. 0: more N
-// tiles than resident clusters, v5 does not apply.
-int sm90_fwd_v5_clusters(int64_t m) {
-#if defined(LLMTRAIN_WITH_CUTE)
-  const int resident = sm90::co_resident_clusters<sm90::FusedKernel<sm90::kSplit>::Kernel>();
-  const int64_t nN = (m + 255) / 256;
-  return nN > resident ? 0 : (int)(resident / nN * nN);
-#else
-  (void)m;
-  return 0;
-#endif
-}
-
 void sm90_gemm_fwd_v5(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
-                      int64_t k, int64_t m, float eps, float* partials, unsigned* counts, int clusters,
-                      cudaStream_t s) {
+                      int64_t k, int64_t m, float eps, int cluster_n, cudaStream_t s) {
 #if defined(LLMTRAIN_WITH_CUTE)
-  if (clusters <= 0 || clusters % ((m + 255) / 256) != 0)
-    throw std::runtime_error("rmsnorm_linear (CUDA): v5 grid must be a whole number of row blocks' N tiles");
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  if (dtype == DType::BF16) {
-    sm90::SplitSums split;
-    split.partials = partials;
-    split.counts = counts;
-    split.nsplit = sm90_fwd_v5_nsplit(k, m);
-    split.clusters = clusters;
-    return sm90::fwd_fused_bf16<sm90::kSplit>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s, split);
-  }
+  if (dtype == DType::BF16 && cluster_n == 2)
+    return sm90::fwd_fused_bf16<sm90::kClusterSums, 2>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s);
+  if (dtype == DType::BF16 && cluster_n == 4)
+    return sm90::fwd_fused_bf16<sm90::kClusterSums, 4>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s);
 #endif
   (void)dtype; (void)x; (void)wg; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps;
-  (void)partials; (void)counts; (void)clusters; (void)s;
-  throw std::runtime_error("rmsnorm_linear (CUDA): v5 sm_90a forward not built for this dtype");
+  (void)cluster_n; (void)s;
+  throw std::runtime_error("rmsnorm_linear (CUDA): v5 sm_90a forward not built for this dtype / cluster");
 }
 
 }  // namespace rmslin
