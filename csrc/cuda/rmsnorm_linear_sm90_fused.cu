@@ -81,12 +81,16 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
   static_assert(!kShare || (size<0>(typename Base::DispatchPolicy::ClusterShape{}) == 1 && CN > 1),
                 "v5 needs a cluster along N only");
   // v5's exchange: partial sums per tile parity and source rank, and one mbarrier (CN - 1 peers x 128
-  // arrivals per phase). 128-byte aligned so the kernel's static shared memory stays a multiple of
-  // 128: the dynamic shared memory with the TMA stages follows it.
+  // arrivals per phase). Padded so that the kernel's static shared memory (this and the 512-byte
+  // tile_rstd_smem) is a multiple of 1 KiB: the dynamic shared memory with the TMA stages follows it,
+  // and 128-byte-swizzled TMA tiles need a 1 KiB-aligned base (2,688 bytes of static shared memory gave
+  // wrong products on the H100; 560 a misaligned-address fault).
   struct alignas(128) Exchange {
     float part[2][CN][128];
     uint64_t bar;
+    char pad[512 - sizeof(uint64_t)];
   };
+  static_assert((sizeof(Exchange) + 512) % 1024 == 0, "static shared memory a multiple of 1 KiB");
   static CUTLASS_DEVICE Exchange& exchange() {
     __shared__ Exchange x;
     return x;
