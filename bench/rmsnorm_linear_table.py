@@ -9,9 +9,8 @@ mma.sync path forced on this GPU, "ours_pdl" / "ours_sepred" the default with pr
 dependent launch / with the separate reduce_parts kernel, "ours_s7" the default with session 7's
 row kernels (LLMTRAIN_RMSLIN_ROWS=s7), "ours_pf" the default with the row pass's opt-in L2 prefetch
 (LLMTRAIN_RMSLIN_PREFETCH=1), "ours_nat"
-the extension's own backward data GEMM instead of cuBLAS's (LLMTRAIN_RMSLIN_DGRAD=native), "ours_v5"
-the v5 forward (LLMTRAIN_RMSLIN_FWD=v5: the GEMM sums x^2, split over a cluster of 2 CTAs along N),
-"ours_v5c4" the same with clusters of 4; all in the same process.
+the extension's own backward data GEMM instead of cuBLAS's (LLMTRAIN_RMSLIN_DGRAD=native); all in
+the same process.
 `--impls ours,ours_pdl,compiled` measures a subset (eager always).
 Prints a markdown table, one row per shape as soon as it is measured (a timeout keeps the rows
 done); `--json PATH` also writes the numbers; `--shapes 0,1` picks shapes.
@@ -51,8 +50,6 @@ def make_impls():
         "ours_pf": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_nat": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
-        "ours_v5": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
-        "ours_v5c4": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -125,10 +122,7 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        # session 8: the s8 row pass with its opt-in L2 prefetch of each warp's next row
        "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"},
        # session 11 A/B: the extension's own data GEMM instead of cuBLAS's (the session-10 default)
-       "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"},
-       # session 12: the v5 forward (W diag(g) pre-pass; the GEMM's clusters of 2 / 4 CTAs along N share
-       # the x^2 row sums)
-       "ours_v5": {"LLMTRAIN_RMSLIN_FWD": "v5"}, "ours_v5c4": {"LLMTRAIN_RMSLIN_FWD": "v5c4"}}
+       "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"}}
 
 
 @contextlib.contextmanager

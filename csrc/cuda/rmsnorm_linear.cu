@@ -223,13 +223,12 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // sm_90a ones cannot run (sm_80 / sm_86 / sm_89 / sm_120). LLMTRAIN_RMSLIN=v2 (or _LEGACY=1) gives
 // the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
 // LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
-// forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2; v5 / v5c4: the
-// same sums split over a cluster of 2 / 4 CTAs along N and exchanged in shared memory, session 12).
+// forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2).
 // Session 7 switches: LLMTRAIN_RMSLIN_PDL=0|1 (default 0: programmatic dependent launch between the
 // sm_90a path's kernels) and LLMTRAIN_RMSLIN_REDUCE=fused|kernel (default fused: the row pass's last
 // blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
 // An unknown value of any switch is an error (a typo must not silently measure the default).
-enum class Gen { Default, V2, V3, RO, V5, V5C4 };
+enum class Gen { Default, V2, V3, RO };
 inline const char* env_value(const char* name) {
   const char* e = std::getenv(name);
   return e && e[0] ? e : nullptr;
@@ -238,8 +237,7 @@ inline const char* env_value(const char* name) {
 inline Gen parse_gen(const char* name, const char* allowed) {
   const char* e = env_value(name);
   if (!e) return Gen::Default;
-  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}, {"v5", Gen::V5},
-                                                          {"v5c4", Gen::V5C4}};
+  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}};
   const std::string list = std::string(" ") + allowed + " ";
   for (const auto& n : names)
     if (std::strcmp(e, n.s) == 0 && list.find(std::string(" ") + n.s + " ") != std::string::npos) return n.g;
@@ -267,7 +265,7 @@ inline bool legacy() {
 }
 inline Gen fwd_gen() {
   const Gen all = parse_gen("LLMTRAIN_RMSLIN", "v2 v3");
-  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro v5 v5c4");
+  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro");
   if (legacy()) return Gen::V2;
   if (side != Gen::Default) return side;
   return all == Gen::V3 ? Gen::V3 : Gen::V2;  // the default forward is v2
@@ -478,18 +476,6 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   }
   DeviceBuffer<T> wg(m * k, s);
   const int sms = num_sms();
-  if ((gen == Gen::V5 || gen == Gen::V5C4) && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
-      sm90_fwd_fused_available(a.dims.dtype)) {
-    // v5: fold g into W, then one GEMM whose clusters of CTAs along N share the x^2 row sums
-    // (rmsnorm_linear_sm90_fused.cu).
-    const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));
-    fast::fold_g<T><<<blocks, 256, 0, s>>>(static_cast<const T*>(a.g), w, wg.get(), k, m);
-    check_launch("fold_g");
-    sm90_gemm_fwd_v5(a.dims.dtype, a.x, wg.get(), static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
-                     (float)a.dims.eps, gen == Gen::V5C4 ? 4 : 2, s);
-    wg.release(s);
-    return;
-  }
   if (fused) {
     // Read-only variant: wg = W diag(g) here, the GEMM mainloop only sums x^2.
     const int w_blocks = (int)std::max<int64_t>(1, std::min<int64_t>((m * k / 8 + 255) / 256, (int64_t)sms * 4));

@@ -155,23 +155,6 @@ __global__ void __launch_bounds__(256) prep_fwd(const T* __restrict__ x, const T
   }
 }
 
-// v5 forward pre-pass: wg = W diag(g) (16-byte chunks, grid-stride); the GEMM sums x^2 itself
-// (rmsnorm_linear_sm90_fused.cu).
-template <typename T>
-__global__ void __launch_bounds__(256) fold_g(const T* __restrict__ g, const T* __restrict__ w, T* __restrict__ wg,
-                                              int64_t k, int64_t m) {
-  const int64_t k8 = k / 8, total = m * k8, stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t c = (e % k8) * 8;
-    float a[8], b[8];
-    load8(w + e * 8, a);
-    load8(g + c, b);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) a[j] *= b[j];
-    store8(wg + e * 8, a);
-  }
-}
-
 // Forward pre-pass of the portable tensor-core path: rstd and xn = rstd x g (a warp per row; the
 // second read of the row comes from L1/L2), so the GEMM is a plain y = xn W^T + bias.
 template <typename T>

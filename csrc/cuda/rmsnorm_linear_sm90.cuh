@@ -29,11 +29,6 @@ void sm90_gemm_fwd(DType dtype, const void* x, const void* wg, const float* rstd
 bool sm90_fwd_fused_available(DType dtype);
 void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
-// v5 forward (bf16): y = (x . wg^T) * rstd[row] + bias with wg = W diag(g) already folded; the row
-// sums of x^2 are split over the cluster_n (2 or 4) CTAs of a cluster along N and exchanged through
-// distributed shared memory. See rmsnorm_linear_sm90_fused.cu.
-void sm90_gemm_fwd_v5(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
-                      int64_t k, int64_t m, float eps, int cluster_n, cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]
 void sm90_gemm_dgrad(DType dtype, const void* dy, const void* w, void* d, int64_t n, int64_t k, int64_t m,
                      cudaStream_t s, bool pdl = false);

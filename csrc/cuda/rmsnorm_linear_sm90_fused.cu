@@ -8,21 +8,7 @@
 // memory and scales the accumulators; a small epilogue visitor node writes rstd to global memory
 // (the consumer only learns the tile coordinate in the epilogue) and the epilogue adds the bias.
 // Each row's sum is recomputed by every N tile of that row: redundant ALU work, no extra DRAM.
-//
-// v5 (kMode = kClusterSums, LLMTRAIN_RMSLIN_FWD=v5 / v5c4): the read-only variant's row sums shared
-// by the CN CTAs of a cluster laid along N, which work on the same 128 rows (x tiles multicast to
-// all of them). CTA rank r of the cluster reads only the k tiles kt with kt % CN == r (1/CN of the
-// shared-memory reads and barriers that made the read-only variant 19 us slower than the plain GEMM
-// at 16384 x 2048 -> 2048), pushes its 128 partial sums into every peer's shared memory (DSMEM) and
-// arrives on the peer's mbarrier; each CTA adds the CN partials in rank order, so all of them (and
-// every run) scale by the same rstd. Cluster CTAs are co-scheduled and coupled by the multicast
-// pipeline, so the exchange waits for a peer that is at most a few k tiles away. W diag(g) comes
-// from a small pre-pass, as in the read-only variant.
-// (Session 12's first v5 published the partials through global memory and counters across the N
-// tiles of a row block instead: correct, but 225-230 us against 181: siblings in different clusters
-// drift apart and every tile waited for the slowest. docs/perf.md.)
 #include <stdexcept>
-#include <type_traits>
 
 #include "rmsnorm_linear_sm90.cuh"
 #include "rmsnorm_linear_common.cuh"
@@ -60,52 +46,9 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
   return *reinterpret_cast<const uint32_t*>(&o);
 }
 
-enum : int { kScaleInPlace = 0, kReadOnly = 1, kClusterSums = 2 };
-
-CUTLASS_DEVICE uint32_t peer_smem_addr(const void* p, int peer) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-               : "=r"(remote)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(peer));
-  return remote;
-}
-
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
-// kScaleInPlace: x diag(g) written over the A tiles (v3). kReadOnly: the row sums only (B is already
-// W diag(g)); a read-only variant for A/B timing. kClusterSums: v5, the read-only sums split over the
-// CTAs of a cluster along N (top of the file).
-template <class Base, int kMode> struct RmsNormMainloop : Base {
-  static constexpr bool kScaleA = kMode == kScaleInPlace;
-  static constexpr bool kShare = kMode == kClusterSums;
-  static constexpr int CN = size<1>(typename Base::DispatchPolicy::ClusterShape{});
-  static_assert(!kShare || (size<0>(typename Base::DispatchPolicy::ClusterShape{}) == 1 && CN > 1),
-                "v5 needs a cluster along N only");
-  // v5's exchange: partial sums per tile parity and source rank, and one mbarrier (CN - 1 peers x 128
-  // arrivals per phase). Padded so that the kernel's static shared memory (this and the 512-byte
-  // tile_rstd_smem) is a multiple of 1 KiB: the dynamic shared memory with the TMA stages follows it,
-  // and 128-byte-swizzled TMA tiles need a 1 KiB-aligned base (2,688 bytes of static shared memory gave
-  // wrong products on the H100; 560 a misaligned-address fault).
-  struct alignas(128) Exchange {
-    float part[2][CN][128];
-    uint64_t bar;
-    char pad[512 - sizeof(uint64_t)];
-  };
-  static_assert((sizeof(Exchange) + 512) % 1024 == 0, "static shared memory a multiple of 1 KiB");
-  static CUTLASS_DEVICE Exchange& exchange() {
-    __shared__ Exchange x;
-    return x;
-  }
-  int tiles_seen_ = 0;  // consumers: tiles done, the exchange's buffer and mbarrier parity
-
-  // Called once per CTA by warp 0 before the kernel initialises its pipelines and syncs the cluster:
-  // the exchange's mbarrier is initialised under the same cluster sync as CUTLASS's own.
-  static CUTLASS_DEVICE void prefetch_tma_descriptors(typename Base::Params const& params) {
-    if constexpr (kShare) {
-      cutlass::arch::ClusterBarrier::init(&exchange().bar, 128 * (CN - 1));
-      cutlass::arch::fence_barrier_init();
-    }
-    Base::prefetch_tma_descriptors(params);
-  }
+// kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing.
+template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -169,7 +112,6 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
     const int k8 = params.k / 8;
     float ss = 0.f;
     const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
-    const int rank = kShare ? (int)cute::block_id_in_cluster().y : 0;  // v5: this CTA's k-tile slice
 
     // Wait for k tile kt (stage of smem_pipe_read), apply the row sums and g in place, publish to wgmma.
     auto wait_and_transform = [&](int kt) {
@@ -183,7 +125,6 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
       auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
       const int stage = smem_pipe_read.index();
-      if (kShare && kt % CN != rank) return stage;  // a peer sums this k tile
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const uint32_t a = chunk_addr(q, stage);
@@ -195,8 +136,7 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
         if constexpr (kScaleA) sts128(a, v);
       }
       // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
-      // whole tile is rewritten before any wgmma on it is issued (read-only modes: every consumer's
-      // reads of the stage are done before any of them can release it).
+      // whole tile is rewritten before any wgmma on it is issued.
       if constexpr (kScaleA) cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(256, bar);
       return stage;
@@ -240,46 +180,8 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
 
     ss += __shfl_xor_sync(0xFFFFFFFF, ss, 1);
     float* srstd = tile_rstd_smem();
-    if constexpr (kShare) {
-      // Push this slice's sums to every peer (its part[par][rank]) and arrive there (release,
-      // cluster scope: the store is ordered before the arrive); keep a copy in our own slot.
-      Exchange& ex = exchange();
-      const int par = tiles_seen_ & 1;
-      ++tiles_seen_;
-      if (half == 0) {
-        ex.part[par][rank][row] = ss;
-#pragma unroll
-        for (int peer = 0; peer < CN; ++peer) {
-          if (peer == rank) continue;
-          asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(peer_smem_addr(&ex.part[par][rank][row], peer)),
-                       "f"(ss)
-                       : "memory");
-          asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
-                           peer_smem_addr(&ex.bar, peer))
-                       : "memory");
-        }
-      }
-      // The peers' pushes of this tile (phase parity par of our mbarrier; acquire, cluster scope).
-      // A peer reaches its push of tile t + 2 (into part[par] again) only after it has our push of
-      // tile t + 1, which we make after reading tile t's sums.
-      const uint32_t mbar = static_cast<uint32_t>(__cvta_generic_to_shared(&ex.bar));
-      asm volatile(
-          "{\n\t.reg .pred P1;\n\tLAB_WAIT:\n\t"
-          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n\t"
-          "@P1 bra DONE;\n\tbra LAB_WAIT;\n\tDONE:\n\t}" ::"r"(mbar),
-          "r"(par)
-          : "memory");
-      cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
-      if (half == 0) {
-        float tot = 0.f;
-#pragma unroll
-        for (int src = 0; src < CN; ++src) tot += ex.part[par][src][row];
-        srstd[row] = 1.f / sqrtf(tot / (float)params.k + params.eps);
-      }
-    } else {
-      cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
-      if (half == 0) srstd[row] = 1.f / sqrtf(ss / (float)params.k + params.eps);
-    }
+    cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done
+    if (half == 0) srstd[row] = 1.f / sqrtf(ss / (float)params.k + params.eps);
     cutlass::arch::NamedBarrier::sync(256, bar);
     Tensor cC = make_identity_tensor(take<0, 2>(TileShape{}));
     Tensor tCcC = tiled_mma.get_slice(thread_idx).partition_C(cC);
@@ -290,26 +192,18 @@ template <class Base, int kMode> struct RmsNormMainloop : Base {
   }
 };
 
-// bf16 only (the in-place g scaling converts bf16); 1 KiB carved out for tile_rstd_smem(). v5: a
-// cluster of CN CTAs along N and the exchange's shared memory carved out too.
-template <int kMode, int CN = 1> struct FusedKernel {
-  using Types = std::conditional_t<kMode == kClusterSums,
-                                   RstdFwdTypes<cutlass::bfloat16_t, 1024 + (2 * CN * 128 * 4 + 128), Shape<_1, Int<CN>, _1>>,
-                                   RstdFwdTypes<cutlass::bfloat16_t, 1024>>;
-  using Element = typename Types::Element;
-  using Mainloop = RmsNormMainloop<typename Types::BaseMainloop, kMode>;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, typename Types::Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
+// bf16 only (the in-place g scaling converts bf16); 1 KiB carved out for tile_rstd_smem().
+using FusedFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;
 
-template <int kMode, int CN = 1>
+template <bool kScaleA>
 void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
                     int64_t k, int64_t m, float eps, cudaStream_t s) {
-  using Element = typename FusedKernel<kMode, CN>::Element;
-  using Mainloop = typename FusedKernel<kMode, CN>::Mainloop;
-  using Kernel = typename FusedKernel<kMode, CN>::Kernel;
-  using Gemm = typename FusedKernel<kMode, CN>::Gemm;
+  using Element = FusedFwdTypes::Element;
+  using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kScaleA>;
+  using Epilogue = FusedFwdTypes::Epilogue;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   typename Mainloop::Arguments ml;
   ml.ptr_A = static_cast<const Element*>(x);
@@ -349,26 +243,12 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if (dtype == DType::BF16) {
-    if (g) return sm90::fwd_fused_bf16<sm90::kScaleInPlace>(x, g, w, rstd, bias, y, n, k, m, eps, s);
-    return sm90::fwd_fused_bf16<sm90::kReadOnly>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    if (g) return sm90::fwd_fused_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    return sm90::fwd_fused_bf16<false>(x, g, w, rstd, bias, y, n, k, m, eps, s);
   }
 #endif
   (void)dtype; (void)x; (void)g; (void)w; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps; (void)s;
   throw std::runtime_error("rmsnorm_linear (CUDA): fused sm_90a forward not built for this dtype");
-}
-
-void sm90_gemm_fwd_v5(DType dtype, const void* x, const void* wg, float* rstd, const void* bias, void* y, int64_t n,
-                      int64_t k, int64_t m, float eps, int cluster_n, cudaStream_t s) {
-#if defined(LLMTRAIN_WITH_CUTE)
-  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
-  if (dtype == DType::BF16 && cluster_n == 2)
-    return sm90::fwd_fused_bf16<sm90::kClusterSums, 2>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s);
-  if (dtype == DType::BF16 && cluster_n == 4)
-    return sm90::fwd_fused_bf16<sm90::kClusterSums, 4>(x, nullptr, wg, rstd, bias, y, n, k, m, eps, s);
-#endif
-  (void)dtype; (void)x; (void)wg; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps;
-  (void)cluster_n; (void)s;
-  throw std::runtime_error("rmsnorm_linear (CUDA): v5 sm_90a forward not built for this dtype / cluster");
 }
 
 }  // namespace rmslin

@@ -71,12 +71,11 @@ struct RstdStoreAcc {
 // Types of a forward GEMM whose mainloop leaves the accumulators rstd-scaled and tile_rstd_smem()
 // filled: D = acc + bias[col], and the epilogue stores rstd. ExtraSmem: bytes of static shared
 // memory the mainloop adds (carved out of the stage count). At namespace scope: the host compiler
-// mis-parses the builders inside a function template. ClusterShape_: 2 CTAs along the rows (they
-// share each W tile by multicast) unless the mainloop needs another (v5: along the columns).
-template <class Element_, int ExtraSmem, class ClusterShape_ = Shape<_2, _1, _1>> struct RstdFwdTypes {
+// mis-parses the builders inside a function template.
+template <class Element_, int ExtraSmem> struct RstdFwdTypes {
   using Element = Element_;
   using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = ClusterShape_;
+  using ClusterShape = Shape<_2, _1, _1>;
   static constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Element, float, Round>, RstdStoreAcc,
