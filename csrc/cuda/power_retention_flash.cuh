@@ -456,6 +456,34 @@ __device__ __forceinline__ float score_grad(float x, float ex, float da, float d
   return a;
 }
 
+// The per-row and per-tile values of dq's element-wise pass (a warp's rows i0 and i1 = i0 + 8).
+struct DqPassArgs {
+  int i0, i1, kb0, kl, cnt, tq;
+  float gi0, gi1, ra0, ra1, scale, delta0, delta1, c0, c1;
+};
+
+// dq's element-wise pass over NT 8-key groups from column col0 of the key tile at kb0: s (q.k) becomes
+// each score's gradient (score_grad) and its dlog_g term joins the row dots. Below the diagonal
+// (kBelow, or below at run time) the gate is the factored ra * cb; on the diagonal tile it is per
+// element. Shared by v12's whole tiles and v14's half-tile units, so both compute the same bits.
+template <int NT, bool kBelow>
+__device__ __forceinline__ void dq_pass(float (&s)[NT][4], const float (&da)[NT][4], int col0, bool below,
+                                        const DqPassArgs& a, const float* cb, const float* Gs, float& dot0,
+                                        float& dot1) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e < 2 ? a.i0 : a.i1, c = col0 + nt * 8 + 2 * a.tq + (e & 1), j = a.kb0 + c;
+      float ex;
+      if (kBelow || below || i > a.kl) ex = (e < 2 ? a.ra0 : a.ra1) * cb[c];
+      else ex = (j <= i && j < a.cnt) ? __expf((e < 2 ? a.gi0 : a.gi1) - Gs[j]) : 0.f;
+      const float x = s[nt][e] * a.scale;
+      s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], a.delta0, a.c0, dot0)
+                       : score_grad(x, ex, da[nt][e], a.delta1, a.c1, dot1);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dq: one block per (128 query rows, q head, batch), the longest rows first; K / V tiles of 64 keys.
 // Writes dq and q.dq per row (the dlog_g row term, summed in fp32 from the a_ij x_ij).
@@ -521,31 +549,12 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
       const float gkl = Gs[kl];
       const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
       const bool below = wfirst > kl;
-      // the element-wise pass of half hf (v12's, with its below-the-diagonal case split off: there
-      // v12's per-element test picks ra * cb for every element, the same product as here)
+      // the element-wise pass of half hf (v12's, with its below-the-diagonal case compiled apart:
+      // there v12's per-element test picks ra * cb for every element, the same product)
+      const DqPassArgs args{i0, i1, kb0, kl, cnt, tq, gi0, gi1, ra0, ra1, p.scale, st0.y, st1.y, c0, c1};
       auto pass = [&](float (&s)[4][4], const float (&da)[4][4], int hf) {
-        if (below) {
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const float ex = (e < 2 ? ra0 : ra1) * cb[hf * 32 + nt * 8 + 2 * tq + (e & 1)];
-              const float x = s[nt][e] * p.scale;
-              s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
-            }
-        } else {
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = e < 2 ? i0 : i1, c = hf * 32 + nt * 8 + 2 * tq + (e & 1), j = kb0 + c;
-              float ex;
-              if (i > kl) ex = (e < 2 ? ra0 : ra1) * cb[c];
-              else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) : 0.f;
-              const float x = s[nt][e] * p.scale;
-              s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
-            }
-        }
+        if (below) dq_pass<4, true>(s, da, hf * 32, true, args, cb, Gs, dot0, dot1);
+        else dq_pass<4, false>(s, da, hf * 32, false, args, cb, Gs, dot0, dot1);
       };
       if (below) {
         gemms(sb, gb, sl, 1);  // the second half's GEMMs (this tile)
@@ -585,17 +594,8 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
     const float gkl = Gs[kl];
     const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
     const bool below = wfirst > kl;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);
-        float ex;
-        if (below || i > kl) ex = (e < 2 ? ra0 : ra1) * cb[nt * 8 + 2 * tq + (e & 1)];
-        else ex = (j <= i && j < cnt) ? __expf((e < 2 ? gi0 : gi1) - Gs[j]) : 0.f;
-        const float x = s[nt][e] * p.scale;
-        s[nt][e] = e < 2 ? score_grad(x, ex, da[nt][e], st0.y, c0, dot0) : score_grad(x, ex, da[nt][e], st1.y, c1, dot1);
-      }
+    const DqPassArgs args{i0, i1, kb0, kl, cnt, tq, gi0, gi1, ra0, ra1, p.scale, st0.y, st1.y, c0, c1};
+    dq_pass<8, false>(s, da, 0, below, args, cb, Gs, dot0, dot1);
     gemm_pb<4, ND, LD>(acc, s, Ks, lane);
   }
   cp_wait<0>();
