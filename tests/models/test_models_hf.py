@@ -1,5 +1,6 @@
 """Hugging Face integration: save/load, Auto classes by path, generate(), sequence classification."""
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,8 @@ from llmtrain.models import (
     RetentionModel,
     build_model,
 )
+
+from llmtrain.models.hf import CACHE_FIELD, output_cache
 
 from .configs import PAD, VOCAB, small_mla, small_retention
 
@@ -172,6 +175,24 @@ def test_classifying_a_batch_needs_a_pad_token(kind):
     model = KINDS[kind][2](KINDS[kind][0](pad_token_id=None))
     with pytest.raises(ValueError, match="pad_token_id"):
         model(tokens(2, 5))
+
+
+def test_outputs_and_generation_use_this_transformers_cache_name(kind, monkeypatch):
+    """transformers >= 5.24 renamed the model outputs' cache field to `cache` and warns on the old name
+    (removal announced for 5.40): our outputs, the recurrent state and generation use the installed
+    version's name, so none of it warns."""
+    from transformers.utils import generic
+
+    seen = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: seen.append(str(msg)))
+    model = make(kind)
+    ids = tokens(1, 5)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        assert output_cache(out) is not None
+        assert CACHE_FIELD in {f.name for f in dataclasses.fields(type(out))}
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert not [m for m in seen if "Use `cache` instead" in m], seen
 
 
 def test_forward_takes_the_cache_under_either_name(kind):

@@ -3,6 +3,7 @@ mixins (causal LM and sequence classification on a decoder)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -22,6 +23,17 @@ try:  # transformers 5: init functions that skip tensors already loaded from a c
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - transformers 4
     from torch.nn import init
+
+
+# transformers >= 5.24 names the cache field of its model outputs `cache`; `past_key_values` still works
+# there, with a deprecation warning, until its announced removal (5.40). Use whichever field this
+# version has, so outputs neither warn now nor break then.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def output_cache(out):
+    """The cache of a model output, under this transformers version's field name."""
+    return getattr(out, CACHE_FIELD)
 
 
 def cache_argument(past_key_values, kwargs: dict):
@@ -217,7 +229,7 @@ class DecoderStack:
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=all_hidden)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden, **{CACHE_FIELD: cache})
         return out if return_dict else out.to_tuple()
 
 
@@ -262,8 +274,8 @@ class CausalLMHead(DecoderWithHead):
         (or its tuple)."""
         logits, loss = lm_head_and_loss(self.lm_head, slice_hidden_for_logits(out.last_hidden_state, logits_to_keep),
                                         self.config, labels, shift_labels, num_items_in_batch)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: output_cache(out)})
         return result if return_dict else result.to_tuple()
 
 

@@ -24,7 +24,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from llmtrain.models.cache import RetentionCache
 from llmtrain.models.config import RetentionConfig
-from llmtrain.models.hf import CausalLMHead, DecoderStack, SequenceClassificationHead, cache_argument, init, init_common_weights
+from llmtrain.models.hf import (CausalLMHead, DecoderStack, SequenceClassificationHead, cache_argument, init,
+                                init_common_weights, output_cache)
 from llmtrain.models.layers import NormLinear, OutputProjection, RMSNorm, SwiGLU
 from llmtrain.ops import power_retention, power_retention_step
 
@@ -210,9 +211,9 @@ class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
             self.recurrent_state.reset()
         self.recurrent_state = None
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # (the cache arrives in kwargs under whichever name this transformers version's generate uses)
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         # Retention needs no position ids; it reads the mask only to close the gate after left padding.
         inputs.pop("position_ids", None)
         return inputs
@@ -237,8 +238,8 @@ class RetentionLLM(CausalLMHead, RetentionPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          past_key_values=past_key_values, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True)
-        if out.past_key_values is not None:
-            self.recurrent_state = out.past_key_values
+        if output_cache(out) is not None:
+            self.recurrent_state = output_cache(out)
         return self._causal_lm_output(out, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict)
 
 
