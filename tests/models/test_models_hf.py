@@ -191,6 +191,7 @@ def test_outputs_and_generation_use_this_transformers_cache_name(kind, monkeypat
         out = model(ids, use_cache=True)
         assert output_cache(out) is not None
         assert CACHE_FIELD in {f.name for f in dataclasses.fields(type(out))}
+        assert CACHE_FIELD in model.config.keys_to_ignore_at_inference  # (HF Trainer's evaluation drops it)
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert not [m for m in seen if "Use `cache` instead" in m], seen
 

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from llmtrain.models import MLAForCausalLM, MLATransformer
+from llmtrain.models.hf import output_cache
 from llmtrain.models.mla import MultiHeadLatentAttention
 
 from .configs import VOCAB, small_mla
@@ -28,7 +29,7 @@ def test_parallel_forward_equals_token_by_token_absorbed_decoding(dtype, tol):
         cache, stepped = None, []
         for i in range(13):
             out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             stepped.append(out.logits)
     torch.testing.assert_close(torch.cat(stepped, 1), parallel, atol=tol, rtol=tol)
 
@@ -38,7 +39,7 @@ def test_decoding_never_expands_keys_or_values(monkeypatch):
     model = make_model(torch.float64)
     ids = tokens(1, 8)
     with torch.no_grad():
-        cache = model(ids[:, :5], use_cache=True).past_key_values
+        cache = output_cache(model(ids[:, :5], use_cache=True))
         calls = []
         for layer in model.model.layers:
             monkeypatch.setattr(layer.attn.kv_up_proj, "forward", lambda x: calls.append(x) or 1 / 0)
@@ -53,8 +54,8 @@ def test_cache_holds_only_latent_and_rotary_key():
     ids = tokens(3, 7)
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        model(tokens(3, 1, seed=2), past_key_values=out.past_key_values)
-    cache = out.past_key_values
+        model(tokens(3, 1, seed=2), past_key_values=output_cache(out))
+    cache = output_cache(out)
     assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 8
     for layer in cache.layers:
         assert tuple(layer.keys.shape) == (3, 1, 8, config.kv_lora_rank)
@@ -69,7 +70,7 @@ def test_absorbed_multi_token_chunk_matches_parallel():
     with torch.no_grad():
         parallel = model(ids).logits
         first = model(ids[:, :5], use_cache=True)
-        second = model(ids[:, 5:], past_key_values=first.past_key_values)
+        second = model(ids[:, 5:], past_key_values=output_cache(first))
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), parallel, atol=1e-10, rtol=1e-10)
 
 
@@ -82,7 +83,7 @@ def test_left_padding_matches_unpadded_rows_in_prefill_and_decode():
     with torch.no_grad():
         batch = model(padded, attention_mask=mask, use_cache=True)
         step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
-                     past_key_values=batch.past_key_values)
+                     past_key_values=output_cache(batch))
         alone = model(torch.cat([ids[:1, 4:], nxt[:1]], 1)).logits
     torch.testing.assert_close(batch.logits[0, 4:], alone[0, :-1], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(step.logits[0, 0], alone[0, -1], atol=1e-10, rtol=1e-10)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llmtrain.models import RetentionCache, RetentionLLM, retention_state_bytes
+from llmtrain.models.hf import output_cache
 from llmtrain.ops import feature_dim
 
 from .configs import VOCAB, small_retention
@@ -22,7 +23,7 @@ def decode_one_by_one(model, ids):
     cache, logits = None, []
     for i in range(ids.shape[1]):
         out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -45,7 +46,7 @@ def test_prefill_then_chunks_then_steps_equals_parallel():
     with torch.no_grad():
         parallel = model(ids).logits
         first = model(ids[:, :9], use_cache=True)
-        cache = first.past_key_values
+        cache = output_cache(first)
         middle = model(ids[:, 9:12], past_key_values=cache)
         rest = [model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(12, 17)]
     torch.testing.assert_close(torch.cat([first.logits, middle.logits, *rest], 1), parallel, atol=1e-10, rtol=1e-10)
@@ -58,7 +59,7 @@ def test_decode_memory_does_not_grow_with_context():
     D = feature_dim(config.head_dim, 2)
     with torch.no_grad():
         out = model(ids[:, :4], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         bytes_after_prompt = cache.nbytes()
         pointers = [cache.get_state(i).state.data_ptr() for i in range(config.num_hidden_layers)]
         for i in range(4, 64):
@@ -77,13 +78,13 @@ def test_generate_keeps_a_constant_size_cache_and_reset_states_clears_it():
     model = make_model()
     ids = tokens(1, 5)
     short = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    short_bytes = short.past_key_values.nbytes()
+    short_bytes = output_cache(short).nbytes()
     long = model.generate(ids, max_new_tokens=40, do_sample=False, return_dict_in_generate=True,
                           eos_token_id=None)
-    assert isinstance(long.past_key_values, RetentionCache)
-    assert long.past_key_values.nbytes() == short_bytes
+    assert isinstance(output_cache(long), RetentionCache)
+    assert output_cache(long).nbytes() == short_bytes
     assert long.sequences.shape[1] == 45
-    assert model.recurrent_state is long.past_key_values
+    assert model.recurrent_state is output_cache(long)
     held = model.recurrent_state.get_state(0).state
     model.reset_states()
     assert model.recurrent_state is None

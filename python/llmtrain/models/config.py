@@ -38,7 +38,7 @@ class RetentionConfig(PretrainedConfig):
     """
 
     model_type = "llmtrain_retention"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # (the output cache field before / from transformers 5.24)
 
     def __init__(
         self,
@@ -120,7 +120,7 @@ class MLAConfig(PretrainedConfig):
     """
 
     model_type = "llmtrain_mla"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # (the output cache field before / from transformers 5.24)
 
     def __init__(
         self,
