@@ -719,32 +719,39 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
           mma(da[2 * np + 1], a_v, b[2], b[3]);
         }
       }
-      const bool below = qh0 > kl;  // every query after the reference key: factored, no masks
+      // Every query after the reference key (below): the factored gate, no masks. A compile-time
+      // split, so that the hot (below) pass has no per-element branch: with `below || i > kl` at run
+      // time, ptxas wrapped each of the 16 elements in its own divergent region (BSSY / BSYNC).
       uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
+      auto pass = [&](auto below_tag) {
+        constexpr bool kBelow = decltype(below_tag)::value;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int li = qh * 32 + nt * 8 + 2 * tq;
-        const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
-        const float2 rai = *reinterpret_cast<const float2*>(ra + li);
+        for (int nt = 0; nt < 4; ++nt) {
+          const int li = qh * 32 + nt * 8 + 2 * tq;
+          const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
+          const float2 rai = *reinterpret_cast<const float2*>(ra + li);
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int j = hr ? j1 : j0;
-          const float cbj = hr ? cb1 : cb0;
-          float w2[2];
+          for (int hr = 0; hr < 2; ++hr) {
+            const int j = hr ? j1 : j0;
+            const float cbj = hr ? cb1 : cb0;
+            float w2[2];
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int e = 2 * hr + c, i = qb0 + li + c;
-            const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
-            float ex;
-            if (below || i > kl) ex = (c ? rai.y : rai.x) * cbj;
-            else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
-            const float x = s[nt][e] * p.scale;
-            w2[c] = x * ex * x * r_i;
-            s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
+            for (int c = 0; c < 2; ++c) {
+              const int e = 2 * hr + c, i = qb0 + li + c;
+              const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
+              float ex;
+              if (kBelow || i > kl) ex = (c ? rai.y : rai.x) * cbj;
+              else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
+              const float x = s[nt][e] * p.scale;
+              w2[c] = x * ex * x * r_i;
+              s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
+            }
+            aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
           }
-          aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
         }
-      }
+      };
+      if (qh0 > kl) pass(std::true_type{});
+      else pass(std::false_type{});
       gemm_ab<2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
       gemm_pb<2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
     }
