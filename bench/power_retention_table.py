@@ -73,7 +73,7 @@ def make_impls(d):
 
     # All kernel generations in the same run (the extension reads LLMTRAIN_RETENTION_KERNEL per
     # call; set before the forward, it also holds for the backward that follows).
-    def ours(ver, chunk=None, flash="v14"):
+    def ours(ver, chunk=None, flash=""):
         def fn(q, k, v, g):
             os.environ["LLMTRAIN_RETENTION_KERNEL"] = ver
             os.environ["LLMTRAIN_RETENTION_FLASH"] = flash
@@ -82,7 +82,9 @@ def make_impls(d):
 
     impls["ours"] = (ours(""), flops_power)  # the build's default generation and chunk size
     # session 11: the one-chunk flash kernels with the v12 dq (ours-f12) and with the pipelined forward
-    # too (ours-f14all); "ours" runs the default, the pipelined dq (LLMTRAIN_RETENTION_FLASH=v14)
+    # too (ours-f14all)
+    # session 13: "ours" is v16 (row statistics in dq); ours-f14 the session-11 default
+    impls["ours-f14"] = (ours("", flash="v14"), flops_power)
     impls["ours-f12"] = (ours("", flash="v12"), flops_power)
     impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
     for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):

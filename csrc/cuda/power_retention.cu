@@ -124,18 +124,24 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // issued before this tile's element-wise pass; power_retention_flash.cuh, kPipe), bitwise v12's
 // results. H100, session 11 (docs/perf.md): the pipelined dq runs 1.08 ms against 1.24 at t = 2048,
 // the pipelined forward 0.79 against 0.72. LLMTRAIN_RETENTION_FLASH picks, per call:
-//   v14 (the default, also when unset): pipelined dq, v12 forward;
+// v16 (session 13): v14, with the row statistics (1 / den, dy . y) from rowstat_rows_kernel (16-byte
+// loads, several rows per thread) instead of rowstat_kernel, and the forward and dkv staging their
+// key / query tiles in a 3-slot ring with one block barrier per tile instead of two (kRing; where
+// its shared memory fits, else the 2-slot kernels: same bits).
+//   v16 (the default, also when unset): v14 + rowstat_rows_kernel + the rings;
+//   v14: pipelined dq, v12 forward, rowstat_kernel;
 //   v14-all: the pipelined forward as well (A/B);  v12: neither.
 struct FlashPipe {
-  bool fwd, dq;
+  bool fwd, dq, fast_rowstat, ring;
 };
 FlashPipe flash_pipelined() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
-  if (!e || !*e || !std::strcmp(e, "v14")) return {false, true};
-  if (!std::strcmp(e, "v14-all")) return {true, true};
-  if (!std::strcmp(e, "v12")) return {false, false};
-  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v14, v14-all or v12, "
-                                       "got '") + e + "'");
+  if (!e || !*e || !std::strcmp(e, "v16")) return {false, true, true, true};
+  if (!std::strcmp(e, "v14")) return {false, true, false, false};
+  if (!std::strcmp(e, "v14-all")) return {true, true, false, false};
+  if (!std::strcmp(e, "v12")) return {false, false, false, false};
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v16, v14, v14-all or "
+                                       "v12, got '") + e + "'");
 }
 
 struct Plan {
@@ -380,6 +386,9 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
     if (flash_pipelined().fwd)  // (v14's forward needs the same shared memory as v12's)
       launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), true>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
+    else if (flash_pipelined().ring && flash_fwd_smem<d, true>(P.tpad) <= max_smem_optin())
+      launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), false, true>, flash_fwd_smem<d, true>(P.tpad),
+                   (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
     else
       launch_flash(flash_fwd_kernel<d, T, flash_minb<d>()>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
@@ -482,11 +491,19 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   }
   const bool rows_from_saved = y32 != nullptr;
   const bool no_states = P.N == 1 && !A.s0 && !grad_final;  // nothing reads ghat
+  const bool flash = rows_from_saved && no_states && kernel_version() >= 10 &&
+                     std::max(flash_dq_smem<d>(P.tpad), flash_dkv_smem<d>(P.tpad)) <= max_smem_optin();
   if (rows_from_saved) {
     const int64_t rows = P.b * P.hq * P.tpad;
-    rowstat_kernel<d, T><<<(unsigned)div_up(rows, kThreads / 32), kThreads, 0, st>>>(
-        static_cast<const T*>(A.dy), y32, inv_den, rowstat, no_states ? nullptr : ghat, P.b, P.t, P.hq, P.tpad);
-    check_launch("rowstat_kernel");
+    if (no_states && flash_pipelined().fast_rowstat) {  // v16 (no ghat to write)
+      rowstat_rows_kernel<d, T><<<(unsigned)div_up(rows, rowstat_rows_per_block<d>()), kThreads, 0, st>>>(
+          static_cast<const T*>(A.dy), y32, inv_den, rowstat, P.b, P.t, P.hq, P.tpad);
+      check_launch("rowstat_rows_kernel");
+    } else {
+      rowstat_kernel<d, T><<<(unsigned)div_up(rows, kThreads / 32), kThreads, 0, st>>>(
+          static_cast<const T*>(A.dy), y32, inv_den, rowstat, no_states ? nullptr : ghat, P.b, P.t, P.hq, P.tpad);
+      check_launch("rowstat_kernel");
+    }
   } else {
     launch_out<d, T, true>(o, P, st);
   }
@@ -512,8 +529,7 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       launch_scan<d, T, true>(s, P, st);
     }
   }
-  if (rows_from_saved && no_states && kernel_version() >= 10 &&
-      std::max(flash_dq_smem<d>(P.tpad), flash_dkv_smem<d>(P.tpad)) <= max_smem_optin()) {
+  if (flash) {
     FlashArgs f = flash_args(P, gcum, m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
@@ -524,8 +540,12 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     else
       launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_dq_kernel");
-    launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
-                 (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
+    if (flash_pipelined().ring && flash_dkv_smem<d, true>(P.tpad) <= max_smem_optin())
+      launch_flash(flash_dkv_kernel<d, T, flash_minb<d>(), true>, flash_dkv_smem<d, true>(P.tpad),
+                   (unsigned)(P.tpad / kFR), (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
+    else
+      launch_flash(flash_dkv_kernel<d, T, flash_minb<d>()>, flash_dkv_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
+                   (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
   } else {
     GradArgs g{};
     g.q = A.q; g.k = A.k; g.v = A.v; g.log_g = log_g; g.ghat = ghat; g.dy = A.dy; g.rowstat = rowstat;

@@ -65,18 +65,20 @@ struct FlashArgs {
 constexpr int kFR = 128;  // rows (queries or keys) per block: 8 warps x 16
 constexpr int kFT = 64;   // keys (or queries) per inner tile
 
-template <int d> constexpr size_t flash_fwd_smem(int tpad) {
-  constexpr int LD = Cfg<d>::LD;
-  return (size_t)kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 4 + (size_t)tpad * 4;
+// (v16, kRing: 3 key-tile slots instead of 2, one block barrier per tile instead of two)
+template <int d, bool kRing = false> constexpr size_t flash_fwd_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD, NS = kRing ? 3 : 2;
+  return (size_t)kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 4 + (size_t)tpad * 4;
 }
 // (v14's dq keeps 3 K / V tiles and column factors in a ring instead of 2)
 template <int d, bool kPipe = false> constexpr size_t flash_dq_smem(int tpad) {
   constexpr int LD = Cfg<d>::LD, NS = kPipe ? 3 : 2;
   return (size_t)2 * kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 4 + (size_t)tpad * 4;
 }
-template <int d> constexpr size_t flash_dkv_smem(int tpad) {
-  constexpr int LD = Cfg<d>::LD;
-  return (size_t)2 * kFR * LD * 2 + (size_t)4 * kFT * LD * 2 + 2 * kFT * 8 + 2 * 2 * kFT * 4 + (size_t)tpad * 4;
+// (v16, kRing: 3 query-tile slots instead of 2, one block barrier per tile instead of two)
+template <int d, bool kRing = false> constexpr size_t flash_dkv_smem(int tpad) {
+  constexpr int LD = Cfg<d>::LD, NS = kRing ? 3 : 2;
+  return (size_t)2 * kFR * LD * 2 + (size_t)NS * 2 * kFT * LD * 2 + NS * kFT * 8 + NS * 2 * kFT * 4 + (size_t)tpad * 4;
 }
 
 // Gs[i] = G_i for i in [i0, i1) (zeros from cnt on).
@@ -285,6 +287,28 @@ template <int d, typename T> struct QueryBlock {
     cp_wait<1>();
     __syncthreads();
   }
+  // v16 forward (kRing): a 3-slot ring, slot n % 3 = {K(n), V(n), column factors of tile n}, and one
+  // block barrier per tile instead of next_tile's two. At the top of tile n: wait for group n (this
+  // thread's copies), then the barrier makes every thread's copies and column factors visible and
+  // tells that every warp is done with tile n - 1, whose slot then takes tile n + 2. Prologue: group
+  // 0 = {tile 0, the rows} (start), then start_ring: group 1 = {tile 1}. 6 kFT x LD of shared memory.
+  __device__ void start_ring(bf16* kv, float* cbs, const float* Gs) const {
+    if (1 < ntiles) {
+      load_kv(kFT, kv + 2 * kFT * LD);
+      column_factors(cbs + kFT, Gs, kFT, cnt);
+    }
+    cp_commit();
+  }
+  __device__ void next_tile_ring(int it, bf16* kv, float* cbs, const float* Gs) const {
+    cp_wait<1>();
+    __syncthreads();
+    if (it + 2 < ntiles) {
+      const int sl = (it + 2) % 3;
+      load_kv((it + 2) * kFT, kv + sl * 2 * kFT * LD);
+      column_factors(cbs + sl * kFT, Gs, (it + 2) * kFT, cnt);
+    }
+    cp_commit();
+  }
   __device__ void next_tile_pipe(int it, bf16* kv, float* cbs, const float* Gs) const {
     __syncthreads();
     if (it + 2 < ntiles)
@@ -335,14 +359,15 @@ __device__ __forceinline__ void weigh_diagonal(float (&s)[8][4], const float* cb
     }
 }
 
-template <int d, typename T, int MINB, bool kPipe = false>
+template <int d, typename T, int MINB, bool kPipe = false, bool kRing = false>
 __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashArgs p) {
-  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  static_assert(!(kPipe && kRing), "v16's ring is for the v12 forward");
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16, NS = kRing ? 3 : 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* qs = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
-  bf16* kv = qs + kFR * LD;                      // 2 x {K [64][LD], V [64][LD]}
-  float* cbs = reinterpret_cast<float*>(kv + 4 * kFT * LD);  // 2 x [64] column factors
-  float* Gs = cbs + 2 * kFT;                                 // [tpad] gate cumsums
+  bf16* kv = qs + kFR * LD;                      // NS x {K [64][LD], V [64][LD]}
+  float* cbs = reinterpret_cast<float*>(kv + NS * 2 * kFT * LD);  // NS x [64] column factors
+  float* Gs = cbs + NS * kFT;                                     // [tpad] gate cumsums
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const QueryBlock<d, T> blk(p);
   const int row0 = blk.row0, cnt = blk.cnt;
@@ -353,6 +378,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   __syncthreads();
   column_factors(cbs, Gs, 0, cnt);
   if constexpr (kPipe) blk.start_pipe(kv);
+  if constexpr (kRing) blk.start_ring(kv, cbs, Gs);
   uint32_t aq[kPipe ? 1 : KS][4];  // (v14 reads q's fragments from shared memory per k-step)
   if constexpr (!kPipe) load_a_frags<KS, LD>(aq, qs, warp * 16, lane);
   const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
@@ -407,10 +433,12 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   } else
   for (int it = 0; it < blk.ntiles; ++it) {
     const int kb0 = it * kFT;
-    blk.next_tile(it, kv, cbs, Gs);
+    if constexpr (kRing) blk.next_tile_ring(it, kv, cbs, Gs);
+    else blk.next_tile(it, kv, cbs, Gs);
     if (kb0 > wfirst + 15) continue;  // every key after every row of this warp
-    const bf16* Ks = kv + (it & 1) * 2 * kFT * LD;
-    const float* cb = cbs + (it & 1) * kFT;
+    const int sl = kRing ? it % 3 : it & 1;
+    const bf16* Ks = kv + sl * 2 * kFT * LD;
+    const float* cb = cbs + sl * kFT;
     float s[8][4];
     zero(s);
     gemm_abt<KS, LD>(s, aq, Ks, lane);
@@ -624,17 +652,21 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
 // KREG: the warp's k and v fragments stay in registers (off: reloaded per k-step from shared
 // memory, which keeps d = 64 within 128 registers for 2 blocks per SM).
 // ------------------------------------------------------------------------------------------------
-template <int d, typename T, int MINB>
+// kRing (v16): the query tiles in a 3-slot ring, so that one block barrier per tile suffices: at the
+// top of tile n, after the wait for tile n's copies, it makes them visible and tells that every warp
+// is done with tile n - 1, whose slot then takes tile n + 2 (v12: two slots, a barrier before the
+// next tile's copies are issued and one after the wait). The same arithmetic in the same order.
+template <int d, typename T, int MINB, bool kRing = false>
 __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashArgs p) {
-  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16;
+  constexpr int LD = Cfg<d>::LD, ND = d / 8, KS = d / 16, NS = kRing ? 3 : 2;
   constexpr bool KREG = false;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* ks = reinterpret_cast<bf16*>(smem_raw);  // [128][LD]
   bf16* vs = ks + kFR * LD;                      // [128][LD]
-  bf16* qb = vs + kFR * LD;                      // 2 x {q [64][LD], dy [64][LD]}
-  float2* rsb = reinterpret_cast<float2*>(qb + 4 * kFT * LD);  // 2 x [64] (1 / den, dy . y)
-  float* ras = reinterpret_cast<float*>(rsb + 2 * kFT);         // 2 x [2][64] e^{G_i - G_kl}
-  float* Gs = ras + 2 * 2 * kFT;
+  bf16* qb = vs + kFR * LD;                      // NS x {q [64][LD], dy [64][LD]}
+  float2* rsb = reinterpret_cast<float2*>(qb + NS * 2 * kFT * LD);  // NS x [64] (1 / den, dy . y)
+  float* ras = reinterpret_cast<float*>(rsb + NS * kFT);             // NS x [2][64] e^{G_i - G_kl}
+  float* Gs = ras + NS * 2 * kFT;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int kb = blockIdx.x * kFR;
   const int64_t h = blockIdx.y, bi = blockIdx.z;
@@ -660,8 +692,14 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
   load_tile<d>(ks, static_cast<const T*>(p.k), tok0, p.hk, h, kb, kFR, cnt, [](int) { return 1.f; });
   load_tile<d>(vs, static_cast<const T*>(p.v), tok0, p.hk, h, kb, kFR, cnt, [](int) { return 1.f; });
   __syncthreads();  // Gs (load_q reads it)
+  const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
+  const int total = r * nq;
   load_q(h * r, kb, 0);
   cp_commit();
+  if constexpr (kRing) {
+    if (1 < total) load_q(h * r + 1 / nq, kb + (1 % nq) * kFT, 1);
+    cp_commit();
+  }
   const int wfirst = kb + warp * 16, j0 = wfirst + g, j1 = j0 + 8;
   const int kl = tile_last_key(wfirst, cnt), half = warp / 4;
   const float gkl = Gs[kl];
@@ -676,19 +714,27 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
   zero(dk);
   zero(dv);
   float dot0 = 0.f, dot1 = 0.f;
-  const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
-  const int total = r * nq;
   for (int it = 0; it < total; ++it) {
     const int qb0 = kb + (it % nq) * kFT;
-    __syncthreads();
-    if (it + 1 < total) load_q(h * r + (it + 1) / nq, kb + ((it + 1) % nq) * kFT, (it + 1) & 1);
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
-    const bf16* Qs = qb + (it & 1) * 2 * kFT * LD;
+    int sl;
+    if constexpr (kRing) {
+      cp_wait<1>();
+      __syncthreads();
+      if (it + 2 < total) load_q(h * r + (it + 2) / nq, kb + ((it + 2) % nq) * kFT, (it + 2) % 3);
+      cp_commit();
+      sl = it % 3;
+    } else {
+      __syncthreads();
+      if (it + 1 < total) load_q(h * r + (it + 1) / nq, kb + ((it + 1) % nq) * kFT, (it + 1) & 1);
+      cp_commit();
+      cp_wait<1>();
+      __syncthreads();
+      sl = it & 1;
+    }
+    const bf16* Qs = qb + sl * 2 * kFT * LD;
     const bf16* DYs = Qs + kFT * LD;
-    const float2* rs = rsb + (it & 1) * kFT;
-    const float* ra = ras + ((it & 1) * 2 + half) * kFT;
+    const float2* rs = rsb + sl * kFT;
+    const float* ra = ras + (sl * 2 + half) * kFT;
 #pragma unroll
     for (int qh = 0; qh < 2; ++qh) {
       const int qh0 = qb0 + qh * 32;

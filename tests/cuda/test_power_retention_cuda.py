@@ -13,6 +13,7 @@ Set PR_ERRLOG=path to append every measured relative error as JSON lines.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -698,14 +699,61 @@ def test_v14_flash_dq_shared_memory_fallback(monkeypatch):
     _assert_bitwise(_flash_v12_v14(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), smem="90000"))
 
 
+V16_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),
+             (3, 1, 5, 5, 64, torch.bfloat16, True), (3, 129, 5, 5, 64, torch.float16, False),
+             (2, 900, 4, 2, 64, torch.float32, True), (3, 77, 5, 5, 32, torch.bfloat16, True),
+             (2, 700, 4, 4, 128, torch.bfloat16, True), (3, 1000, 6, 3, 128, torch.float16, False)]
+
+
+@pytest.mark.parametrize("c", V16_CASES, ids=[f"b{c[0]}-t{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-{str(c[5]).split('.')[-1]}-"
+                                               f"{'gated' if c[6] else 'ungated'}" for c in V16_CASES])
+def test_v16_matches_v14(monkeypatch, c):
+    """LLMTRAIN_RETENTION_FLASH=v16 (the default) against v14 on the same inputs: the forward's and
+    dkv's 3-slot rings (one block barrier per tile) compute the same bits, and rowstat_rows_kernel the
+    same row statistics (1 / den, dy . y) as rowstat_kernel up to the fp32 order of the dy . y sum. So
+    y is bitwise v14's and the gradients agree to fp32 rounding, before and after bf16 / fp16 rounding
+    of the outputs. Outputs are poisoned (NaN) before each run."""
+    _check_v16_against_v14(monkeypatch, c)
+
+
+def test_v16_shared_memory_fallback(monkeypatch):
+    """The same under a shared-memory limit that fits v16's forward ring but not its dkv ring nor
+    v14's dq (d = 64, t = 2000, limit 90,000 bytes: the ring forward needs 82,688, the ring dkv
+    103,424, v14's dq 101,120): the 2-slot dkv and v12's dq run, with the same results."""
+    _check_v16_against_v14(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), smem="90000")
+
+
+def _check_v16_against_v14(monkeypatch, c, smem=""):
+    """v16 against v14 on the same inputs (see test_v16_matches_v14)."""
+    b, t, hq, hk, d, dtype, gated = c
+    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
+    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
+    res = {}
+    for ver in ("v14", "v16"):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
+        kept = []
+        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
+        res[ver] = (y,) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
+    torch.cuda.synchronize()
+    assert torch.equal(res["v14"][0], res["v16"][0]), "the forward is unchanged"
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), res["v14"][1:], res["v16"][1:]):
+        if a is None:
+            continue
+        assert rel(b_, a) < 2e-3, (nm, rel(b_, a))
+
+
 def test_v14_flash_kernels_run(monkeypatch):
-    """The switch reaches the kernels: unset and v14 (the default) run the pipelined dq (template
-    argument kPipe = true) with v12's forward, v14-all both pipelined, v12 neither; a bad value is a
-    clear error."""
+    """The switch reaches the kernels: unset and v16 (the default) and v14 run the pipelined dq
+    (template argument kPipe = true) with v12's forward, v14-all both pipelined, v12 neither; only
+    v16 runs rowstat_rows_kernel and the forward's and dkv's 3-slot rings (kRing = true); a bad value
+    is a clear error."""
     q, k, v, log_g, gen = make(2, 1000, 4, 2, 64, torch.bfloat16, True)
     dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
-    expect = {"": (False, True), "v14": (False, True), "v14-all": (True, True), "v12": (False, False)}
+    expect = {"": (False, True), "v16": (False, True), "v14": (False, True), "v14-all": (True, True),
+              "v12": (False, False)}
     for ver, (fwd_piped, dq_piped) in expect.items():
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -716,8 +764,19 @@ def test_v14_flash_kernels_run(monkeypatch):
         names = [e.key for e in prof.key_averages()]
         for kern in ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel"):
             assert any(kern in n for n in names), (ver, kern)
-        piped = tuple(any(kern in n and "true>" in n for n in names) for kern in ("flash_fwd_kernel", "flash_dq_kernel"))
+        # template arguments <d, T, MINB, kPipe[, kRing]> of each flash kernel that ran
+        targs = {kern: [m.group(1).split(", ") for n in names for m in [re.search(kern + r"<([^>]*)>", n)] if m]
+                 for kern in ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel")}
+        piped = tuple(any(a[3] == "true" for a in targs[kern]) for kern in ("flash_fwd_kernel", "flash_dq_kernel"))
         assert piped == (fwd_piped, dq_piped), (ver, piped)
+        # v16 (the default): rowstat_rows_kernel instead of rowstat_kernel; the forward and dkv run
+        # their 3-slot rings (the last template argument, kRing)
+        v16 = ver in ("", "v16")
+        assert any("rowstat_kernel" in n for n in names) == (not v16), ver
+        assert any("rowstat_rows_kernel" in n for n in names) == v16, ver
+        assert all((a[-1] == "true") == v16 for a in targs["flash_dkv_kernel"]), (ver, targs)
+        if not fwd_piped:
+            assert all((a[4] == "true") == v16 for a in targs["flash_fwd_kernel"]), (ver, targs)
     monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v13")
     with pytest.raises(RuntimeError, match="LLMTRAIN_RETENTION_FLASH"):
         run_fwd(q, k, v, log_g, None, None, 1000, False)
