@@ -496,8 +496,9 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
   if (rows_from_saved) {
     const int64_t rows = P.b * P.hq * P.tpad;
     if (no_states && flash_pipelined().fast_rowstat) {  // v16 (no ghat to write)
-      rowstat_rows_kernel<d, T><<<(unsigned)div_up(rows, rowstat_rows_per_block<d>()), kThreads, 0, st>>>(
-          static_cast<const T*>(A.dy), y32, inv_den, rowstat, P.b, P.t, P.hq, P.tpad);
+      const dim3 grid((unsigned)(P.b * P.hq), (unsigned)div_up(P.tpad, rowstat_rows_per_block<d>()));
+      rowstat_rows_kernel<d, T><<<grid, kThreads, 0, st>>>(static_cast<const T*>(A.dy), y32, inv_den, rowstat, P.t,
+                                                          P.hq, P.tpad);
       check_launch("rowstat_rows_kernel");
     } else {
       rowstat_kernel<d, T><<<(unsigned)div_up(rows, kThreads / 32), kThreads, 0, st>>>(

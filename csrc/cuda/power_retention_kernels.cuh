@@ -976,19 +976,20 @@ __global__ void __launch_bounds__(kThreads) rowstat_kernel(const T* dy, const fl
 // for 200 MB at t = 2048, d = 64, 8 x 32 heads). The same values up to the fp32 order of the sum.
 constexpr int kRowstatRowsPerThread = 4;
 template <int d> constexpr int rowstat_rows_per_block() { return kThreads / (d / 8) * kRowstatRowsPerThread; }
+// grid: (b * hq, tpad / rows per block); no 64-bit division per row (rowstat_kernel's w / tpad).
 template <int d, typename T>
 __global__ void __launch_bounds__(kThreads) rowstat_rows_kernel(const T* dy, const float* y32, const float* inv_den,
-                                                               float2* rowstat, int64_t b, int64_t t, int64_t hq,
-                                                               int tpad) {
+                                                               float2* rowstat, int64_t t, int64_t hq, int tpad) {
   constexpr int TPR = d / 8, RPP = kThreads / TPR, U = kRowstatRowsPerThread;
   const int sub = threadIdx.x % TPR;
-  const int64_t nrows = b * hq * tpad, base = (int64_t)blockIdx.x * RPP * U + threadIdx.x / TPR;
+  const int64_t bh = blockIdx.x, bi = bh / hq, h = bh % hq;
+  const int row0 = blockIdx.y * (RPP * U) + threadIdx.x / TPR;
   float g[U][8], y[U][8];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int64_t w = base + u * RPP, row = w % tpad, bh = w / tpad;
-    if (w < nrows && row < t) {
-      const int64_t o = (((bh / hq) * t + row) * hq + bh % hq) * d + sub * 8;
+    const int row = row0 + u * RPP;
+    if (row < t) {
+      const int64_t o = ((bi * t + row) * hq + h) * d + sub * 8;
       IO<T>::load8(dy + o, g[u]);
       IO<float>::load8(y32 + o, y[u]);
     } else {
@@ -1003,8 +1004,9 @@ __global__ void __launch_bounds__(kThreads) rowstat_rows_kernel(const T* dy, con
     for (int e = 0; e < 8; ++e) s += bf16_round(g[u][e]) * y[u][e];
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    const int64_t w = base + u * RPP, row = w % tpad, bh = w / tpad;
-    if (sub == 0 && w < nrows) rowstat[w] = row < t ? make_float2(inv_den[bh * t + row], s) : make_float2(0.f, 0.f);
+    const int row = row0 + u * RPP;
+    if (sub == 0 && row < tpad)
+      rowstat[bh * tpad + row] = row < t ? make_float2(inv_den[bh * t + row], s) : make_float2(0.f, 0.f);
   }
 }
 
