@@ -85,6 +85,9 @@ def make_impls(d):
     # too (ours-f14all)
     # session 13: "ours" is v16 (row statistics in dq); ours-f14 the session-11 default
     impls["ours-f14"] = (ours("", flash="v14"), flops_power)
+    # session 14: the wgmma forward (sm_90, d = 64) on top of v16
+    impls["ours-f16"] = (ours("", flash="v16"), flops_power)
+    impls["ours-f17"] = (ours("", flash="v17"), flops_power)
     impls["ours-f12"] = (ours("", flash="v12"), flops_power)
     impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
     for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):

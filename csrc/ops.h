@@ -121,6 +121,9 @@ void rmsnorm_linear_bwd_cuda(const RmsLinBwdArgs& a);
 // Device count and names for `llmtrain info`; never throws (0 devices when no driver).
 int cuda_device_count();
 const char* cuda_device_name(int i);
+// Hopper's wgmma paths: the extension was built with sm_90a code, and the current device is sm_90.
+bool cuda_built_for_sm90a();
+bool cuda_current_device_is_sm90();
 #endif
 
 }  // namespace llmtrain

@@ -89,6 +89,7 @@
 #include "power_retention_kernels.cuh"
 #include "power_retention_flash.cuh"
 #include "power_retention_local.cuh"
+#include "power_retention_wgmma.cuh"
 
 namespace llmtrain {
 namespace pr {
@@ -128,20 +129,24 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // loads, several rows per thread) instead of rowstat_kernel, and the forward and dkv staging their
 // key / query tiles in a 3-slot ring with one block barrier per tile instead of two (kRing; where
 // its shared memory fits, else the 2-slot kernels: same bits).
+// v17 (session 14): v16, with the one-chunk flash kernels (forward, dq, dkv) on Hopper's wgmma
+// (power_retention_wgmma.cuh) where they run: d = 64, an sm_90 device, an sm_90a build (wgmma_usable).
+//   v17: v16 + the wgmma kernels;
 //   v16 (the default, also when unset): v14 + rowstat_rows_kernel + the rings;
 //   v14: pipelined dq, v12 forward, rowstat_kernel;
 //   v14-all: the pipelined forward as well (A/B);  v12: neither.
 struct FlashPipe {
-  bool fwd, dq, fast_rowstat, ring;
+  bool fwd, dq, fast_rowstat, ring, wgmma;
 };
 FlashPipe flash_pipelined() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
-  if (!e || !*e || !std::strcmp(e, "v16")) return {false, true, true, true};
-  if (!std::strcmp(e, "v14")) return {false, true, false, false};
-  if (!std::strcmp(e, "v14-all")) return {true, true, false, false};
-  if (!std::strcmp(e, "v12")) return {false, false, false, false};
-  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v16, v14, v14-all or "
-                                       "v12, got '") + e + "'");
+  if (!e || !*e || !std::strcmp(e, "v16")) return {false, true, true, true, false};
+  if (!std::strcmp(e, "v17")) return {false, true, true, true, true};
+  if (!std::strcmp(e, "v14")) return {false, true, false, false, false};
+  if (!std::strcmp(e, "v14-all")) return {true, true, false, false, false};
+  if (!std::strcmp(e, "v12")) return {false, false, false, false, false};
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v17, v16, v14, "
+                                       "v14-all or v12, got '") + e + "'");
 }
 
 struct Plan {
@@ -326,6 +331,13 @@ size_t max_smem_optin() {
   return (size_t)bytes;
 }
 
+// v17: the wgmma flash kernels run for d = 64 on an sm_90 device when the build has sm_90a code and
+// their shared memory (smem bytes) fits.
+template <int d> bool wgmma_usable(size_t smem) {
+  return d == kWgD && flash_pipelined().wgmma && cuda_built_for_sm90a() && cuda_current_device_is_sm90() &&
+         smem <= max_smem_optin();
+}
+
 FlashArgs flash_args(const Plan& P, const float* gcum, double scale) {
   FlashArgs f{};
   f.gcum = gcum;
@@ -383,7 +395,10 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
-    if (flash_pipelined().fwd)  // (v14's forward needs the same shared memory as v12's)
+    if (wgmma_usable<d>(flash_fwd_wgmma_smem(P.tpad)))
+      launch_flash(flash_fwd_wgmma_kernel<T>, flash_fwd_wgmma_smem(P.tpad), (unsigned)(P.tpad / kFR), (unsigned)P.hq,
+                   P, f, st, "flash_fwd_wgmma_kernel");
+    else if (flash_pipelined().fwd)  // (v14's forward needs the same shared memory as v12's)
       launch_flash(flash_fwd_kernel<d, T, flash_minb<d>(), true>, flash_fwd_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_fwd_kernel");
     else if (flash_pipelined().ring && flash_fwd_smem<d, true>(P.tpad) <= max_smem_optin())
@@ -535,13 +550,19 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
     f.q = A.q; f.k = A.k; f.v = A.v; f.dy = A.dy; f.rowstat = rowstat;
     f.dq = A.dq; f.dk = A.dk; f.dv = A.dv; f.dGq = dGq; f.dGk = dGk;
     // v14's dq keeps a third K / V tile in shared memory; where that does not fit, v12's dq (same bits)
-    if (flash_pipelined().dq && flash_dq_smem<d, true>(P.tpad) <= max_smem_optin())
+    if (wgmma_usable<d>(flash_dq_wgmma_smem(P.tpad)))
+      launch_flash(flash_dq_wgmma_kernel<T>, flash_dq_wgmma_smem(P.tpad), (unsigned)(P.tpad / kFR), (unsigned)P.hq,
+                   P, f, st, "flash_dq_wgmma_kernel");
+    else if (flash_pipelined().dq && flash_dq_smem<d, true>(P.tpad) <= max_smem_optin())
       launch_flash(flash_dq_kernel<d, T, flash_minb<d>(), true>, flash_dq_smem<d, true>(P.tpad),
                    (unsigned)(P.tpad / kFR), (unsigned)P.hq, P, f, st, "flash_dq_kernel");
     else
       launch_flash(flash_dq_kernel<d, T, flash_minb<d>()>, flash_dq_smem<d>(P.tpad), (unsigned)(P.tpad / kFR),
                    (unsigned)P.hq, P, f, st, "flash_dq_kernel");
-    if (flash_pipelined().ring && flash_dkv_smem<d, true>(P.tpad) <= max_smem_optin())
+    if (wgmma_usable<d>(flash_dkv_wgmma_smem(P.tpad)))
+      launch_flash(flash_dkv_wgmma_kernel<T>, flash_dkv_wgmma_smem(P.tpad), (unsigned)(P.tpad / kFR), (unsigned)P.hk,
+                   P, f, st, "flash_dkv_wgmma_kernel");
+    else if (flash_pipelined().ring && flash_dkv_smem<d, true>(P.tpad) <= max_smem_optin())
       launch_flash(flash_dkv_kernel<d, T, flash_minb<d>(), true>, flash_dkv_smem<d, true>(P.tpad),
                    (unsigned)(P.tpad / kFR), (unsigned)P.hk, P, f, st, "flash_dkv_kernel");
     else

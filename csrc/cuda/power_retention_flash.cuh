@@ -644,6 +644,50 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   }
 }
 
+// The per-warp values of dkv's element-wise pass (the warp's key rows j0 and j1 = j0 + 8).
+struct DkvPassArgs {
+  int qb0, j0, j1, kl, cnt, tq;
+  float cb0, cb1, scale;
+};
+
+// dkv's element-wise pass over a warp's 16 keys x 32 queries (half qh of the query tile at qb0;
+// accumulator rows = keys, columns = queries): s (k.q) becomes each score's gradient (score_grad,
+// for dk) and aw the bf16 A fragments of p_ij / den_i (for dv); the dlog_g terms join the key dots.
+// rs / ra: the tile's row statistics (1 / den, dy . y) and query factors e^{G_i - G_kl}.
+// kBelow: every query after the reference key kl, so the factored gate and no masks. A compile-time
+// split, so that the hot (below) pass has no per-element branch: with `below || i > kl` at run time,
+// ptxas wrapped each of the 16 elements in its own divergent region (BSSY / BSYNC). Shared by the
+// mma.sync and the wgmma dkv kernels.
+template <bool kBelow>
+__device__ __forceinline__ void dkv_pass(float (&s)[4][4], const float (&da)[4][4], uint32_t (&aw)[2][4], int qh,
+                                         const float2* rs, const float* ra, const float* Gs, const DkvPassArgs& a,
+                                         float& dot0, float& dot1) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const int li = qh * 32 + nt * 8 + 2 * a.tq;
+    const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
+    const float2 rai = *reinterpret_cast<const float2*>(ra + li);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int j = hr ? a.j1 : a.j0;
+      const float cbj = hr ? a.cb1 : a.cb0;
+      float w2[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int e = 2 * hr + c, i = a.qb0 + li + c;
+        const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
+        float ex;
+        if (kBelow || i > a.kl) ex = (c ? rai.y : rai.x) * cbj;
+        else ex = (j <= i && i < a.cnt && j < a.cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
+        const float x = s[nt][e] * a.scale;
+        w2[c] = x * ex * x * r_i;
+        s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * a.scale, hr ? dot1 : dot0);
+      }
+      aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dk, dv: one block per (128 key rows, KV head, batch), the longest first; for each q head of the
 // GQA group, q / dy / row-statistic tiles of 64 queries from the block's first key on. Each warp's
@@ -765,39 +809,10 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
           mma(da[2 * np + 1], a_v, b[2], b[3]);
         }
       }
-      // Every query after the reference key (below): the factored gate, no masks. A compile-time
-      // split, so that the hot (below) pass has no per-element branch: with `below || i > kl` at run
-      // time, ptxas wrapped each of the 16 elements in its own divergent region (BSSY / BSYNC).
       uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments (dv_j = sum_i p_ij dy_i / den_i)
-      auto pass = [&](auto below_tag) {
-        constexpr bool kBelow = decltype(below_tag)::value;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int li = qh * 32 + nt * 8 + 2 * tq;
-          const float4 st = *reinterpret_cast<const float4*>(rs + li);  // rows li, li + 1
-          const float2 rai = *reinterpret_cast<const float2*>(ra + li);
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int j = hr ? j1 : j0;
-            const float cbj = hr ? cb1 : cb0;
-            float w2[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int e = 2 * hr + c, i = qb0 + li + c;
-              const float r_i = c ? st.z : st.x, delta = c ? st.w : st.y;
-              float ex;
-              if (kBelow || i > kl) ex = (c ? rai.y : rai.x) * cbj;
-              else ex = (j <= i && i < cnt && j < cnt) ? __expf(Gs[i] - Gs[j]) : 0.f;
-              const float x = s[nt][e] * p.scale;
-              w2[c] = x * ex * x * r_i;
-              s[nt][e] = score_grad(x, ex, da[nt][e], delta, 2.f * r_i * p.scale, hr ? dot1 : dot0);
-            }
-            aw[nt >> 1][(nt & 1) * 2 + hr] = pack_bf16(w2[0], w2[1]);
-          }
-        }
-      };
-      if (qh0 > kl) pass(std::true_type{});
-      else pass(std::false_type{});
+      const DkvPassArgs args{qb0, j0, j1, kl, cnt, tq, cb0, cb1, p.scale};
+      if (qh0 > kl) dkv_pass<true>(s, da, aw, qh, rs, ra, Gs, args, dot0, dot1);
+      else dkv_pass<false>(s, da, aw, qh, rs, ra, Gs, args, dot0, dot1);
       gemm_ab<2, ND, LD>(dv, aw, DYs + qh * 32 * LD, lane);
       gemm_pb<2, ND, LD>(dk, s, Qs + qh * 32 * LD, lane);
     }

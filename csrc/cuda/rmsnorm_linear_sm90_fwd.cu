@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "../ops.h"
 #include "rmsnorm_linear_sm90.cuh"
 #include "rmsnorm_linear_common.cuh"
 
@@ -14,37 +15,16 @@
 namespace llmtrain {
 namespace rmslin {
 
-static bool built_for_sm90a() {
-#if defined(LLMTRAIN_WITH_CUTE) && defined(LLMTRAIN_CUDA_ARCHS)
-  // Look for a "90a" entry in the comma-separated architecture list the extension was built for.
-  const char* a = LLMTRAIN_CUDA_ARCHS;
-  for (const char* p = std::strstr(a, "90a"); p; p = std::strstr(p + 1, "90a"))
-    if ((p == a || p[-1] == ',') && (p[3] == '\0' || p[3] == ',' || p[3] == '-')) return true;
-#endif
-  return false;
-}
-
 bool sm90_usable(DType dtype, int64_t k, int64_t m) {
-  static const bool built = built_for_sm90a();
-  if (!built) return false;
+#if !defined(LLMTRAIN_WITH_CUTE)
+  return false;
+#endif
+  if (!cuda_built_for_sm90a()) return false;
   if (dtype != DType::BF16 && dtype != DType::F16) return false;
   if (k % 8 != 0 || m % 8 != 0 || k > 0x7fffffff || m > 0x7fffffff) return false;
   if (const char* e = std::getenv("LLMTRAIN_RMSLIN_PORTABLE"))
     if (e[0] && e[0] != '0') return false;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  static int cc[64] = {};
-  if (dev < 0 || dev >= 64) return false;
-  if (!cc[dev]) {
-    int major = 0, minor = 0;
-    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-    cc[dev] = major * 10 + minor;
-  }
-  return cc[dev] == 90;
+  return cuda_current_device_is_sm90();
 }
 
 #if defined(LLMTRAIN_WITH_CUTE)

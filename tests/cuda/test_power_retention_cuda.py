@@ -649,15 +649,16 @@ V14_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torc
              (2, 4096, 4, 1, 128, torch.bfloat16, False), (3, 1000, 6, 3, 128, torch.float16, False)]
 
 
-def _flash_v12_v14(monkeypatch, c, smem=""):
-    """y, dq, dk, dv, dlog_g of one-chunk runs under LLMTRAIN_RETENTION_FLASH=v12 and =v14-all (same inputs)."""
+def _flash_runs(monkeypatch, c, settings, smem=""):
+    """One-chunk runs on the same inputs under each LLMTRAIN_RETENTION_FLASH setting in `settings`:
+    {setting: (y, the forward's fp32 y and 1 / den from the kept buffer, dq, dk, dv, dlog_g)}."""
     b, t, hq, hk, d, dtype, gated = c
     q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
     dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
     monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
     res = {}
-    for ver, env in (("v12", "v12"), ("v14", "v14-all")):  # v14-all: the pipelined forward and dq
+    for env in settings:
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", env)
         kept = []
         y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
@@ -667,9 +668,15 @@ def _flash_v12_v14(monkeypatch, c, smem=""):
         off = (n_y * 4 + 255) // 256 * 256
         y32 = kept[0][: n_y * 4].view(torch.float32).clone()
         inv_den = kept[0][off: off + n_den * 4].view(torch.float32).clone()
-        res[ver] = (y, y32, inv_den) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
+        res[env] = (y, y32, inv_den) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
     torch.cuda.synchronize()
     return res
+
+
+def _flash_v12_v14(monkeypatch, c, smem=""):
+    """v12 and v14-all (the pipelined forward and dq) on the same inputs, keyed "v12" / "v14"."""
+    res = _flash_runs(monkeypatch, c, ("v12", "v14-all"), smem)
+    return {"v12": res["v12"], "v14": res["v14-all"]}
 
 
 def _assert_bitwise(res):
@@ -725,23 +732,58 @@ def test_v16_shared_memory_fallback(monkeypatch):
 
 def _check_v16_against_v14(monkeypatch, c, smem=""):
     """v16 against v14 on the same inputs (see test_v16_matches_v14)."""
-    b, t, hq, hk, d, dtype, gated = c
-    q, k, v, log_g, gen = make(b, t, hq, hk, d, dtype, gated)
-    dy = torch.randn(q.shape, device=DEV, generator=gen).to(dtype)
-    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
-    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH_SMEM", smem)
-    res = {}
-    for ver in ("v14", "v16"):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
-        kept = []
-        y = run_fwd(q, k, v, log_g, None, None, t, False, keep=kept)[0]
-        res[ver] = (y,) + run_bwd(q, k, v, log_g, None, None, dy, None, None, t, saved=kept[0])[:4]
-    torch.cuda.synchronize()
+    res = _flash_runs(monkeypatch, c, ("v14", "v16"), smem)
     assert torch.equal(res["v14"][0], res["v16"][0]), "the forward is unchanged"
-    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), res["v14"][1:], res["v16"][1:]):
+    for nm, a, b_ in zip(("dq", "dk", "dv", "dlog_g"), res["v14"][3:], res["v16"][3:]):
         if a is None:
             continue
         assert rel(b_, a) < 2e-3, (nm, rel(b_, a))
+
+
+V17_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),
+             (2, 4096, 4, 1, 64, torch.bfloat16, True), (3, 1, 5, 5, 64, torch.bfloat16, True),
+             (3, 77, 5, 5, 64, torch.bfloat16, False), (3, 129, 5, 5, 64, torch.float16, False),
+             (2, 900, 4, 2, 64, torch.float32, True), (3, 1000, 5, 5, 32, torch.bfloat16, True),
+             (2, 700, 4, 4, 128, torch.bfloat16, True)]
+
+
+def _sm90():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("c", V17_CASES, ids=[f"b{c[0]}-t{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-{str(c[5]).split('.')[-1]}-"
+                                               f"{'gated' if c[6] else 'ungated'}" for c in V17_CASES])
+def test_v17_wgmma_forward_matches_v16(monkeypatch, c):
+    """LLMTRAIN_RETENTION_FLASH=v17 runs the one-chunk forward on wgmma (d = 64, sm_90): the same
+    per-element operations on the same bf16 operands as v16's mma.sync forward, so y, the fp32 y and
+    1 / den agree to fp32 rounding (the tensor cores may sum a k-step in another order), and the
+    backward, which reads them, gives the same gradients. Outputs are poisoned before each run. d = 32
+    / 128 (v16's kernels under v17), fp16 / fp32, t = 1 / 77 / 129 / 4096, GQA, gated and not."""
+    res = _flash_runs(monkeypatch, c, ("v16", "v17"))
+    for nm, a, b_, tol in zip(("y", "y32", "inv_den", "dq", "dk", "dv", "dlog_g"), res["v16"], res["v17"],
+                              (1e-2, 1e-5, 1e-5, 2e-3, 2e-3, 2e-3, 2e-3)):
+        if a is None:
+            continue
+        assert torch.isfinite(b_).all(), nm
+        err = rel(b_, a)
+        log_err(f"v17_vs_v16-{'-'.join(map(str, c))}", nm, err)
+        assert err < tol, (nm, err)
+
+
+def test_v17_runs_the_wgmma_forward(monkeypatch):
+    """Under v17 the d = 64 forward is flash_fwd_wgmma_kernel on an sm_90 device (elsewhere, and for
+    d = 32 / 128, and under v16, the mma.sync flash_fwd_kernel)."""
+    monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
+    for ver, d in (("v17", 64), ("v17", 128), ("v16", 64)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
+        q, k, v, log_g, _ = make(2, 500, 4, 2, d, torch.bfloat16, True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_fwd(q, k, v, log_g, None, None, 500, False)
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        wgmma = ver == "v17" and d == 64 and _sm90()
+        assert any("flash_fwd_wgmma_kernel" in n for n in names) == wgmma, (ver, d, names)
+        assert any("flash_fwd_kernel" in n for n in names) == (not wgmma), (ver, d, names)
 
 
 def test_v14_flash_kernels_run(monkeypatch):
@@ -777,7 +819,7 @@ def test_v14_flash_kernels_run(monkeypatch):
         assert all((a[-1] == "true") == v16 for a in targs["flash_dkv_kernel"]), (ver, targs)
         if not fwd_piped:
             assert all((a[4] == "true") == v16 for a in targs["flash_fwd_kernel"]), (ver, targs)
-    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v13")
+    monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", "v15")
     with pytest.raises(RuntimeError, match="LLMTRAIN_RETENTION_FLASH"):
         run_fwd(q, k, v, log_g, None, None, 1000, False)
 

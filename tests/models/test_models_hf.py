@@ -170,6 +170,17 @@ def test_reward_head_regression_loss(kind):
                                                                       torch.tensor([0.5, -1.0])))
 
 
+def test_sequence_classification_accepts_use_cache(kind):
+    """TRL's RewardTrainer calls the model with use_cache=False; the classifier takes it (and never caches)."""
+    torch.manual_seed(0)
+    model = KINDS[kind][2](KINDS[kind][0](num_labels=1)).eval()
+    ids = tokens(2, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+        for use_cache in (False, True):
+            torch.testing.assert_close(model(ids, use_cache=use_cache).logits, expected, atol=0, rtol=0)
+
+
 def test_classifying_a_batch_needs_a_pad_token(kind):
     torch.manual_seed(0)
     model = KINDS[kind][2](KINDS[kind][0](pad_token_id=None))

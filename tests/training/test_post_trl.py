@@ -1,8 +1,6 @@
-"""Optional: TRL's trainers run on our models through the transformers Auto classes (skipped without trl)."""
+"""TRL's trainers run on our models through the transformers Auto classes (trl comes with the `test` extras)."""
 
-import pytest
-
-trl = pytest.importorskip("trl")
+import trl
 
 
 def test_trl_sft_and_reward_trainers_on_our_models(tmp_path):

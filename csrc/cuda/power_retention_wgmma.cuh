@@ -1,0 +1,546 @@
+// v17: the one-chunk forward on Hopper's warpgroup MMA (wgmma; sm_90a builds, d = 64).
+//
+// Why: the v10-v16 flash kernels run mma.sync with 16-row warps, so every warp reads every key
+// tile's B fragments from shared memory through ldmatrix: per 16 x 64 x 64 score tile a warp issues
+// 16 HMMA and 20 ldmatrix, and shared-memory bandwidth, not the tensor cores, bounds the kernels
+// (~195 TFLOP/s in each of them at t = 2048; docs/perf.md, v16). A wgmma reads its shared-memory
+// operands once per warpgroup of 4 warps (64 rows) and needs no register staging, so a key tile's
+// B operand costs a quarter of the shared-memory traffic and one instruction per k-step.
+//
+// What stays: the block (128 query rows, 8 warps, 2 blocks per SM), the 3-slot {K, V, column
+// factor} ring with one block barrier per tile (v16), and every per-element operation. The wgmma
+// m64nNk16 accumulator gives each warp its 16 rows in exactly the mma.sync m16n8 C layout (row g,
+// g + 8; columns 8 j + 2 tq, + 1), and its register A operand is the mma.sync A layout, so the
+// element-wise passes (weigh_below_diagonal / weigh_diagonal), the bf16 packing of P and the
+// normaliser (an mma.sync of P against ones) are v16's, unchanged.
+//
+// Shared-memory tiles are [rows][64] bf16 with the 128-byte swizzle wgmma expects (16-byte chunk c
+// of row r stored at chunk c ^ (r & 7)), each tile 1024-byte aligned:
+//   S = Q K^T:  A = Q (K-major), B = the K tile (K-major): 4 k-steps over d, +32 bytes each;
+//   Y += P V:   A = P from registers, B = the V tile, [key][d] = "MN-major" (transposed B):
+//               4 k-steps over the 64 keys, +2048 bytes (16 rows) each.
+#pragma once
+
+#include "power_retention_flash.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LLMTRAIN_PR_WGMMA 1
+#endif
+
+namespace llmtrain {
+namespace pr {
+
+constexpr int kWgD = 64;             // the head dim of the wgmma kernels (one 128-byte swizzle atom per row)
+constexpr int kWgTile = kWgD * kWgD;  // elements of a [64][64] tile
+
+// Shared memory of flash_fwd_wgmma_kernel: Q [128][64], 3 x {K, V} [64][64], 3 x 64 column
+// factors, the gates, and 1 KiB to align the swizzled tiles.
+constexpr size_t flash_fwd_wgmma_smem(int tpad) {
+  return 1024 + (size_t)kFR * kWgD * 2 + (size_t)3 * 2 * kWgTile * 2 + 3 * kFT * 4 + (size_t)tpad * 4;
+}
+
+// Rows [r0, r0 + n) of a [b, t, heads, 64] tensor into a swizzled bf16 [n][64] tile: cp.async for
+// bf16 (the caller commits), through registers otherwise (the same bf16 values flash_tile stores).
+// Zeros past cnt.
+template <typename T>
+__device__ __forceinline__ void swizzled_tile(bf16* dst, const T* src, int64_t tok0, int64_t heads, int64_t head,
+                                              int r0, int n, int cnt) {
+  for (int idx = threadIdx.x; idx < n * 8; idx += blockDim.x) {
+    const int i = idx >> 3, c = idx & 7, li = r0 + i;
+    bf16* dp = dst + i * kWgD + ((c ^ (i & 7)) << 3);
+    const T* sp = src + ((tok0 + li) * heads + head) * kWgD + c * 8;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (li < cnt) cp_async16(dp, sp);
+      else *reinterpret_cast<uint4*>(dp) = make_uint4(0, 0, 0, 0);
+    } else {
+      float x[8];
+      if (li < cnt) IO<T>::load8(sp, x);
+      else
+#pragma unroll
+        for (int u = 0; u < 8; ++u) x[u] = 0.f;
+      st8_bf16(dp, x);
+    }
+  }
+}
+
+#if defined(LLMTRAIN_PR_WGMMA)
+// Matrix descriptor of a 1024-byte-aligned, 128-byte-swizzled tile with 128-byte rows: 8-row groups
+// 1024 bytes apart (the stride byte offset), the leading byte offset unused by swizzled layouts
+// within one atom (CUTLASS sets 1), layout type 1 = 128-byte swizzle (bits 62-63).
+__device__ __forceinline__ uint64_t sw128_desc(const void* tile) {
+  return (uint64_t)((smem_u32(tile) >> 4) & 0x3FFF) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+         ((uint64_t)1 << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins the accumulators in place around asynchronous MMAs (the compiler must not move their reads
+// before the wait or their writes after the issue).
+template <int N> __device__ __forceinline__ void fence_regs(float (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(a[i][e])::"memory");
+}
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[e])::"memory");
+}
+
+#define LLMTRAIN_WG_D32(x)                                                                                         \
+  "+f"(x[0][0]), "+f"(x[0][1]), "+f"(x[0][2]), "+f"(x[0][3]), "+f"(x[1][0]), "+f"(x[1][1]), "+f"(x[1][2]),         \
+      "+f"(x[1][3]), "+f"(x[2][0]), "+f"(x[2][1]), "+f"(x[2][2]), "+f"(x[2][3]), "+f"(x[3][0]), "+f"(x[3][1]),     \
+      "+f"(x[3][2]), "+f"(x[3][3]), "+f"(x[4][0]), "+f"(x[4][1]), "+f"(x[4][2]), "+f"(x[4][3]), "+f"(x[5][0]),     \
+      "+f"(x[5][1]), "+f"(x[5][2]), "+f"(x[5][3]), "+f"(x[6][0]), "+f"(x[6][1]), "+f"(x[6][2]), "+f"(x[6][3]),     \
+      "+f"(x[7][0]), "+f"(x[7][1]), "+f"(x[7][2]), "+f"(x[7][3])
+#define LLMTRAIN_WG_REGS32                                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d[64 x 64] (= or +=) A[64 x 16] B[16 x 64]^T, both K-major in shared memory (descriptors).
+// accumulate = 0 overwrites d (the first k-step of a product).
+__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LLMTRAIN_WG_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : LLMTRAIN_WG_D32(d)
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+// d[64 x 64] += A[64 x 16] B[16 x 64], A in registers (the mma.sync A layout per warp), B MN-major
+// in shared memory ([k][n] rows, n contiguous: the transposed-B form).
+__device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LLMTRAIN_WG_REGS32
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : LLMTRAIN_WG_D32(d)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+#define LLMTRAIN_WG_D16(x)                                                                                     \
+  "+f"(x[0][0]), "+f"(x[0][1]), "+f"(x[0][2]), "+f"(x[0][3]), "+f"(x[1][0]), "+f"(x[1][1]), "+f"(x[1][2]),     \
+      "+f"(x[1][3]), "+f"(x[2][0]), "+f"(x[2][1]), "+f"(x[2][2]), "+f"(x[2][3]), "+f"(x[3][0]), "+f"(x[3][1]), \
+      "+f"(x[3][2]), "+f"(x[3][3])
+// d[64 x 32] (= or +=) A[64 x 16] B[16 x 32]^T, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : LLMTRAIN_WG_D16(d)
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+#undef LLMTRAIN_WG_D16
+#undef LLMTRAIN_WG_D32
+#undef LLMTRAIN_WG_REGS32
+#endif  // LLMTRAIN_PR_WGMMA
+
+// The forward (v12's math; see the top of this file). One block per (128 query rows, q head,
+// batch), the longest rows first; warpgroup wg owns rows row0 + 64 wg ... + 63 and runs the key
+// tiles up to its own diagonal tile (warpgroup 0 skips the block's last tile).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const FlashArgs p) {
+#if defined(LLMTRAIN_PR_WGMMA)
+  constexpr int d = kWgD, ND = d / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // the swizzle is a function of the address bits: align the tiles to 1 KiB by hand
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  bf16* qs = reinterpret_cast<bf16*>(base);                       // [128][64], swizzled
+  bf16* kv = qs + kFR * d;                                         // 3 x {K [64][64], V [64][64]}, swizzled
+  float* cbs = reinterpret_cast<float*>(kv + 3 * 2 * kWgTile);     // 3 x [64] column factors
+  float* Gs = cbs + 3 * kFT;                                       // [tpad] gate cumsums
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt, ntiles = blk.ntiles;
+  const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  auto load_kv = [&](int it) {
+    bf16* dst = kv + (it % 3) * 2 * kWgTile;
+    swizzled_tile<T>(dst, K, tok0, p.hk, h, it * kFT, kFT, cnt);
+    swizzled_tile<T>(dst + kWgTile, V, tok0, p.hk, h, it * kFT, kFT, cnt);
+  };
+  // group 0: the rows and tile 0; group 1: tile 1 (and its column factors once the gates are in)
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
+  swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
+  load_kv(0);
+  cp_commit();
+  if (1 < ntiles) load_kv(1);
+  cp_commit();
+  __syncthreads();  // Gs
+  column_factors(cbs, Gs, 0, cnt);
+  if (1 < ntiles) column_factors(cbs + kFT, Gs, kFT, cnt);
+
+  const int wg = warp >> 2, wgfirst = row0 + wg * 64;
+  const bool wg_live = wgfirst < cnt;
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
+  const float sc2 = p.scale * p.scale;
+  const uint64_t dq0 = sw128_desc(qs + wg * 64 * d);
+  float acc[ND][4];
+  zero(acc);
+  float den[4] = {0.f, 0.f, 0.f, 0.f};
+  constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
+
+  for (int it = 0; it < ntiles; ++it) {
+    // top of tile it: this thread's copies of tile it have landed; the barrier publishes every
+    // thread's (and the column factors) and tells that tile it - 1's slot is free for tile it + 2
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    if (it + 2 < ntiles) {
+      load_kv(it + 2);
+      column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, cnt);
+    }
+    cp_commit();
+    const int kb0 = it * kFT;
+    if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
+    const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
+    const float* cb = cbs + (it % 3) * kFT;
+    float s[8][4];
+    const uint64_t dk0 = sw128_desc(Ks);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < d / 16; ++ks) wgmma_ss(s, dq0 + 2 * ks, dk0 + 2 * ks, ks);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(s);
+    const int kl = tile_last_key(kb0, cnt);
+    const float gkl = Gs[kl];
+    const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
+    if (wfirst > kl) weigh_below_diagonal(s, cb, ra0, ra1, tq);
+    else weigh_diagonal(s, cb, Gs, kb0, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
+    uint32_t pa[4][4];  // P as bf16 A fragments, 16 keys each
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      mma(den, pa[kk], kOnes, kOnes);  // the normaliser: row sums of the same bf16 weights
+    }
+    const uint64_t dv0 = sw128_desc(Ks + kWgTile);
+    fence_regs(acc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb(acc, pa[kk], dv0 + kk * (2048 >> 4));
+    wg_commit();
+    wg_wait<0>();  // (before the next barrier frees this tile's slot, and before pa is rewritten)
+    fence_regs(acc);
+  }
+  cp_wait<0>();
+
+  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
+  T* Y = static_cast<T*>(p.y);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
+    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
+    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
+    if (p.y32) {
+      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
+      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
+    }
+  }
+  if (p.inv_den && tq == 0) {
+    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
+    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
+  }
+#else
+  __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_available)
+#endif
+}
+
+// Shared memory of flash_dq_wgmma_kernel: q, dy [128][64], 3 x {K, V} [64][64], 3 x 64 column
+// factors, the gates, and 1 KiB to align the tiles.
+constexpr size_t flash_dq_wgmma_smem(int tpad) {
+  return 1024 + (size_t)2 * kFR * kWgD * 2 + (size_t)3 * 2 * kWgTile * 2 + 3 * kFT * 4 + (size_t)tpad * 4;
+}
+
+// dq (v12's flash_dq_kernel math, on wgmma): one block per (128 query rows, q head, batch), the
+// longest rows first, K / V tiles of 64 keys in the forward's 3-slot ring. Warpgroup wg owns rows
+// row0 + 64 wg ... + 63 and works on each key tile in two 32-key halves:
+//   S = q K^T and dy V^T:  A = the warpgroup's q / dy rows, B = the K / V half (K-major), m64n32k16;
+//   dq_pass (v12's element-wise pass, per warp: 16 rows x 32 keys);
+//   dq += dS K:  A = dS from registers, B = the K half ([key][d]: MN-major), m64n64k16, 2 k-steps.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const FlashArgs p) {
+#if defined(LLMTRAIN_PR_WGMMA)
+  constexpr int d = kWgD, ND = d / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  bf16* qs = reinterpret_cast<bf16*>(base);                    // [128][64], swizzled
+  bf16* dys = qs + kFR * d;                                     // [128][64], swizzled
+  bf16* kv = dys + kFR * d;                                     // 3 x {K [64][64], V [64][64]}, swizzled
+  float* cbs = reinterpret_cast<float*>(kv + 3 * 2 * kWgTile);  // 3 x [64] column factors
+  float* Gs = cbs + 3 * kFT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const QueryBlock<d, T> blk(p);
+  const int row0 = blk.row0, cnt = blk.cnt, ntiles = blk.ntiles;
+  const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  auto load_kv = [&](int it) {
+    bf16* dst = kv + (it % 3) * 2 * kWgTile;
+    swizzled_tile<T>(dst, K, tok0, p.hk, h, it * kFT, kFT, cnt);
+    swizzled_tile<T>(dst + kWgTile, V, tok0, p.hk, h, it * kFT, kFT, cnt);
+  };
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
+  swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
+  swizzled_tile<T>(dys, static_cast<const T*>(p.dy), tok0, p.hq, hqi, row0, kFR, cnt);
+  load_kv(0);
+  cp_commit();
+  if (1 < ntiles) load_kv(1);
+  cp_commit();
+  __syncthreads();  // Gs
+  column_factors(cbs, Gs, 0, cnt);
+  if (1 < ntiles) column_factors(cbs + kFT, Gs, kFT, cnt);
+
+  const int wg = warp >> 2, wgfirst = row0 + wg * 64;
+  const bool wg_live = wgfirst < cnt;
+  const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
+  const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
+  const float2* rst = p.rowstat + (bi * p.hq + hqi) * p.tpad;
+  const float2 st0 = rst[i0], st1 = rst[i1];  // i < tpad
+  const float c0 = 2.f * st0.x * p.scale, c1 = 2.f * st1.x * p.scale;
+  const uint64_t dq_a = sw128_desc(qs + wg * 64 * d), ddy_a = sw128_desc(dys + wg * 64 * d);
+  float acc[ND][4];
+  zero(acc);
+  float dot0 = 0.f, dot1 = 0.f;
+  for (int it = 0; it < ntiles; ++it) {
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    if (it + 2 < ntiles) {
+      load_kv(it + 2);
+      column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, cnt);
+    }
+    cp_commit();
+    const int kb0 = it * kFT;
+    if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
+    const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
+    const float* cb = cbs + (it % 3) * kFT;
+    const int kl = tile_last_key(kb0, cnt);
+    const float gkl = Gs[kl];
+    const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
+    const bool below = wfirst > kl;
+    const DqPassArgs args{i0, i1, kb0, kl, cnt, tq, gi0, gi1, ra0, ra1, p.scale, st0.y, st1.y, c0, c1};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      if (kb0 + hf * 32 > wgfirst + 63) continue;  // every key of the half after every row (uniform)
+      const uint64_t dk_b = sw128_desc(Ks + hf * 32 * d), dv_b = sw128_desc(Ks + kWgTile + hf * 32 * d);
+      float s[4][4], da[4][4];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < d / 16; ++kk) {
+        wgmma_ss_n32(s, dq_a + 2 * kk, dk_b + 2 * kk, kk);
+        wgmma_ss_n32(da, ddy_a + 2 * kk, dv_b + 2 * kk, kk);
+      }
+      wg_commit();
+      wg_wait<0>();
+      fence_regs(s);
+      fence_regs(da);
+      if (below) dq_pass<4, true>(s, da, hf * 32, true, args, cb, Gs, dot0, dot1);
+      else dq_pass<4, false>(s, da, hf * 32, false, args, cb, Gs, dot0, dot1);
+      uint32_t as[2][4];  // the score gradients as bf16 A fragments (gemm_pb's packing)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        as[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        as[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        as[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        as[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      fence_regs(acc);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) wgmma_rs_tb(acc, as[kk], dk_b + kk * (2048 >> 4));
+      wg_commit();
+      wg_wait<0>();
+      fence_regs(acc);
+    }
+  }
+  cp_wait<0>();
+
+  T* DQ = static_cast<T*>(p.dq);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
+    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGq && tq == 0) {
+    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
+    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
+  }
+#else
+  __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_usable)
+#endif
+}
+
+// Shared memory of flash_dkv_wgmma_kernel: K, V [128][64], 3 x {q, dy} [64][64], 3 x 64 row
+// statistics (float2) and 3 x 2 x 64 query factors, the gates, and 1 KiB to align the tiles.
+constexpr size_t flash_dkv_wgmma_smem(int tpad) {
+  return 1024 + (size_t)2 * kFR * kWgD * 2 + (size_t)3 * 2 * kWgTile * 2 + 3 * kFT * 8 + 3 * 2 * kFT * 4 +
+         (size_t)tpad * 4;
+}
+
+// dk, dv (v16's flash_dkv_kernel with kRing, on wgmma): one block per (128 keys, KV head, batch),
+// the longest first; for each q head of the GQA group, q / dy / row-statistic tiles of 64 queries
+// from the block's first key on, in a 3-slot ring with one barrier per tile. Warpgroup wg owns keys
+// kb + 64 wg ... + 63 and works on each tile in two 32-query halves:
+//   S^T = K q^T and (dy V^T)^T = V dy^T:  A = the warpgroup's K / V rows, B = the q / dy half (both
+//     K-major), m64n32k16, 4 k-steps over d;
+//   dkv_pass (v16's element-wise pass, per warp: 16 keys x 32 queries);
+//   dv += W dy and dk += dS q:  A = W / dS from registers, B = the dy / q half ([query][d]: MN-major),
+//     m64n64k16, 2 k-steps over the 32 queries.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const FlashArgs p) {
+#if defined(LLMTRAIN_PR_WGMMA)
+  constexpr int d = kWgD, ND = d / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  bf16* ks = reinterpret_cast<bf16*>(base);  // [128][64], swizzled
+  bf16* vs = ks + kFR * d;                    // [128][64], swizzled
+  bf16* qb = vs + kFR * d;                    // 3 x {q [64][64], dy [64][64]}, swizzled
+  float2* rsb = reinterpret_cast<float2*>(qb + 3 * 2 * kWgTile);  // 3 x [64] (1 / den, dy . y)
+  float* ras = reinterpret_cast<float*>(rsb + 3 * kFT);            // 3 x [2][64] e^{G_i - G_kl}
+  float* Gs = ras + 3 * 2 * kFT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const int kb = blockIdx.x * kFR;
+  const int64_t h = blockIdx.y, bi = blockIdx.z;
+  const int r = (int)(p.hq / p.hk);
+  const int cnt = (int)p.t;
+  const int64_t tok0 = bi * p.t;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* DY = static_cast<const T*>(p.dy);
+  const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
+  const int total = r * nq;
+  auto load_q = [&](int it) {
+    const int64_t hq_i = h * r + it / nq;
+    const int qb0 = kb + (it % nq) * kFT, buf = it % 3;
+    bf16* dst = qb + buf * 2 * kWgTile;
+    swizzled_tile<T>(dst, Q, tok0, p.hq, hq_i, qb0, kFT, cnt);
+    swizzled_tile<T>(dst + kWgTile, DY, tok0, p.hq, hq_i, qb0, kFT, cnt);
+    if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
+      cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
+    if (tid < 2 * kFT) {  // the query factors of both key halves
+      const int half = tid / kFT, i = qb0 + tid % kFT;
+      const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
+      ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
+    }
+  };
+
+  stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, kb, p.tpad, cnt);
+  swizzled_tile<T>(ks, static_cast<const T*>(p.k), tok0, p.hk, h, kb, kFR, cnt);
+  swizzled_tile<T>(vs, static_cast<const T*>(p.v), tok0, p.hk, h, kb, kFR, cnt);
+  __syncthreads();  // Gs (load_q reads it)
+  load_q(0);
+  cp_commit();  // group 0: K, V, tile 0
+  if (1 < total) load_q(1);
+  cp_commit();  // group 1: tile 1
+  const int wg = warp >> 2, wgfirst = kb + wg * 64;
+  const int wfirst = kb + warp * 16, j0 = wfirst + g, j1 = j0 + 8;
+  const int kl = tile_last_key(wfirst, cnt);  // (the same for the warpgroup's four warps)
+  const float gkl = Gs[kl];
+  const float cb0 = j0 < cnt ? __expf(gkl - Gs[j0]) : 0.f, cb1 = j1 < cnt ? __expf(gkl - Gs[j1]) : 0.f;
+  const bool wg_live = wgfirst < cnt;
+  const uint64_t dk_a = sw128_desc(ks + wg * 64 * d), dv_a = sw128_desc(vs + wg * 64 * d);
+  float dk[ND][4], dv[ND][4];
+  zero(dk);
+  zero(dv);
+  float dot0 = 0.f, dot1 = 0.f;
+  for (int it = 0; it < total; ++it) {
+    const int qb0 = kb + (it % nq) * kFT;
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    if (it + 2 < total) load_q(it + 2);
+    cp_commit();
+    if (!wg_live) continue;
+    const int sl = it % 3;
+    const bf16* Qs = qb + sl * 2 * kWgTile;
+    const bf16* DYs = Qs + kWgTile;
+    const float2* rs = rsb + sl * kFT;
+    const float* ra = ras + (sl * 2 + wg) * kFT;
+#pragma unroll
+    for (int qh = 0; qh < 2; ++qh) {
+      const int qh0 = qb0 + qh * 32;
+      if (qh0 + 31 < wgfirst) continue;  // every query before every key of this warpgroup (uniform)
+      const uint64_t dq_b = sw128_desc(Qs + qh * 32 * d), ddy_b = sw128_desc(DYs + qh * 32 * d);
+      float s[4][4], da[4][4];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < d / 16; ++kk) {
+        wgmma_ss_n32(s, dk_a + 2 * kk, dq_b + 2 * kk, kk);
+        wgmma_ss_n32(da, dv_a + 2 * kk, ddy_b + 2 * kk, kk);
+      }
+      wg_commit();
+      wg_wait<0>();
+      fence_regs(s);
+      fence_regs(da);
+      uint32_t aw[2][4];  // p_ij / den_i as bf16 A fragments
+      const DkvPassArgs args{qb0, j0, j1, kl, cnt, tq, cb0, cb1, p.scale};
+      if (qh0 > kl) dkv_pass<true>(s, da, aw, qh, rs, ra, Gs, args, dot0, dot1);
+      else dkv_pass<false>(s, da, aw, qh, rs, ra, Gs, args, dot0, dot1);
+      uint32_t as[2][4];  // the score gradients as bf16 A fragments (gemm_pb's packing)
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        as[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        as[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        as[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        as[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      fence_regs(dk);
+      fence_regs(dv);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        wgmma_rs_tb(dv, aw[kk], ddy_b + kk * (2048 >> 4));
+        wgmma_rs_tb(dk, as[kk], dq_b + kk * (2048 >> 4));
+      }
+      wg_commit();
+      wg_wait<0>();
+      fence_regs(dk);
+      fence_regs(dv);
+    }
+  }
+  cp_wait<0>();
+
+  T* DK = static_cast<T*>(p.dk);
+  T* DV = static_cast<T*>(p.dv);
+  const bool v0 = j0 < cnt, v1 = j1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
+    if (v0) {
+      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
+      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
+    }
+    if (v1) {
+      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
+      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
+    }
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGk && tq == 0) {
+    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
+    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
+  }
+#else
+  __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_usable)
+#endif
+}
+
+}  // namespace pr
+}  // namespace llmtrain
