@@ -283,7 +283,8 @@ class SequenceClassificationHead(DecoderWithHead):
     """Mixin for `<Family>ForSequenceClassification(SequenceClassificationHead, <Family>PreTrainedModel)`:
     scores from the hidden state of each sequence's last non-pad token (reward and value models).
     The subclass names its decoder in `base_model_class`; extra keyword arguments (position_ids, ...)
-    go to the decoder."""
+    go to the decoder. ``use_cache`` is accepted (as transformers' own classifiers do; TRL's
+    RewardTrainer passes ``use_cache=False``) and ignored: scoring never keeps a cache."""
 
     def _init_head(self, config: PretrainedConfig) -> None:
         self.num_labels = config.num_labels
@@ -295,6 +296,7 @@ class SequenceClassificationHead(DecoderWithHead):
         attention_mask: Optional[Tensor] = None,
         inputs_embeds: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
+        use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
