@@ -85,7 +85,7 @@ def make_impls(d):
     # too (ours-f14all)
     # session 13: "ours" is v16 (row statistics in dq); ours-f14 the session-11 default
     impls["ours-f14"] = (ours("", flash="v14"), flops_power)
-    # session 14: the wgmma forward (sm_90, d = 64) on top of v16
+    # session 14: "ours" is v17 (wgmma flash kernels on sm_90, d = 64); ours-f16 the session-13 default
     impls["ours-f16"] = (ours("", flash="v16"), flops_power)
     impls["ours-f17"] = (ours("", flash="v17"), flops_power)
     impls["ours-f12"] = (ours("", flash="v12"), flops_power)

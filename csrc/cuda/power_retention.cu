@@ -131,8 +131,8 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // its shared memory fits, else the 2-slot kernels: same bits).
 // v17 (session 14): v16, with the one-chunk flash kernels (forward, dq, dkv) on Hopper's wgmma
 // (power_retention_wgmma.cuh) where they run: d = 64, an sm_90 device, an sm_90a build (wgmma_usable).
-//   v17: v16 + the wgmma kernels;
-//   v16 (the default, also when unset): v14 + rowstat_rows_kernel + the rings;
+//   v17 (the default, also when unset): v16 + the wgmma kernels;
+//   v16: v14 + rowstat_rows_kernel + the rings;
 //   v14: pipelined dq, v12 forward, rowstat_kernel;
 //   v14-all: the pipelined forward as well (A/B);  v12: neither.
 struct FlashPipe {
@@ -140,8 +140,8 @@ struct FlashPipe {
 };
 FlashPipe flash_pipelined() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
-  if (!e || !*e || !std::strcmp(e, "v16")) return {false, true, true, true, false};
-  if (!std::strcmp(e, "v17")) return {false, true, true, true, true};
+  if (!e || !*e || !std::strcmp(e, "v17")) return {false, true, true, true, true};
+  if (!std::strcmp(e, "v16")) return {false, true, true, true, false};
   if (!std::strcmp(e, "v14")) return {false, true, false, false, false};
   if (!std::strcmp(e, "v14-all")) return {true, true, false, false, false};
   if (!std::strcmp(e, "v12")) return {false, false, false, false, false};

@@ -753,12 +753,13 @@ def _sm90():
 
 @pytest.mark.parametrize("c", V17_CASES, ids=[f"b{c[0]}-t{c[1]}-h{c[2]}x{c[3]}-d{c[4]}-{str(c[5]).split('.')[-1]}-"
                                                f"{'gated' if c[6] else 'ungated'}" for c in V17_CASES])
-def test_v17_wgmma_forward_matches_v16(monkeypatch, c):
-    """LLMTRAIN_RETENTION_FLASH=v17 runs the one-chunk forward on wgmma (d = 64, sm_90): the same
-    per-element operations on the same bf16 operands as v16's mma.sync forward, so y, the fp32 y and
-    1 / den agree to fp32 rounding (the tensor cores may sum a k-step in another order), and the
-    backward, which reads them, gives the same gradients. Outputs are poisoned before each run. d = 32
-    / 128 (v16's kernels under v17), fp16 / fp32, t = 1 / 77 / 129 / 4096, GQA, gated and not."""
+def test_v17_wgmma_matches_v16(monkeypatch, c):
+    """LLMTRAIN_RETENTION_FLASH=v17 (the default) runs the one-chunk forward, dq and dkv on wgmma (d =
+    64, sm_90): the same per-element operations on the same bf16 operands as v16's mma.sync kernels,
+    so y, the fp32 y and 1 / den agree to fp32 rounding (the tensor cores may sum a k-step in another
+    order) and the gradients to 2e-3. Outputs are poisoned before each run. d = 32 / 128 (v16's
+    kernels under v17), fp16 / fp32, t = 1 / 77 / 129 / 4096, GQA, gated and not. (The whole grid
+    against the float64 reference runs the default, so v17 on an H100 / H200.)"""
     res = _flash_runs(monkeypatch, c, ("v16", "v17"))
     for nm, a, b_, tol in zip(("y", "y32", "inv_den", "dq", "dk", "dv", "dlog_g"), res["v16"], res["v17"],
                               (1e-2, 1e-5, 1e-5, 2e-3, 2e-3, 2e-3, 2e-3)):
@@ -770,32 +771,47 @@ def test_v17_wgmma_forward_matches_v16(monkeypatch, c):
         assert err < tol, (nm, err)
 
 
-def test_v17_runs_the_wgmma_forward(monkeypatch):
-    """Under v17 the d = 64 forward is flash_fwd_wgmma_kernel on an sm_90 device (elsewhere, and for
-    d = 32 / 128, and under v16, the mma.sync flash_fwd_kernel)."""
+def test_v17_shared_memory_fallback(monkeypatch):
+    """Under a limit of 90,000 bytes at d = 64, t = 2000 only the wgmma forward fits (75,520 bytes; its
+    dq needs 91,904, its dkv 94,208): v17 mixes it with the mma.sync dq and dkv, with the same results."""
+    res = _flash_runs(monkeypatch, (2, 2000, 4, 2, 64, torch.bfloat16, True), ("v16", "v17"), smem="90000")
+    for nm, a, b_, tol in zip(("y", "y32", "inv_den", "dq", "dk", "dv", "dlog_g"), res["v16"], res["v17"],
+                              (1e-2, 1e-5, 1e-5, 2e-3, 2e-3, 2e-3, 2e-3)):
+        assert torch.isfinite(b_).all(), nm
+        assert rel(b_, a) < tol, (nm, rel(b_, a))
+
+
+def test_v17_runs_the_wgmma_kernels(monkeypatch):
+    """Unset and v17 (the default) run the d = 64 forward, dq and dkv as flash_*_wgmma_kernel on an
+    sm_90 device; elsewhere, for d = 32 / 128, and under v16, the mma.sync flash kernels run."""
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
-    for ver, d in (("v17", 64), ("v17", 128), ("v16", 64)):
+    for ver, d in (("", 64), ("v17", 64), ("v17", 128), ("v16", 64)):
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
-        q, k, v, log_g, _ = make(2, 500, 4, 2, d, torch.bfloat16, True)
+        q, k, v, log_g, gen = make(2, 500, 4, 2, d, torch.bfloat16, True)
+        dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run_fwd(q, k, v, log_g, None, None, 500, False)
+            kept = []
+            run_fwd(q, k, v, log_g, None, None, 500, False, keep=kept)
+            run_bwd(q, k, v, log_g, None, None, dy, None, None, 500, saved=kept[0])
             torch.cuda.synchronize()
         names = [e.key for e in prof.key_averages()]
-        wgmma = ver == "v17" and d == 64 and _sm90()
-        assert any("flash_fwd_wgmma_kernel" in n for n in names) == wgmma, (ver, d, names)
-        assert any("flash_fwd_kernel" in n for n in names) == (not wgmma), (ver, d, names)
+        wgmma = ver in ("", "v17") and d == 64 and _sm90()
+        for kern in ("fwd", "dq", "dkv"):
+            assert any(f"flash_{kern}_wgmma_kernel" in n for n in names) == wgmma, (ver, d, kern, names)
+            assert any(f"flash_{kern}_kernel" in n for n in names) == (not wgmma), (ver, d, kern, names)
 
 
 def test_v14_flash_kernels_run(monkeypatch):
-    """The switch reaches the kernels: unset and v16 (the default) and v14 run the pipelined dq
-    (template argument kPipe = true) with v12's forward, v14-all both pipelined, v12 neither; only
-    v16 runs rowstat_rows_kernel and the forward's and dkv's 3-slot rings (kRing = true); a bad value
-    is a clear error."""
+    """The switch reaches the kernels: v16 and v14 run the pipelined dq (template argument kPipe =
+    true) with v12's forward, v14-all both pipelined, v12 neither; only v16 runs rowstat_rows_kernel
+    and the forward's and dkv's 3-slot rings (kRing = true); so do unset and v17 (the default) on
+    GPUs without wgmma (test_v17_runs_the_wgmma_kernels covers sm_90); a bad value is a clear error."""
     q, k, v, log_g, gen = make(2, 1000, 4, 2, 64, torch.bfloat16, True)
     dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
     monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", "v12")
-    expect = {"": (False, True), "v16": (False, True), "v14": (False, True), "v14-all": (True, True),
-              "v12": (False, False)}
+    expect = {"v16": (False, True), "v14": (False, True), "v14-all": (True, True), "v12": (False, False)}
+    if not _sm90():  # elsewhere the default (v17) runs v16's kernels
+        expect[""] = expect["v17"] = (False, True)
     for ver, (fwd_piped, dq_piped) in expect.items():
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -813,7 +829,7 @@ def test_v14_flash_kernels_run(monkeypatch):
         assert piped == (fwd_piped, dq_piped), (ver, piped)
         # v16 (the default): rowstat_rows_kernel instead of rowstat_kernel; the forward and dkv run
         # their 3-slot rings (the last template argument, kRing)
-        v16 = ver in ("", "v16")
+        v16 = ver in ("", "v16", "v17")
         assert any("rowstat_kernel" in n for n in names) == (not v16), ver
         assert any("rowstat_rows_kernel" in n for n in names) == v16, ver
         assert all((a[-1] == "true") == v16 for a in targs["flash_dkv_kernel"]), (ver, targs)
