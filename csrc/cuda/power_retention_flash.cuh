@@ -332,11 +332,9 @@ template <int d, typename T> struct QueryBlock {
 // thread, columns kb0 + nt * 8 + 2 tq + {0, 1}), shared by the v12 and the pipelined (v14) forward.
 // Below the diagonal (every key before every row): p = s^2 scale^2 e^{G_i - G_kl} e^{G_kl - G_j},
 // ra = e^{G_i - G_kl} scale^2 per row, cb[j - kb0] = e^{G_kl - G_j} per column.
-// (NT 8-key column groups: 8 for a whole tile; the wgmma forward passes 32-key halves, cb at the half)
-template <int NT>
-__device__ __forceinline__ void weigh_below_diagonal(float (&s)[NT][4], const float* cb, float ra0, float ra1, int tq) {
+__device__ __forceinline__ void weigh_below_diagonal(float (&s)[8][4], const float* cb, float ra0, float ra1, int tq) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int nt = 0; nt < 8; ++nt) {
     const float2 c = *reinterpret_cast<const float2*>(cb + nt * 8 + 2 * tq);
     s[nt][0] = s[nt][0] * s[nt][0] * ra0 * c.x;
     s[nt][1] = s[nt][1] * s[nt][1] * ra0 * c.y;
@@ -346,13 +344,11 @@ __device__ __forceinline__ void weigh_below_diagonal(float (&s)[NT][4], const fl
 }
 // The diagonal tile: rows past the tile's last key kl keep the factored gate; the others take
 // e^{G_i - G_j} per element, zero for keys after the row or past cnt.
-// (kb0 and cb: the first key of the NT * 8 columns and its column factor; kl: the tile's last key)
-template <int NT>
-__device__ __forceinline__ void weigh_diagonal(float (&s)[NT][4], const float* cb, const float* Gs, int kb0, int kl,
+__device__ __forceinline__ void weigh_diagonal(float (&s)[8][4], const float* cb, const float* Gs, int kb0, int kl,
                                                int cnt, int i0, int i1, float gi0, float gi1, float ra0, float ra1,
                                                float sc2, int tq) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = e < 2 ? i0 : i1, j = kb0 + nt * 8 + 2 * tq + (e & 1);

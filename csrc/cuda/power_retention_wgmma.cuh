@@ -201,50 +201,35 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
     if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
     const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
     const float* cb = cbs + (it % 3) * kFT;
+    float s[8][4];
+    const uint64_t dk0 = sw128_desc(Ks);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < d / 16; ++ks) wgmma_ss(s, dq0 + 2 * ks, dk0 + 2 * ks, ks);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(s);
     const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
     const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
-    // The tile in two 32-key halves that overlap: both halves' S GEMMs are issued first; half 0's
-    // element-wise pass runs while half 1's GEMM does, and half 0's P.V while half 1's pass does.
-    const bool two = kb0 + 32 <= wgfirst + 63;  // (half 1 has a key at or before a row; uniform)
-    const uint64_t dk0 = sw128_desc(Ks), dv0 = sw128_desc(Ks + kWgTile);
-    float s0[4][4], s1[4][4];
+    if (wfirst > kl) weigh_below_diagonal(s, cb, ra0, ra1, tq);
+    else weigh_diagonal(s, cb, Gs, kb0, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
+    uint32_t pa[4][4];  // P as bf16 A fragments, 16 keys each
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      mma(den, pa[kk], kOnes, kOnes);  // the normaliser: row sums of the same bf16 weights
+    }
+    const uint64_t dv0 = sw128_desc(Ks + kWgTile);
+    fence_regs(acc);
     wg_fence();
 #pragma unroll
-    for (int ks = 0; ks < d / 16; ++ks) wgmma_ss_n32(s0, dq0 + 2 * ks, dk0 + 2 * ks, ks);
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb(acc, pa[kk], dv0 + kk * (2048 >> 4));
     wg_commit();
-    if (two)
-#pragma unroll
-      for (int ks = 0; ks < d / 16; ++ks) wgmma_ss_n32(s1, dq0 + 2 * ks, dk0 + (32 * d * 2 >> 4) + 2 * ks, ks);
-    wg_commit();  // (an empty group when half 1 is skipped)
-    wg_wait<1>();
-    fence_regs(s0);
-    // the pass of half hf, the normaliser's row sums and its P.V MMAs in their own group
-    auto finish = [&](float (&s)[4][4], int hf, uint32_t (&pa)[2][4]) {
-      if (wfirst > kl) weigh_below_diagonal(s, cb + hf * 32, ra0, ra1, tq);
-      else weigh_diagonal(s, cb + hf * 32, Gs, kb0 + hf * 32, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {  // P as bf16 A fragments, 16 keys each
-        pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        mma(den, pa[kk], kOnes, kOnes);  // the normaliser: row sums of the same bf16 weights
-      }
-      fence_regs(acc);
-      wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) wgmma_rs_tb(acc, pa[kk], dv0 + (hf * 2 + kk) * (2048 >> 4));
-      wg_commit();
-    };
-    uint32_t pa0[2][4], pa1[2][4];
-    finish(s0, 0, pa0);
-    if (two) {
-      wg_wait<1>();  // half 1's S (half 0's P.V may still run)
-      fence_regs(s1);
-      finish(s1, 1, pa1);
-    }
-    wg_wait<0>();  // (before the next barrier frees this tile's slot, and before pa0 / pa1 are rewritten)
+    wg_wait<0>();  // (before the next barrier frees this tile's slot, and before pa is rewritten)
     fence_regs(acc);
   }
   cp_wait<0>();
@@ -283,8 +268,7 @@ constexpr size_t flash_dq_wgmma_smem(int tpad) {
 // row0 + 64 wg ... + 63 and works on each key tile in two 32-key halves:
 //   S = q K^T and dy V^T:  A = the warpgroup's q / dy rows, B = the K / V half (K-major), m64n32k16;
 //   dq_pass (v12's element-wise pass, per warp: 16 rows x 32 keys);
-//   dq += dS K:  A = dS from registers, B = the K half ([key][d]: MN-major), m64n64k16, 2 k-steps;
-// the halves overlapped (the tensor cores run one half's GEMMs while the other half's pass runs).
+//   dq += dS K:  A = dS from registers, B = the K half ([key][d]: MN-major), m64n64k16, 2 k-steps.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const FlashArgs p) {
 #if defined(LLMTRAIN_PR_WGMMA)
@@ -347,36 +331,26 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
     const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
     const bool below = wfirst > kl;
     const DqPassArgs args{i0, i1, kb0, kl, cnt, tq, gi0, gi1, ra0, ra1, p.scale, st0.y, st1.y, c0, c1};
-    // The two 32-key halves overlap: both halves' S / dy.V GEMMs are issued first; half 0's pass runs
-    // while half 1's GEMMs do, and half 0's dq MMAs while half 1's pass does.
-    const bool two = kb0 + 32 <= wgfirst + 63;  // (half 1 has a key at or before a row; uniform)
-    const uint64_t dk_b0 = sw128_desc(Ks), dv_b0 = sw128_desc(Ks + kWgTile);
-    const uint64_t dk_b1 = dk_b0 + (32 * d * 2 >> 4), dv_b1 = dv_b0 + (32 * d * 2 >> 4);
-    float s0[4][4], da0[4][4], s1[4][4], da1[4][4];
-    wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < d / 16; ++kk) {
-      wgmma_ss_n32(s0, dq_a + 2 * kk, dk_b0 + 2 * kk, kk);
-      wgmma_ss_n32(da0, ddy_a + 2 * kk, dv_b0 + 2 * kk, kk);
-    }
-    wg_commit();
-    if (two) {
+    for (int hf = 0; hf < 2; ++hf) {
+      if (kb0 + hf * 32 > wgfirst + 63) continue;  // every key of the half after every row (uniform)
+      const uint64_t dk_b = sw128_desc(Ks + hf * 32 * d), dv_b = sw128_desc(Ks + kWgTile + hf * 32 * d);
+      float s[4][4], da[4][4];
+      wg_fence();
 #pragma unroll
       for (int kk = 0; kk < d / 16; ++kk) {
-        wgmma_ss_n32(s1, dq_a + 2 * kk, dk_b1 + 2 * kk, kk);
-        wgmma_ss_n32(da1, ddy_a + 2 * kk, dv_b1 + 2 * kk, kk);
+        wgmma_ss_n32(s, dq_a + 2 * kk, dk_b + 2 * kk, kk);
+        wgmma_ss_n32(da, ddy_a + 2 * kk, dv_b + 2 * kk, kk);
       }
-    }
-    wg_commit();  // (an empty group when half 1 is skipped)
-    wg_wait<1>();
-    fence_regs(s0);
-    fence_regs(da0);
-    // the pass of half hf, then its dq MMAs (dq += dS K) in their own group
-    auto finish = [&](float (&s)[4][4], const float (&da)[4][4], int hf, uint32_t (&as)[2][4]) {
+      wg_commit();
+      wg_wait<0>();
+      fence_regs(s);
+      fence_regs(da);
       if (below) dq_pass<4, true>(s, da, hf * 32, true, args, cb, Gs, dot0, dot1);
       else dq_pass<4, false>(s, da, hf * 32, false, args, cb, Gs, dot0, dot1);
+      uint32_t as[2][4];  // the score gradients as bf16 A fragments (gemm_pb's packing)
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {  // the score gradients as bf16 A fragments (gemm_pb's packing)
+      for (int kk = 0; kk < 2; ++kk) {
         as[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
         as[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
         as[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
@@ -384,21 +358,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
       }
       fence_regs(acc);
       wg_fence();
-      const uint64_t kb_desc = hf ? dk_b1 : dk_b0;
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) wgmma_rs_tb(acc, as[kk], kb_desc + kk * (2048 >> 4));
+      for (int kk = 0; kk < 2; ++kk) wgmma_rs_tb(acc, as[kk], dk_b + kk * (2048 >> 4));
       wg_commit();
-    };
-    uint32_t as0[2][4], as1[2][4];
-    finish(s0, da0, 0, as0);
-    if (two) {
-      wg_wait<1>();  // half 1's GEMMs (half 0's dq MMAs may still run)
-      fence_regs(s1);
-      fence_regs(da1);
-      finish(s1, da1, 1, as1);
+      wg_wait<0>();
+      fence_regs(acc);
     }
-    wg_wait<0>();  // (before the next barrier frees this tile's slot, and before as0 / as1 are rewritten)
-    fence_regs(acc);
   }
   cp_wait<0>();
 
