@@ -88,7 +88,6 @@ def make_impls(d):
     # session 14: "ours" is v17 (wgmma flash kernels on sm_90, d = 64); ours-f16 the session-13 default
     impls["ours-f16"] = (ours("", flash="v16"), flops_power)
     impls["ours-f17"] = (ours("", flash="v17"), flops_power)
-    impls["ours-f17p"] = (ours("", flash="v17p"), flops_power)
     impls["ours-f12"] = (ours("", flash="v12"), flops_power)
     impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
     for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11"):

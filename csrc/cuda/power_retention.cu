@@ -132,7 +132,6 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // v17 (session 14): v16, with the one-chunk flash kernels (forward, dq, dkv) on Hopper's wgmma
 // (power_retention_wgmma.cuh) where they run: d = 64, an sm_90 device, an sm_90a build (wgmma_usable).
 //   v17 (the default, also when unset): v16 + the wgmma kernels;
-//   v17p: v17 with the wgmma forward software-pipelined across key tiles (A/B);
 //   v16: v14 + rowstat_rows_kernel + the rings;
 //   v14: pipelined dq, v12 forward, rowstat_kernel;
 //   v14-all: the pipelined forward as well (A/B);  v12: neither.
@@ -142,13 +141,12 @@ struct FlashPipe {
 FlashPipe flash_pipelined() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH");
   if (!e || !*e || !std::strcmp(e, "v17")) return {false, true, true, true, true};
-  if (!std::strcmp(e, "v17p")) return {true, true, true, true, true};  // (A/B: the pipelined wgmma forward)
   if (!std::strcmp(e, "v16")) return {false, true, true, true, false};
   if (!std::strcmp(e, "v14")) return {false, true, false, false, false};
   if (!std::strcmp(e, "v14-all")) return {true, true, false, false, false};
   if (!std::strcmp(e, "v12")) return {false, false, false, false, false};
-  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v17, v17p, v16, "
-                                       "v14, v14-all or v12, got '") + e + "'");
+  throw std::runtime_error(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH must be v17, v16, v14, "
+                                       "v14-all or v12, got '") + e + "'");
 }
 
 struct Plan {
@@ -397,10 +395,7 @@ template <typename T, int d> int64_t forward_impl(const RetentionFwdArgs& A) {
   if (kernel_version() >= 10 && P.N == 1 && !A.s0 && flash_fwd_smem<d>(P.tpad) <= max_smem_optin()) {
     FlashArgs f = flash_args(P, gate_cumsums(ws, static_cast<const float*>(A.log_g), P, st), m.scale);
     f.q = A.q; f.k = A.k; f.v = A.v; f.y = A.y; f.y32 = y32; f.inv_den = inv_den;
-    if (flash_pipelined().wgmma && flash_pipelined().fwd && wgmma_usable<d>(flash_fwd_wgmma_smem<true>(P.tpad)))
-      launch_flash(flash_fwd_wgmma_kernel<T, true>, flash_fwd_wgmma_smem<true>(P.tpad), (unsigned)(P.tpad / kFR),
-                   (unsigned)P.hq, P, f, st, "flash_fwd_wgmma_kernel");
-    else if (wgmma_usable<d>(flash_fwd_wgmma_smem(P.tpad)))
+    if (wgmma_usable<d>(flash_fwd_wgmma_smem(P.tpad)))
       launch_flash(flash_fwd_wgmma_kernel<T>, flash_fwd_wgmma_smem(P.tpad), (unsigned)(P.tpad / kFR), (unsigned)P.hq,
                    P, f, st, "flash_fwd_wgmma_kernel");
     else if (flash_pipelined().fwd)  // (v14's forward needs the same shared memory as v12's)

@@ -33,11 +33,10 @@ namespace pr {
 constexpr int kWgD = 64;             // the head dim of the wgmma kernels (one 128-byte swizzle atom per row)
 constexpr int kWgTile = kWgD * kWgD;  // elements of a [64][64] tile
 
-// Shared memory of flash_fwd_wgmma_kernel: Q [128][64], NS x {K, V} [64][64], NS x 64 column
-// factors, the gates, and 1 KiB to align the swizzled tiles (NS = 3; 4 with kPipe).
-template <bool kPipe = false> constexpr size_t flash_fwd_wgmma_smem(int tpad) {
-  constexpr int NS = kPipe ? 4 : 3;
-  return 1024 + (size_t)kFR * kWgD * 2 + (size_t)NS * 2 * kWgTile * 2 + NS * kFT * 4 + (size_t)tpad * 4;
+// Shared memory of flash_fwd_wgmma_kernel: Q [128][64], 3 x {K, V} [64][64], 3 x 64 column
+// factors, the gates, and 1 KiB to align the swizzled tiles.
+constexpr size_t flash_fwd_wgmma_smem(int tpad) {
+  return 1024 + (size_t)kFR * kWgD * 2 + (size_t)3 * 2 * kWgTile * 2 + 3 * kFT * 4 + (size_t)tpad * 4;
 }
 
 // Rows [r0, r0 + n) of a [b, t, heads, 64] tensor into a swizzled bf16 [n][64] tile: cp.async for
@@ -143,21 +142,17 @@ __device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint
 // The forward (v12's math; see the top of this file). One block per (128 query rows, q head,
 // batch), the longest rows first; warpgroup wg owns rows row0 + 64 wg ... + 63 and runs the key
 // tiles up to its own diagonal tile (warpgroup 0 skips the block's last tile).
-// kPipe (LLMTRAIN_RETENTION_FLASH=v17p, an A/B variant): software-pipelined across key tiles. The
-// next tile's S GEMM is issued before this tile's P.V, and its element-wise pass runs while the
-// P.V runs; tiles are then needed one tile earlier, so the ring has 4 slots, each loaded 3 tiles
-// ahead. The same operations in the same order per element: the same results.
-template <typename T, bool kPipe = false>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const FlashArgs p) {
 #if defined(LLMTRAIN_PR_WGMMA)
-  constexpr int d = kWgD, ND = d / 8, NS = kPipe ? 4 : 3;
+  constexpr int d = kWgD, ND = d / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // the swizzle is a function of the address bits: align the tiles to 1 KiB by hand
   unsigned char* base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  bf16* qs = reinterpret_cast<bf16*>(base);                        // [128][64], swizzled
-  bf16* kv = qs + kFR * d;                                          // NS x {K [64][64], V [64][64]}, swizzled
-  float* cbs = reinterpret_cast<float*>(kv + NS * 2 * kWgTile);     // NS x [64] column factors
-  float* Gs = cbs + NS * kFT;                                       // [tpad] gate cumsums
+  bf16* qs = reinterpret_cast<bf16*>(base);                       // [128][64], swizzled
+  bf16* kv = qs + kFR * d;                                         // 3 x {K [64][64], V [64][64]}, swizzled
+  float* cbs = reinterpret_cast<float*>(kv + 3 * 2 * kWgTile);     // 3 x [64] column factors
+  float* Gs = cbs + 3 * kFT;                                       // [tpad] gate cumsums
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const QueryBlock<d, T> blk(p);
   const int row0 = blk.row0, cnt = blk.cnt, ntiles = blk.ntiles;
@@ -165,29 +160,23 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   auto load_kv = [&](int it) {
-    bf16* dst = kv + (it % NS) * 2 * kWgTile;
+    bf16* dst = kv + (it % 3) * 2 * kWgTile;
     swizzled_tile<T>(dst, K, tok0, p.hk, h, it * kFT, kFT, cnt);
     swizzled_tile<T>(dst + kWgTile, V, tok0, p.hk, h, it * kFT, kFT, cnt);
   };
-  // group 0: the rows and tile 0; groups 1 .. NS - 2: the next tiles (their column factors once the
-  // gates are in)
+  // group 0: the rows and tile 0; group 1: tile 1 (and its column factors once the gates are in)
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
   swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
   load_kv(0);
   cp_commit();
-#pragma unroll
-  for (int n = 1; n < NS - 1; ++n) {
-    if (n < ntiles) load_kv(n);
-    cp_commit();
-  }
+  if (1 < ntiles) load_kv(1);
+  cp_commit();
   __syncthreads();  // Gs
-#pragma unroll
-  for (int n = 0; n < NS - 1; ++n)
-    if (n < ntiles) column_factors(cbs + n * kFT, Gs, n * kFT, cnt);
+  column_factors(cbs, Gs, 0, cnt);
+  if (1 < ntiles) column_factors(cbs + kFT, Gs, kFT, cnt);
 
   const int wg = warp >> 2, wgfirst = row0 + wg * 64;
   const bool wg_live = wgfirst < cnt;
-  const int wg_last = min(ntiles - 1, (wgfirst + 63) / kFT);  // the warpgroup's diagonal tile
   const int wfirst = row0 + warp * 16, i0 = wfirst + g, i1 = i0 + 8;
   const float gi0 = Gs[min(i0, cnt - 1)], gi1 = Gs[min(i1, cnt - 1)];
   const float sc2 = p.scale * p.scale;
@@ -196,44 +185,35 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   zero(acc);
   float den[4] = {0.f, 0.f, 0.f, 0.f};
   constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
-  float s[8][4];
-  // S of tile it into s (its own commit group)
-  auto issue_s = [&](int it) {
-    const uint64_t dk0 = sw128_desc(kv + (it % NS) * 2 * kWgTile);
+
+  for (int it = 0; it < ntiles; ++it) {
+    // top of tile it: this thread's copies of tile it have landed; the barrier publishes every
+    // thread's (and the column factors) and tells that tile it - 1's slot is free for tile it + 2
+    cp_wait<1>();
+    fence_async_smem();
+    __syncthreads();
+    if (it + 2 < ntiles) {
+      load_kv(it + 2);
+      column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, cnt);
+    }
+    cp_commit();
+    const int kb0 = it * kFT;
+    if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
+    const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
+    const float* cb = cbs + (it % 3) * kFT;
+    float s[8][4];
+    const uint64_t dk0 = sw128_desc(Ks);
     wg_fence();
 #pragma unroll
     for (int ks = 0; ks < d / 16; ++ks) wgmma_ss(s, dq0 + 2 * ks, dk0 + 2 * ks, ks);
     wg_commit();
-  };
-  // the element-wise pass of tile it on s: S in, P out
-  auto weigh = [&](int it) {
-    const int kb0 = it * kFT, kl = tile_last_key(kb0, cnt);
-    const float* cb = cbs + (it % NS) * kFT;
+    wg_wait<0>();
+    fence_regs(s);
+    const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
     const float ra0 = __expf(gi0 - gkl) * sc2, ra1 = __expf(gi1 - gkl) * sc2;
     if (wfirst > kl) weigh_below_diagonal(s, cb, ra0, ra1, tq);
     else weigh_diagonal(s, cb, Gs, kb0, kl, cnt, i0, i1, gi0, gi1, ra0, ra1, sc2, tq);
-  };
-
-  for (int it = 0; it < ntiles; ++it) {
-    // top of tile it: this thread's copies of tile it (kPipe: and it + 1) have landed; the barrier
-    // publishes every thread's (and the column factors) and tells that tile it - 1's slot is free
-    // for tile it + NS - 1
-    cp_wait<1>();  // (groups 0 .. it + NS - 2 committed: tiles up to it + NS - 3 landed)
-    fence_async_smem();
-    __syncthreads();
-    if (it + NS - 1 < ntiles) {
-      load_kv(it + NS - 1);
-      column_factors(cbs + ((it + NS - 1) % NS) * kFT, Gs, (it + NS - 1) * kFT, cnt);
-    }
-    cp_commit();
-    if (!wg_live || it > wg_last) continue;  // (uniform over the warpgroup)
-    if (!kPipe || it == 0) {
-      issue_s(it);
-      wg_wait<0>();
-      fence_regs(s);
-      weigh(it);
-    }
     uint32_t pa[4][4];  // P as bf16 A fragments, 16 keys each
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -243,22 +223,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
       pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       mma(den, pa[kk], kOnes, kOnes);  // the normaliser: row sums of the same bf16 weights
     }
-    // (kPipe) the next tile's S, also after the warpgroup's last tile, so that every iteration
-    // commits the same groups: with the issue under a branch ptxas serialized every wgmma of the
-    // kernel (C7514). Past the last tile it reads a slot no copy is writing and is never used.
-    const bool next = kPipe && it < wg_last;
-    if (kPipe) issue_s(it + 1);  // (s is free once packed; tile it + 1 landed and was published above)
-    const uint64_t dv0 = sw128_desc(kv + (it % NS) * 2 * kWgTile + kWgTile);
+    const uint64_t dv0 = sw128_desc(Ks + kWgTile);
     fence_regs(acc);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) wgmma_rs_tb(acc, pa[kk], dv0 + kk * (2048 >> 4));
     wg_commit();
-    if (kPipe) {
-      wg_wait<1>();  // the next S (this tile's P.V may still run)
-      fence_regs(s);
-      if (next) weigh(it + 1);
-    }
     wg_wait<0>();  // (before the next barrier frees this tile's slot, and before pa is rewritten)
     fence_regs(acc);
   }
