@@ -63,6 +63,43 @@ __device__ __forceinline__ void swizzled_tile(bf16* dst, const T* src, int64_t t
   }
 }
 
+// The ring tiles ([64][64], 64 rows of one head) with the block's 256 threads: thread tid copies the
+// 16-byte chunk tid % 8 of rows tid / 8 and tid / 8 + 32 (same swizzle: (row + 32) & 7 = row & 7).
+// Its offsets are computed once per kernel, so a tile costs two copies and an add per thread
+// (swizzled_tile's general loop spent ~25% of the wgmma forward's issue slots on index math; ncu).
+static_assert(kThreads == 256, "Tile64: 8 threads per row, 32 rows per pass");
+struct Tile64 {
+  int row, dst;    // the thread's first row, and its chunk's element offset in the tile
+  int64_t src;     // element offset of (row, chunk) of token 0 of head 0: (tok0 + row) * heads * 64 + chunk * 8
+  int64_t stride;  // elements per token: heads * 64
+};
+__device__ __forceinline__ Tile64 tile64(int64_t tok0, int64_t heads) {
+  const int row = threadIdx.x >> 3, c = threadIdx.x & 7;
+  return {row, row * kWgD + ((c ^ (row & 7)) << 3), (tok0 + row) * heads * kWgD + c * 8, heads * kWgD};
+}
+// Rows [r0, r0 + 64) of head `head` into a swizzled [64][64] tile (cp.async for bf16; the caller
+// commits), zeros past cnt.
+template <typename T>
+__device__ __forceinline__ void load_tile64(bf16* dst, const T* src, const Tile64& m, int64_t head, int r0, int cnt) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    bf16* dp = dst + m.dst + hf * 32 * kWgD;
+    const T* sp = src + m.src + (int64_t)(r0 + hf * 32) * m.stride + head * kWgD;
+    const bool valid = r0 + m.row + hf * 32 < cnt;
+    if constexpr (std::is_same<T, bf16>::value) {
+      if (valid) cp_async16(dp, sp);
+      else *reinterpret_cast<uint4*>(dp) = make_uint4(0, 0, 0, 0);
+    } else {
+      float x[8];
+      if (valid) IO<T>::load8(sp, x);
+      else
+#pragma unroll
+        for (int u = 0; u < 8; ++u) x[u] = 0.f;
+      st8_bf16(dp, x);
+    }
+  }
+}
+
 #if defined(LLMTRAIN_PR_WGMMA)
 // Matrix descriptor of a 1024-byte-aligned, 128-byte-swizzled tile with 128-byte rows: 8-row groups
 // 1024 bytes apart (the stride byte offset), the leading byte offset unused by swizzled layouts
@@ -159,10 +196,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
+  const Tile64 kvm = tile64(tok0, p.hk);
   auto load_kv = [&](int it) {
     bf16* dst = kv + (it % 3) * 2 * kWgTile;
-    swizzled_tile<T>(dst, K, tok0, p.hk, h, it * kFT, kFT, cnt);
-    swizzled_tile<T>(dst + kWgTile, V, tok0, p.hk, h, it * kFT, kFT, cnt);
+    load_tile64<T>(dst, K, kvm, h, it * kFT, cnt);
+    load_tile64<T>(dst + kWgTile, V, kvm, h, it * kFT, cnt);
   };
   // group 0: the rows and tile 0; group 1: tile 1 (and its column factors once the gates are in)
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
@@ -286,10 +324,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
+  const Tile64 kvm = tile64(tok0, p.hk);
   auto load_kv = [&](int it) {
     bf16* dst = kv + (it % 3) * 2 * kWgTile;
-    swizzled_tile<T>(dst, K, tok0, p.hk, h, it * kFT, kFT, cnt);
-    swizzled_tile<T>(dst + kWgTile, V, tok0, p.hk, h, it * kFT, kFT, cnt);
+    load_tile64<T>(dst, K, kvm, h, it * kFT, cnt);
+    load_tile64<T>(dst + kWgTile, V, kvm, h, it * kFT, cnt);
   };
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
   swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
@@ -424,12 +463,13 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
   const T* DY = static_cast<const T*>(p.dy);
   const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
   const int total = r * nq;
+  const Tile64 qm = tile64(tok0, p.hq);
   auto load_q = [&](int it) {
     const int64_t hq_i = h * r + it / nq;
     const int qb0 = kb + (it % nq) * kFT, buf = it % 3;
     bf16* dst = qb + buf * 2 * kWgTile;
-    swizzled_tile<T>(dst, Q, tok0, p.hq, hq_i, qb0, kFT, cnt);
-    swizzled_tile<T>(dst + kWgTile, DY, tok0, p.hq, hq_i, qb0, kFT, cnt);
+    load_tile64<T>(dst, Q, qm, hq_i, qb0, cnt);
+    load_tile64<T>(dst + kWgTile, DY, qm, hq_i, qb0, cnt);
     if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
       cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
     if (tid < 2 * kFT) {  // the query factors of both key halves
