@@ -464,10 +464,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
   const int nq = (cnt - kb + kFT - 1) / kFT;  // query tiles per head
   const int total = r * nq;
   const Tile64 qm = tile64(tok0, p.hq);
-  // tile it is query tile it % nq of q head h * r + it / nq; walked with counters, not divisions (a
-  // run-time integer division held 9% of this kernel's stall samples, on its MUFU.RCP; ncu)
-  auto load_q = [&](int it, int64_t hq_i, int qt) {
-    const int qb0 = kb + qt * kFT, buf = it % 3;
+  auto load_q = [&](int it) {
+    const int64_t hq_i = h * r + it / nq;
+    const int qb0 = kb + (it % nq) * kFT, buf = it % 3;
     bf16* dst = qb + buf * 2 * kWgTile;
     load_tile64<T>(dst, Q, qm, hq_i, qb0, cnt);
     load_tile64<T>(dst + kWgTile, DY, qm, hq_i, qb0, cnt);
@@ -484,15 +483,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
   swizzled_tile<T>(ks, static_cast<const T*>(p.k), tok0, p.hk, h, kb, kFR, cnt);
   swizzled_tile<T>(vs, static_cast<const T*>(p.v), tok0, p.hk, h, kb, kFR, cnt);
   __syncthreads();  // Gs (load_q reads it)
-  int64_t ld_head = h * r;  // the next tile to load: its q head and query tile
-  int ld_qt = 0;
-  auto load_next = [&](int it) {
-    load_q(it, ld_head, ld_qt);
-    if (++ld_qt == nq) ld_qt = 0, ++ld_head;
-  };
-  load_next(0);
+  load_q(0);
   cp_commit();  // group 0: K, V, tile 0
-  if (1 < total) load_next(1);
+  if (1 < total) load_q(1);
   cp_commit();  // group 1: tile 1
   const int wg = warp >> 2, wgfirst = kb + wg * 64;
   const int wfirst = kb + warp * 16, j0 = wfirst + g, j1 = j0 + 8;
@@ -505,13 +498,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
   zero(dk);
   zero(dv);
   float dot0 = 0.f, dot1 = 0.f;
-  int qt = 0;  // tile it's query tile
-  for (int it = 0; it < total; ++it, qt = qt + 1 == nq ? 0 : qt + 1) {
-    const int qb0 = kb + qt * kFT;
+  for (int it = 0; it < total; ++it) {
+    const int qb0 = kb + (it % nq) * kFT;
     cp_wait<1>();
     fence_async_smem();
     __syncthreads();
-    if (it + 2 < total) load_next(it + 2);
+    if (it + 2 < total) load_q(it + 2);
     cp_commit();
     if (!wg_live) continue;
     const int sl = it % 3;
