@@ -205,6 +205,83 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The kernels' epilogues, shared by the mma.sync and wgmma kernels (a warp's rows i0 / j0 and
+// i1 = i0 + 8 in the accumulator layout: columns nt * 8 + 2 tq, + 1). Rows at or past cnt are skipped.
+// forward: y = acc / den (and the fp32 y and 1 / den the backward reads, when kept)
+template <int d, typename T>
+__device__ __forceinline__ void store_forward_rows(const FlashArgs& p, const float (&acc)[d / 8][4], const float (&den)[4],
+                                                   int i0, int i1, int cnt, int64_t tok0, int64_t bi, int64_t hqi,
+                                                   int tq) {
+  constexpr int ND = d / 8;
+  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
+  T* Y = static_cast<T*>(p.y);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
+    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
+    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
+    if (p.y32) {
+      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
+      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
+    }
+  }
+  if (p.inv_den && tq == 0) {
+    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
+    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
+  }
+}
+// dq, and q . dq per row (the dlog_g row term; dot0 / dot1: this thread's partial sums)
+template <int d, typename T>
+__device__ __forceinline__ void store_dq_rows(const FlashArgs& p, const float (&acc)[d / 8][4], float dot0, float dot1,
+                                              int i0, int i1, int cnt, int64_t tok0, int64_t hqi, int tq) {
+  constexpr int ND = d / 8;
+  T* DQ = static_cast<T*>(p.dq);
+  const bool v0 = i0 < cnt, v1 = i1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
+    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGq && tq == 0) {
+    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
+    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
+  }
+}
+// dk, dv, and k . dk per key row (summed over the GQA group)
+template <int d, typename T>
+__device__ __forceinline__ void store_dkv_rows(const FlashArgs& p, const float (&dk)[d / 8][4],
+                                               const float (&dv)[d / 8][4], float dot0, float dot1, int j0, int j1,
+                                               int cnt, int64_t tok0, int64_t h, int tq) {
+  constexpr int ND = d / 8;
+  T* DK = static_cast<T*>(p.dk);
+  T* DV = static_cast<T*>(p.dv);
+  const bool v0 = j0 < cnt, v1 = j1 < cnt;
+#pragma unroll
+  for (int nt = 0; nt < ND; ++nt) {
+    const int col = nt * 8 + 2 * tq;
+    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
+    if (v0) {
+      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
+      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
+    }
+    if (v1) {
+      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
+      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
+    }
+  }
+  dot0 = quad_sum(dot0);
+  dot1 = quad_sum(dot1);
+  if (p.dGk && tq == 0) {
+    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
+    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
+  }
+}
+
 // The query-row blocks of the forward and of dq: one block per (128 rows, q head, batch), the
 // longest rows first; keys [0, nk) in 64-key K / V tiles, double-buffered (cp.async for bf16) with
 // their column factors.
@@ -454,24 +531,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_fwd_kernel(const FlashAr
   }
   cp_wait<0>();
 
-  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
-  T* Y = static_cast<T*>(p.y);
-  const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
-    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
-    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
-    if (p.y32) {
-      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
-      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
-    }
-  }
-  if (p.inv_den && tq == 0) {
-    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
-    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
-  }
+  store_forward_rows<d, T>(p, acc, den, i0, i1, cnt, tok0, bi, hqi, tq);
 }
 
 // The gradient of one score and its dlog_g term, shared by flash_dq_kernel and flash_dkv_kernel so
@@ -628,20 +688,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dq_kernel(const FlashArg
   }
   cp_wait<0>();
 
-  T* DQ = static_cast<T*>(p.dq);
-  const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
-    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
-  }
-  dot0 = quad_sum(dot0);
-  dot1 = quad_sum(dot1);
-  if (p.dGq && tq == 0) {
-    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
-    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
-  }
+  store_dq_rows<d, T>(p, acc, dot0, dot1, i0, i1, cnt, tok0, hqi, tq);
 }
 
 // The per-warp values of dkv's element-wise pass (the warp's key rows j0 and j1 = j0 + 8).
@@ -819,28 +866,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
   }
   cp_wait<0>();
 
-  T* DK = static_cast<T*>(p.dk);
-  T* DV = static_cast<T*>(p.dv);
-  const bool v0 = j0 < cnt, v1 = j1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
-    if (v0) {
-      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
-      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
-    }
-    if (v1) {
-      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
-      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
-    }
-  }
-  dot0 = quad_sum(dot0);
-  dot1 = quad_sum(dot1);
-  if (p.dGk && tq == 0) {
-    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
-    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
-  }
+  store_dkv_rows<d, T>(p, dk, dv, dot0, dot1, j0, j1, cnt, tok0, h, tq);
 }
 
 }  // namespace pr

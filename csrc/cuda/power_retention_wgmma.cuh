@@ -100,6 +100,40 @@ __device__ __forceinline__ void load_tile64(bf16* dst, const T* src, const Tile6
   }
 }
 
+// The key-tile ring of the query-row kernels (forward, dq): 3 slots of {K, V} swizzled [64][64]
+// tiles and their column factors, loaded two tiles ahead, one block barrier per tile (v16's ring).
+template <typename T> struct WgKeyRing {
+  const QueryBlock<kWgD, T>& blk;
+  bf16* kv;         // 3 x {K, V}
+  float* cbs;       // 3 x [64] column factors
+  const float* Gs;  // the staged gate cumsums
+  Tile64 m;
+  __device__ WgKeyRing(const QueryBlock<kWgD, T>& b, bf16* kv_, float* cbs_, const float* gs)
+      : blk(b), kv(kv_), cbs(cbs_), Gs(gs), m(tile64(b.tok0, b.p.hk)) {}
+  __device__ const bf16* k(int it) const { return kv + (it % 3) * 2 * kWgTile; }
+  __device__ const bf16* v(int it) const { return k(it) + kWgTile; }
+  __device__ const float* cb(int it) const { return cbs + (it % 3) * kFT; }
+  __device__ void load(int it) const {
+    bf16* dst = kv + (it % 3) * 2 * kWgTile;
+    load_tile64<T>(dst, static_cast<const T*>(blk.p.k), m, blk.h, it * kFT, blk.cnt);
+    load_tile64<T>(dst + kWgTile, static_cast<const T*>(blk.p.v), m, blk.h, it * kFT, blk.cnt);
+  }
+  // After the gates were staged and the caller's rows issued: group 0 = {the rows, tile 0}, group 1
+  // = tile 1; the barrier publishes the gates, then the first two tiles' column factors.
+  __device__ void start() const {
+    load(0);
+    cp_commit();
+    if (1 < blk.ntiles) load(1);
+    cp_commit();
+    __syncthreads();
+    column_factors(cbs, Gs, 0, blk.cnt);
+    if (1 < blk.ntiles) column_factors(cbs + kFT, Gs, kFT, blk.cnt);
+  }
+  // Top of tile it: this thread's copies of tile it have landed; the barrier publishes every
+  // thread's (and the column factors) and tells that tile it - 1's slot is free for tile it + 2.
+  __device__ void top(int it) const;
+};
+
 #if defined(LLMTRAIN_PR_WGMMA)
 // Matrix descriptor of a 1024-byte-aligned, 128-byte-swizzled tile with 128-byte rows: 8-row groups
 // 1024 bytes apart (the stride byte offset), the leading byte offset unused by swizzled layouts
@@ -174,6 +208,16 @@ __device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint
 #undef LLMTRAIN_WG_D16
 #undef LLMTRAIN_WG_D32
 #undef LLMTRAIN_WG_REGS32
+template <typename T> __device__ void WgKeyRing<T>::top(int it) const {
+  cp_wait<1>();
+  fence_async_smem();
+  __syncthreads();
+  if (it + 2 < blk.ntiles) {
+    load(it + 2);
+    column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, blk.cnt);
+  }
+  cp_commit();
+}
 #endif  // LLMTRAIN_PR_WGMMA
 
 // The forward (v12's math; see the top of this file). One block per (128 query rows, q head,
@@ -194,24 +238,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   const QueryBlock<d, T> blk(p);
   const int row0 = blk.row0, cnt = blk.cnt, ntiles = blk.ntiles;
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  const Tile64 kvm = tile64(tok0, p.hk);
-  auto load_kv = [&](int it) {
-    bf16* dst = kv + (it % 3) * 2 * kWgTile;
-    load_tile64<T>(dst, K, kvm, h, it * kFT, cnt);
-    load_tile64<T>(dst + kWgTile, V, kvm, h, it * kFT, cnt);
-  };
-  // group 0: the rows and tile 0; group 1: tile 1 (and its column factors once the gates are in)
+  const WgKeyRing<T> ring(blk, kv, cbs, Gs);
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
   swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
-  load_kv(0);
-  cp_commit();
-  if (1 < ntiles) load_kv(1);
-  cp_commit();
-  __syncthreads();  // Gs
-  column_factors(cbs, Gs, 0, cnt);
-  if (1 < ntiles) column_factors(cbs + kFT, Gs, kFT, cnt);
+  ring.start();
 
   const int wg = warp >> 2, wgfirst = row0 + wg * 64;
   const bool wg_live = wgfirst < cnt;
@@ -225,20 +255,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   constexpr uint32_t kOnes = 0x3f803f80u;  // bf16 (1, 1)
 
   for (int it = 0; it < ntiles; ++it) {
-    // top of tile it: this thread's copies of tile it have landed; the barrier publishes every
-    // thread's (and the column factors) and tells that tile it - 1's slot is free for tile it + 2
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
-    if (it + 2 < ntiles) {
-      load_kv(it + 2);
-      column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, cnt);
-    }
-    cp_commit();
+    ring.top(it);
     const int kb0 = it * kFT;
     if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
-    const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
-    const float* cb = cbs + (it % 3) * kFT;
+    const bf16* Ks = ring.k(it);
+    const float* cb = ring.cb(it);
     float s[8][4];
     const uint64_t dk0 = sw128_desc(Ks);
     wg_fence();
@@ -261,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
       pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       mma(den, pa[kk], kOnes, kOnes);  // the normaliser: row sums of the same bf16 weights
     }
-    const uint64_t dv0 = sw128_desc(Ks + kWgTile);
+    const uint64_t dv0 = sw128_desc(ring.v(it));
     fence_regs(acc);
     wg_fence();
 #pragma unroll
@@ -272,24 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_fwd_wgmma_kernel(const Flas
   }
   cp_wait<0>();
 
-  const float inv0 = 1.f / den[0], inv1 = 1.f / den[2];  // (every column of den holds the row sum)
-  T* Y = static_cast<T*>(p.y);
-  const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    const int64_t o0 = ((tok0 + i0) * p.hq + hqi) * d + col, o1 = ((tok0 + i1) * p.hq + hqi) * d + col;
-    if (v0) IO<T>::store2(Y + o0, acc[nt][0] * inv0, acc[nt][1] * inv0);
-    if (v1) IO<T>::store2(Y + o1, acc[nt][2] * inv1, acc[nt][3] * inv1);
-    if (p.y32) {
-      if (v0) *reinterpret_cast<float2*>(p.y32 + o0) = make_float2(acc[nt][0] * inv0, acc[nt][1] * inv0);
-      if (v1) *reinterpret_cast<float2*>(p.y32 + o1) = make_float2(acc[nt][2] * inv1, acc[nt][3] * inv1);
-    }
-  }
-  if (p.inv_den && tq == 0) {
-    if (v0) p.inv_den[(bi * p.hq + hqi) * p.t + i0] = inv0;
-    if (v1) p.inv_den[(bi * p.hq + hqi) * p.t + i1] = inv1;
-  }
+  store_forward_rows<d, T>(p, acc, den, i0, i1, cnt, tok0, bi, hqi, tq);
 #else
   __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_available)
 #endif
@@ -322,24 +326,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
   const QueryBlock<d, T> blk(p);
   const int row0 = blk.row0, cnt = blk.cnt, ntiles = blk.ntiles;
   const int64_t hqi = blk.hqi, bi = blk.bi, tok0 = blk.tok0, h = blk.h;
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  const Tile64 kvm = tile64(tok0, p.hk);
-  auto load_kv = [&](int it) {
-    bf16* dst = kv + (it % 3) * 2 * kWgTile;
-    load_tile64<T>(dst, K, kvm, h, it * kFT, cnt);
-    load_tile64<T>(dst + kWgTile, V, kvm, h, it * kFT, cnt);
-  };
+  const WgKeyRing<T> ring(blk, kv, cbs, Gs);
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, 0, blk.nk, cnt);
   swizzled_tile<T>(qs, static_cast<const T*>(p.q), tok0, p.hq, hqi, row0, kFR, cnt);
   swizzled_tile<T>(dys, static_cast<const T*>(p.dy), tok0, p.hq, hqi, row0, kFR, cnt);
-  load_kv(0);
-  cp_commit();
-  if (1 < ntiles) load_kv(1);
-  cp_commit();
-  __syncthreads();  // Gs
-  column_factors(cbs, Gs, 0, cnt);
-  if (1 < ntiles) column_factors(cbs + kFT, Gs, kFT, cnt);
+  ring.start();
 
   const int wg = warp >> 2, wgfirst = row0 + wg * 64;
   const bool wg_live = wgfirst < cnt;
@@ -353,18 +344,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
   zero(acc);
   float dot0 = 0.f, dot1 = 0.f;
   for (int it = 0; it < ntiles; ++it) {
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
-    if (it + 2 < ntiles) {
-      load_kv(it + 2);
-      column_factors(cbs + ((it + 2) % 3) * kFT, Gs, (it + 2) * kFT, cnt);
-    }
-    cp_commit();
+    ring.top(it);
     const int kb0 = it * kFT;
     if (!wg_live || kb0 > wgfirst + 63) continue;  // (uniform over the warpgroup)
-    const bf16* Ks = kv + (it % 3) * 2 * kWgTile;
-    const float* cb = cbs + (it % 3) * kFT;
+    const bf16* Ks = ring.k(it);
+    const float* cb = ring.cb(it);
     const int kl = tile_last_key(kb0, cnt);
     const float gkl = Gs[kl];
     const float ra0 = __expf(gi0 - gkl), ra1 = __expf(gi1 - gkl);
@@ -406,20 +390,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dq_wgmma_kernel(const Flash
   }
   cp_wait<0>();
 
-  T* DQ = static_cast<T*>(p.dq);
-  const bool v0 = i0 < cnt, v1 = i1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    if (v0) IO<T>::store2(DQ + ((tok0 + i0) * p.hq + hqi) * d + col, acc[nt][0], acc[nt][1]);
-    if (v1) IO<T>::store2(DQ + ((tok0 + i1) * p.hq + hqi) * d + col, acc[nt][2], acc[nt][3]);
-  }
-  dot0 = quad_sum(dot0);
-  dot1 = quad_sum(dot1);
-  if (p.dGq && tq == 0) {
-    if (v0) p.dGq[(tok0 + i0) * p.hq + hqi] = dot0 / p.scale;
-    if (v1) p.dGq[(tok0 + i1) * p.hq + hqi] = dot1 / p.scale;
-  }
+  store_dq_rows<d, T>(p, acc, dot0, dot1, i0, i1, cnt, tok0, hqi, tq);
 #else
   __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_usable)
 #endif
@@ -555,28 +526,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
   }
   cp_wait<0>();
 
-  T* DK = static_cast<T*>(p.dk);
-  T* DV = static_cast<T*>(p.dv);
-  const bool v0 = j0 < cnt, v1 = j1 < cnt;
-#pragma unroll
-  for (int nt = 0; nt < ND; ++nt) {
-    const int col = nt * 8 + 2 * tq;
-    const int64_t o0 = ((tok0 + j0) * p.hk + h) * d + col, o1 = ((tok0 + j1) * p.hk + h) * d + col;
-    if (v0) {
-      IO<T>::store2(DK + o0, dk[nt][0], dk[nt][1]);
-      IO<T>::store2(DV + o0, dv[nt][0], dv[nt][1]);
-    }
-    if (v1) {
-      IO<T>::store2(DK + o1, dk[nt][2], dk[nt][3]);
-      IO<T>::store2(DV + o1, dv[nt][2], dv[nt][3]);
-    }
-  }
-  dot0 = quad_sum(dot0);
-  dot1 = quad_sum(dot1);
-  if (p.dGk && tq == 0) {
-    if (v0) p.dGk[(tok0 + j0) * p.hk + h] = dot0 / p.scale;
-    if (v1) p.dGk[(tok0 + j1) * p.hk + h] = dot1 / p.scale;
-  }
+  store_dkv_rows<d, T>(p, dk, dv, dot0, dot1, j0, j1, cnt, tok0, h, tq);
 #else
   __trap();  // launched only on sm_90 devices of an sm_90a build (power_retention.cu: wgmma_usable)
 #endif
