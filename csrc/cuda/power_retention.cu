@@ -90,6 +90,7 @@
 #include "power_retention_flash.cuh"
 #include "power_retention_local.cuh"
 #include "power_retention_wgmma.cuh"
+#include "power_retention_state_wgmma.cuh"
 
 namespace llmtrain {
 namespace pr {
@@ -100,7 +101,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 12;
+constexpr int kDefaultVersion = 18;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -116,8 +117,9 @@ int kernel_version() {
   if (!std::strcmp(e, "v10")) return 10;
   if (!std::strcmp(e, "v11")) return 11;
   if (!std::strcmp(e, "v12")) return 12;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12, got '") +
-                              e + "'");
+  if (!std::strcmp(e, "v18")) return 18;  // (v13 .. v17 name the one-chunk generations: LLMTRAIN_RETENTION_FLASH)
+  throw std::invalid_argument(
+      std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12 or v18, got '") + e + "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -335,6 +337,13 @@ size_t max_smem_optin() {
 // their shared memory (smem bytes) fits.
 template <int d> bool wgmma_usable(size_t smem) {
   return d == kWgD && flash_pipelined().wgmma && cuda_built_for_sm90a() && cuda_current_device_is_sm90() &&
+         smem <= max_smem_optin();
+}
+
+// v18: the chunked backward's state parts on wgmma (power_retention_state_wgmma.cuh) for d = 64 on an
+// sm_90 device of an sm_90a build, where their shared memory fits; else v12's.
+template <int d> bool state_wgmma_usable(size_t smem) {
+  return d == 64 && kernel_version() >= 18 && cuda_built_for_sm90a() && cuda_current_device_is_sm90() &&
          smem <= max_smem_optin();
 }
 
@@ -588,31 +597,43 @@ template <typename T, int d> void backward_impl(const RetentionBwdArgs& A) {
       };
       const int ver = kernel_version();
       bool done = false;
+      if constexpr (d == 64) {
+        if (state_wgmma_usable<d>(dq_smem_wgmma<d>(gbytes))) {
+          launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2, 3>, dq_smem_wgmma<d>(gbytes));
+          done = true;
+        }
+      }
       if constexpr (d <= 64) {
-        if (ver >= 12) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
-        else if (ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
-        else if (ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
-        done = ver >= 4;
+        if (!done && ver >= 12) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        else if (!done && ver >= 5) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF, 2>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        else if (!done && ver == 4) launch_dq(dq_kernel<d, T, 2, TU::DQ_NBUF>, dq_smem<d, 2, TU::DQ_NBUF>(gbytes));
+        done = done || ver >= 4;
       }
       if (!done) launch_dq(dq_kernel<d, T, TU::DQ_G, TU::DQ_NBUF>, dq_smem<d, TU::DQ_G, TU::DQ_NBUF>(gbytes));
     }
     {
       GradArgs gk = g;
       gk.Sws = dSws; gk.dG = dGk; gk.has_s0 = grad_final;
-      auto launch_dkv = [&](auto kern) {
-        const size_t sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(gbytes);
+      auto launch_dkv = [&](auto kern, size_t sm) {
         set_smem(kern, sm);
         kern<<<dim3(P.tpad / kBM, (unsigned)P.hk, (unsigned)P.b), kThreads, sm, st>>>(gk);
         check_launch("dkv_kernel");
       };
+      const size_t dkv_sm = dkv_smem<d, TU::DKV_G, TU::DKV_NBUF>(gbytes);
       bool done = false;
       const int ver = kernel_version();
-      if constexpr (d <= 64) {
-        if (ver >= 12) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2, 2>);
-        else if (ver >= 5) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>);
-        done = ver >= 5;
+      if constexpr (d == 64) {
+        if (state_wgmma_usable<d>(dkv_smem_wgmma<d>(gbytes))) {
+          launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2, 3>, dkv_smem_wgmma<d>(gbytes));
+          done = true;
+        }
       }
-      if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>);
+      if constexpr (d <= 64) {
+        if (!done && ver >= 12) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2, 2>, dkv_sm);
+        else if (!done && ver >= 5) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF, 2>, dkv_sm);
+        done = done || ver >= 5;
+      }
+      if (!done) launch_dkv(dkv_kernel<d, T, TU::DKV_G, TU::DKV_NBUF>, dkv_sm);
     }
   }
   if (gated && v2) {

@@ -1039,7 +1039,25 @@ template <int d, int G, int NBUF> constexpr size_t dq_smem(int gate_bytes) {
   return (size_t)kBM * E * 2 + gate_bytes + (intra > state ? intra : state);
 }
 
+// v18, UCV = 3 (d = 64, sm_90a): the state part on wgmma (power_retention_state_wgmma.cuh), with a
+// ring of triangle-row tiles in place of the slabs.
+constexpr int kStateTile = 64 * 64;  // elements of one gathered [64][64] state tile
+// Shared memory of the gathered state tiles: 3 slots, and 1 KiB to align them.
+constexpr size_t state_ring_smem() { return 1024 + (size_t)3 * kStateTile * 2; }
+template <int d> constexpr size_t dq_smem_wgmma(int gate_bytes) {
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + (size_t)4 * kKB * LD * 2;
+  constexpr size_t state = (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + state_ring_smem();
+  return (size_t)kBM * E * 2 + gate_bytes + (intra > state ? intra : state);
+}
+template <int d>
+__device__ __forceinline__ void dq_state_wgmma(float (&dacc)[d / 8][4], const uint32_t (&Ag)[d / 16][4],
+                                               const bf16* gh, const bf16* xs, float* dqa, unsigned char* ring_mem,
+                                               const bf16* S, bool live, int warp, int lane, float zc0, float zc1,
+                                               float us0, float us1);
+
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v5: 2 at d <= 64).
+// UCV: the state contraction, 1: u_contract (v1 .. v11), 2: the v12 tiles, 3: wgmma (v18).
 template <int d, typename T, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
@@ -1182,31 +1200,37 @@ __global__ void __launch_bounds__(kThreads, MINB) dq_kernel(const GradArgs p) {
     const float sc = p.scale;
     // e^{g} scale q for J_phi, times scale again: the state part then comes out as dq (not d(scale q))
     load_tile<d>(xs, Q, tok0, p.hq, hqi, lrow0, kBM, cnt, [&](int li) { return sc * sc * expf(gs[li]); });
-    for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
     const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
-    constexpr int NG = d / G;
-    auto issue = [&](int grp) {
-      const int a0 = grp * G;
-      load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
-      cp_commit();
-    };
-    issue(0);
-    for (int grp = 0; grp < NG; ++grp) {
-      if (NBUF > 1 && grp + 1 < NG) {
-        issue(grp + 1);
-        cp_wait<1>();
-      } else {
-        cp_wait<0>();
-      }
-      __syncthreads();
-      const bf16* sl = slab + (grp % NBUF) * SL * E;
-      const int a0 = grp * G, base = row_start(a0, d);
+    if constexpr (UCV == 3) {
+      dq_state_wgmma<d>(dacc, Ag, gh, xs, dqa, reinterpret_cast<unsigned char*>(slab), S,
+                        lrow0 + (warp >> 2) * 64 < cnt, warp, lane, -st0.y, -st1.y, st0.x, st1.x);
+    } else {
+      for (int j = tid; j < NBUF * E; j += blockDim.x)
+        slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
+      constexpr int NG = d / G;
+      auto issue = [&](int grp) {
+        const int a0 = grp * G;
+        load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
+        cp_commit();
+      };
+      issue(0);
+      for (int grp = 0; grp < NG; ++grp) {
+        if (NBUF > 1 && grp + 1 < NG) {
+          issue(grp + 1);
+          cp_wait<1>();
+        } else {
+          cp_wait<0>();
+        }
+        __syncthreads();
+        const bf16* sl = slab + (grp % NBUF) * SL * E;
+        const int a0 = grp * G, base = row_start(a0, d);
 #pragma unroll 1
-      for (int ai = 0; ai < G; ++ai)
-        u_contract_v<d, UCV>(dacc, Ag, xs, sl, base, SL - 1, a0 + ai, wr0, lane, -st0.y, -st1.y, st0.x, st1.x, dqa,
-                             d + 4);
-      __syncthreads();
-      if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
+        for (int ai = 0; ai < G; ++ai)
+          u_contract_v<d, UCV>(dacc, Ag, xs, sl, base, SL - 1, a0 + ai, wr0, lane, -st0.y, -st1.y, st0.x, st1.x, dqa,
+                               d + 4);
+        __syncthreads();
+        if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
+      }
     }
   }
 
@@ -1265,6 +1289,18 @@ template <int d, int G, int NBUF> constexpr size_t dkv_smem(int gate_bytes) {
       (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
   return (size_t)kBM * LD * 2 + gate_bytes + (intra > state ? intra : state);
 }
+
+template <int d> constexpr size_t dkv_smem_wgmma(int gate_bytes) {  // UCV = 3 (v18)
+  constexpr int LD = Cfg<d>::LD;
+  constexpr size_t intra = (size_t)kBM * LD * 2 + 2 * ((size_t)2 * kKB * LD * 2 + (size_t)kKB * 8);
+  constexpr size_t state = (size_t)kBM * LD * 2 + (size_t)kBM * (d + 4) * 4 + state_ring_smem();
+  return (size_t)kBM * LD * 2 + gate_bytes + (intra > state ? intra : state);
+}
+template <int d>
+__device__ __forceinline__ void dkv_state_wgmma(float (&dk)[d / 8][4], float (&dv)[d / 8][4],
+                                                const uint32_t (&Av)[d / 16][4], const bf16* vs, const bf16* xs,
+                                                float* dka, unsigned char* ring_mem, const bf16* S, bool live,
+                                                int warp, int lane, float us0, float us1);
 
 template <int d, typename T, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
@@ -1434,35 +1470,41 @@ __global__ void __launch_bounds__(kThreads, MINB) dkv_kernel(const GradArgs p) {
   bf16* slab = reinterpret_cast<bf16*>(dka + kBM * (d + 4));
   if (has_dS) {
     load_tile<d>(xk, K, tok0, p.hk, h, lrow0, kBM, cnt, [&](int li) { return expf(0.5f * (Gt - gs[li])); });
-    for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
     const float us0 = kj0 < cnt ? expf(0.5f * (Gt - gk0)) : 0.f;
     const float us1 = kj1 < cnt ? expf(0.5f * (Gt - gk1)) : 0.f;
     const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
-    constexpr int NG = d / G;
-    auto issue = [&](int grp) {
-      const int a0 = grp * G;
-      load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
-      cp_commit();
-    };
-    issue(0);
-    for (int grp = 0; grp < NG; ++grp) {
-      if (NBUF > 1 && grp + 1 < NG) {
-        issue(grp + 1);
-        cp_wait<1>();
-      } else {
-        cp_wait<0>();
-      }
-      __syncthreads();
-      const bf16* sl = slab + (grp % NBUF) * SL * E;
-      const int a0 = grp * G, base = row_start(a0, d);
+    if constexpr (UCV == 3) {
+      dkv_state_wgmma<d>(dk, dv, Av, vs, xk, dka, reinterpret_cast<unsigned char*>(slab), S,
+                         lrow0 + (warp >> 2) * 64 < cnt, warp, lane, us0, us1);
+    } else {
+      for (int j = tid; j < NBUF * E; j += blockDim.x)
+        slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);
+      constexpr int NG = d / G;
+      auto issue = [&](int grp) {
+        const int a0 = grp * G;
+        load_rows_async<E>(slab + (grp % NBUF) * SL * E, S, row_start(a0, d), min(row_start(a0 + G, d), D));
+        cp_commit();
+      };
+      issue(0);
+      for (int grp = 0; grp < NG; ++grp) {
+        if (NBUF > 1 && grp + 1 < NG) {
+          issue(grp + 1);
+          cp_wait<1>();
+        } else {
+          cp_wait<0>();
+        }
+        __syncthreads();
+        const bf16* sl = slab + (grp % NBUF) * SL * E;
+        const int a0 = grp * G, base = row_start(a0, d);
 #pragma unroll 1
-      for (int ap = 0; ap < G; ap += 2) {
-        phi_pair_v<d, ND, E, UCV>(dv, xk, sl, base, SL - 1, a0 + ap, wr0, lane);
-        u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
-        u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap + 1, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+        for (int ap = 0; ap < G; ap += 2) {
+          phi_pair_v<d, ND, E, UCV>(dv, xk, sl, base, SL - 1, a0 + ap, wr0, lane);
+          u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+          u_contract_v<d, UCV>(dk, Av, xk, sl, base, SL - 1, a0 + ap + 1, wr0, lane, 1.f, 1.f, us0, us1, dka, d + 4);
+        }
+        __syncthreads();
+        if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
       }
-      __syncthreads();
-      if (NBUF == 1 && grp + 1 < NG) issue(grp + 1);
     }
   }
 

@@ -22,10 +22,7 @@
 #pragma once
 
 #include "power_retention_flash.cuh"
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LLMTRAIN_PR_WGMMA 1
-#endif
+#include "power_retention_wgmma_ops.cuh"
 
 namespace llmtrain {
 namespace pr {
@@ -135,79 +132,6 @@ template <typename T> struct WgKeyRing {
 };
 
 #if defined(LLMTRAIN_PR_WGMMA)
-// Matrix descriptor of a 1024-byte-aligned, 128-byte-swizzled tile with 128-byte rows: 8-row groups
-// 1024 bytes apart (the stride byte offset), the leading byte offset unused by swizzled layouts
-// within one atom (CUTLASS sets 1), layout type 1 = 128-byte swizzle (bits 62-63).
-__device__ __forceinline__ uint64_t sw128_desc(const void* tile) {
-  return (uint64_t)((smem_u32(tile) >> 4) & 0x3FFF) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-         ((uint64_t)1 << 62);
-}
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Pins the accumulators in place around asynchronous MMAs (the compiler must not move their reads
-// before the wait or their writes after the issue).
-template <int N> __device__ __forceinline__ void fence_regs(float (&a)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(a[i][e])::"memory");
-}
-__device__ __forceinline__ void fence_regs(uint32_t (&a)[4]) {
-#pragma unroll
-  for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[e])::"memory");
-}
-
-#define LLMTRAIN_WG_D32(x)                                                                                         \
-  "+f"(x[0][0]), "+f"(x[0][1]), "+f"(x[0][2]), "+f"(x[0][3]), "+f"(x[1][0]), "+f"(x[1][1]), "+f"(x[1][2]),         \
-      "+f"(x[1][3]), "+f"(x[2][0]), "+f"(x[2][1]), "+f"(x[2][2]), "+f"(x[2][3]), "+f"(x[3][0]), "+f"(x[3][1]),     \
-      "+f"(x[3][2]), "+f"(x[3][3]), "+f"(x[4][0]), "+f"(x[4][1]), "+f"(x[4][2]), "+f"(x[4][3]), "+f"(x[5][0]),     \
-      "+f"(x[5][1]), "+f"(x[5][2]), "+f"(x[5][3]), "+f"(x[6][0]), "+f"(x[6][1]), "+f"(x[6][2]), "+f"(x[6][3]),     \
-      "+f"(x[7][0]), "+f"(x[7][1]), "+f"(x[7][2]), "+f"(x[7][3])
-#define LLMTRAIN_WG_REGS32                                                                                       \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
-// d[64 x 64] (= or +=) A[64 x 16] B[16 x 64]^T, both K-major in shared memory (descriptors).
-// accumulate = 0 overwrites d (the first k-step of a product).
-__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LLMTRAIN_WG_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : LLMTRAIN_WG_D32(d)
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-// d[64 x 64] += A[64 x 16] B[16 x 64], A in registers (the mma.sync A layout per warp), B MN-major
-// in shared memory ([k][n] rows, n contiguous: the transposed-B form).
-__device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LLMTRAIN_WG_REGS32
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : LLMTRAIN_WG_D32(d)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
-#define LLMTRAIN_WG_D16(x)                                                                                     \
-  "+f"(x[0][0]), "+f"(x[0][1]), "+f"(x[0][2]), "+f"(x[0][3]), "+f"(x[1][0]), "+f"(x[1][1]), "+f"(x[1][2]),     \
-      "+f"(x[1][3]), "+f"(x[2][0]), "+f"(x[2][1]), "+f"(x[2][2]), "+f"(x[2][3]), "+f"(x[3][0]), "+f"(x[3][1]), \
-      "+f"(x[3][2]), "+f"(x[3][3])
-// d[64 x 32] (= or +=) A[64 x 16] B[16 x 32]^T, both K-major in shared memory.
-__device__ __forceinline__ void wgmma_ss_n32(float (&d)[4][4], uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : LLMTRAIN_WG_D16(d)
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-#undef LLMTRAIN_WG_D16
-#undef LLMTRAIN_WG_D32
-#undef LLMTRAIN_WG_REGS32
 template <typename T> __device__ void WgKeyRing<T>::top(int it) const {
   cp_wait<1>();
   fence_async_smem();

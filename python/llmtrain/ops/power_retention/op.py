@@ -75,7 +75,7 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v12"
+DEFAULT_CUDA_KERNEL = "v18"
 # The longest sequence (per head dim) that default_chunk_size runs as a single chunk, by generation.
 # v7 .. v9 (H100, fwd+bwd, 65,536 tokens x 8 heads, docs/perf.md, session 5): d = 64 one chunk 6.5 ms
 # vs chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8
