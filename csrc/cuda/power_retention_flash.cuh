@@ -100,6 +100,21 @@ __device__ __forceinline__ void flash_tile(bf16* dst, const T* src, int64_t tok0
 // The last key of the 64-key tile that holds key j: the reference of the factored gate.
 __device__ __forceinline__ int tile_last_key(int j, int cnt) { return min(j | (kFT - 1), cnt - 1); }
 
+// The dkv kernels' per-query-tile staging into slot buf: the row statistics (1 / den, dy . y) of
+// queries qb0 .. qb0 + 63 of q head hq_i (threads 0 .. 31, 16 bytes each with cp.async: the caller
+// commits; qb0 + 64 <= tpad, rows past t hold zeros) and their factors e^{G_i - G_kl} against the
+// last key of each 64-key half of the block from key kb (threads 0 .. 127).
+__device__ __forceinline__ void stage_query_rows(const FlashArgs& p, float2* rsb, float* ras, const float* Gs,
+                                                 int64_t bi, int64_t hq_i, int qb0, int kb, int cnt, int buf) {
+  const int tid = threadIdx.x;
+  if (tid < kFT / 2) cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
+  if (tid < 2 * kFT) {
+    const int half = tid / kFT, i = qb0 + tid % kFT;
+    const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
+    ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
+  }
+}
+
 // e^{G_kl - G_j} for the keys of the tile at kb0 (zeros past cnt), by the block's first 64 threads.
 __device__ __forceinline__ void column_factors(float* cb, const float* Gs, int kb0, int cnt) {
   if (threadIdx.x < kFT) {
@@ -770,13 +785,7 @@ __global__ void __launch_bounds__(kThreads, MINB) flash_dkv_kernel(const FlashAr
     bf16* dst = qb + buf * 2 * kFT * LD;
     flash_tile<d>(dst, Q, tok0, p.hq, hq_i, qb0, kFT, cnt);
     flash_tile<d>(dst + kFT * LD, DY, tok0, p.hq, hq_i, qb0, kFT, cnt);
-    if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
-      cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
-    if (tid < 2 * kFT) {  // the query factors of both key halves
-      const int half = tid / kFT, i = qb0 + tid % kFT;
-      const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
-      ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
-    }
+    stage_query_rows(p, rsb, ras, Gs, bi, hq_i, qb0, kb, cnt, buf);
   };
 
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, kb, p.tpad, cnt);

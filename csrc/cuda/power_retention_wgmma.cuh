@@ -365,13 +365,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_dkv_wgmma_kernel(const Flas
     bf16* dst = qb + buf * 2 * kWgTile;
     load_tile64<T>(dst, Q, qm, hq_i, qb0, cnt);
     load_tile64<T>(dst + kWgTile, DY, qm, hq_i, qb0, cnt);
-    if (tid < kFT / 2)  // 16 bytes each; qb0 + 64 <= tpad (rows past t hold zeros)
-      cp_async16(rsb + buf * kFT + 2 * tid, p.rowstat + (bi * p.hq + hq_i) * p.tpad + qb0 + 2 * tid);
-    if (tid < 2 * kFT) {  // the query factors of both key halves
-      const int half = tid / kFT, i = qb0 + tid % kFT;
-      const float gkl = Gs[tile_last_key(kb + half * kFT, cnt)];
-      ras[(buf * 2 + half) * kFT + tid % kFT] = i < cnt ? __expf(Gs[i] - gkl) : 0.f;
-    }
+    stage_query_rows(p, rsb, ras, Gs, bi, hq_i, qb0, kb, cnt, buf);
   };
 
   stage_gates(Gs, p.gcum + (bi * p.hk + h) * p.t, kb, p.tpad, cnt);
