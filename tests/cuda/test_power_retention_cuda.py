@@ -605,6 +605,25 @@ def test_v11_saved_rows_match_v10(monkeypatch, c):
             assert err < 2e-3, f"{nm}: {err:.3e}"
 
 
+CHUNKED_NAMES = ("y", "state", "sum_of_keys", "dq", "dk", "dv", "dlog_g", "ds0", "dz0")
+
+
+def _chunked_runs(monkeypatch, c, versions):
+    """The same CASES-style inputs through each LLMTRAIN_RETENTION_KERNEL generation in `versions`:
+    {version: (y, state, sum_of_keys, dq, dk, dv, dlog_g, ds0, dz0)}, the backward from the kept
+    forward buffer (outputs poisoned by run_fwd / run_bwd)."""
+    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
+    chunk = c[-1]
+    res = {}
+    for ver in versions:
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        kept = []
+        fwd = run_fwd(q, k, v, log_g, s0, z0, chunk, True, keep=kept)
+        res[ver] = fwd + run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=kept[0])
+    torch.cuda.synchronize()
+    return res
+
+
 @pytest.mark.parametrize("c", [(2, 700, 4, 1, 64, torch.bfloat16, True, False, False, 256),
                                (1, 1000, 4, 4, 64, torch.bfloat16, False, True, True, 256),
                                (2, 700, 4, 2, 64, torch.bfloat16, True, True, False, 256),
@@ -617,17 +636,8 @@ def test_v12_state_contraction_matches_v11(monkeypatch, c):
     bitwise v11's, and dq, dk and dlog_g match v11's to fp32 rounding. Cases: several chunks, GQA
     4:1 and 2:1, an initial state, the (ungated) gradient of the final state, d = 32 / 64, fp16 /
     fp32, chunk 512; d = 128 runs v11's kernels under v12 (bitwise)."""
-    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
-    chunk = c[-1]
-    res = {}
-    for ver in ("v11", "v12"):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
-        kept = []
-        fwd = run_fwd(q, k, v, log_g, s0, z0, chunk, True, keep=kept)
-        res[ver] = fwd + run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=kept[0])
-    torch.cuda.synchronize()
-    names = ("y", "state", "sum_of_keys", "dq", "dk", "dv", "dlog_g", "ds0", "dz0")
-    for nm, a, b_ in zip(names, res["v11"], res["v12"]):
+    res = _chunked_runs(monkeypatch, c, ("v11", "v12"))
+    for nm, a, b_ in zip(CHUNKED_NAMES, res["v11"], res["v12"]):
         if a is None:
             continue
         if nm in ("y", "state", "sum_of_keys", "dv", "ds0", "dz0"):
@@ -659,17 +669,8 @@ def test_v18_state_wgmma_matches_v12(monkeypatch, c):
     the float64 reference on the whole grid). Cases: several chunks, t not a multiple of the
     chunk, GQA 4:1 / 2:1, an initial state, the (ungated) gradient of the final state, bf16 / fp16 /
     fp32, chunks 128 / 256 / 512; d = 32 / 128 run v12's kernels under v18. Outputs are poisoned."""
-    q, k, v, log_g, s0, z0, dy, dS, dz = case_inputs(c)
-    chunk = c[-1]
-    res = {}
-    for ver in ("v12", "v18"):
-        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
-        kept = []
-        fwd = run_fwd(q, k, v, log_g, s0, z0, chunk, True, keep=kept)
-        res[ver] = fwd + run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=kept[0])
-    torch.cuda.synchronize()
-    names = ("y", "state", "sum_of_keys", "dq", "dk", "dv", "dlog_g", "ds0", "dz0")
-    for nm, a, b_ in zip(names, res["v12"], res["v18"]):
+    res = _chunked_runs(monkeypatch, c, ("v12", "v18"))
+    for nm, a, b_ in zip(CHUNKED_NAMES, res["v12"], res["v18"]):
         if a is None:
             continue
         if nm in ("y", "state", "sum_of_keys", "ds0", "dz0"):
