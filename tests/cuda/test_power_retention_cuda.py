@@ -682,6 +682,16 @@ def test_v18_state_wgmma_matches_v12(monkeypatch, c):
             assert err < 5e-3, f"{nm}: {err:.3e}"
 
 
+def _kernels_run(q, k, v, log_g, dy, chunk):
+    """Names of the CUDA kernels one forward + backward (from the kept buffer) launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        kept = []
+        run_fwd(q, k, v, log_g, None, None, chunk, False, keep=kept)
+        run_bwd(q, k, v, log_g, None, None, dy, None, None, chunk, saved=kept[0])
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
 def test_v18_runs_the_wgmma_state_kernels(monkeypatch):
     """Unset and v18 (the default) run the chunked dq_kernel / dkv_kernel with the wgmma state part
     (template argument UCV = 3) for d = 64 on an sm_90 device; v12, d = 32 and other GPUs run v12's
@@ -690,12 +700,7 @@ def test_v18_runs_the_wgmma_state_kernels(monkeypatch):
         monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
         q, k, v, log_g, gen = make(2, 700, 4, 2, d, torch.bfloat16, True)
         dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            kept = []
-            run_fwd(q, k, v, log_g, None, None, 256, False, keep=kept)
-            run_bwd(q, k, v, log_g, None, None, dy, None, None, 256, saved=kept[0])
-            torch.cuda.synchronize()
-        names = [e.key for e in prof.key_averages()]
+        names = _kernels_run(q, k, v, log_g, dy, 256)
         ucv = 3 if ver in ("", "v18") and d == 64 and _sm90() else 2
         for kern in ("dq_kernel", "dkv_kernel"):
             ran = [n for n in names if f"::{kern}<" in n]
@@ -852,12 +857,7 @@ def test_v17_runs_the_wgmma_kernels(monkeypatch):
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
         q, k, v, log_g, gen = make(2, 500, 4, 2, d, torch.bfloat16, True)
         dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            kept = []
-            run_fwd(q, k, v, log_g, None, None, 500, False, keep=kept)
-            run_bwd(q, k, v, log_g, None, None, dy, None, None, 500, saved=kept[0])
-            torch.cuda.synchronize()
-        names = [e.key for e in prof.key_averages()]
+        names = _kernels_run(q, k, v, log_g, dy, 500)
         wgmma = ver in ("", "v17") and d == 64 and _sm90()
         for kern in ("fwd", "dq", "dkv"):
             assert any(f"flash_{kern}_wgmma_kernel" in n for n in names) == wgmma, (ver, d, kern, names)
@@ -877,12 +877,7 @@ def test_v14_flash_kernels_run(monkeypatch):
         expect[""] = expect["v17"] = (False, True)
     for ver, (fwd_piped, dq_piped) in expect.items():
         monkeypatch.setenv("LLMTRAIN_RETENTION_FLASH", ver)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            kept = []
-            run_fwd(q, k, v, log_g, None, None, 1000, False, keep=kept)
-            run_bwd(q, k, v, log_g, None, None, dy, None, None, 1000, saved=kept[0])
-            torch.cuda.synchronize()
-        names = [e.key for e in prof.key_averages()]
+        names = _kernels_run(q, k, v, log_g, dy, 1000)
         for kern in ("flash_fwd_kernel", "flash_dq_kernel", "flash_dkv_kernel"):
             assert any(kern in n for n in names), (ver, kern)
         # template arguments <d, T, MINB, kPipe[, kRing]> of each flash kernel that ran
