@@ -72,8 +72,8 @@ sys.path.insert(0, "bench")
 from rmsnorm_linear_table import inputs, make_impls, fwd_fn, fwd_bwd_fn
 impls = make_impls()
 x, g, w, dy = inputs(16384, 2048, 2048)
-for label_env, env in (("default", {}), ("native_dgrad", {"LLMTRAIN_RMSLIN_DGRAD": "native"}),
-                       ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
+for label_env, env in (("default", {}), ("v6", {"LLMTRAIN_RMSLIN_FWD": "v6"}),
+                       ("native_dgrad", {"LLMTRAIN_RMSLIN_DGRAD": "native"}), ("v2", {"LLMTRAIN_RMSLIN": "v2"})):
     for key in [k for k in os.environ if k.startswith("LLMTRAIN_RMSLIN")]:
         os.environ.pop(key)
     os.environ.update(env)

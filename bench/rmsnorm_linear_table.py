@@ -50,6 +50,8 @@ def make_impls():
         "ours_pf": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_sepred": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "ours_nat": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v6": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
+        "ours_v6ro": lambda x, g, w: rmsnorm_linear(x, g, w, None, EPS),
         "eager": eager,
     }
     try:
@@ -122,7 +124,10 @@ ENV = {"ours_v3": {"LLMTRAIN_RMSLIN": "v3"}, "ours_ro": {"LLMTRAIN_RMSLIN": "v3"
        # session 8: the s8 row pass with its opt-in L2 prefetch of each warp's next row
        "ours_pf": {"LLMTRAIN_RMSLIN_PREFETCH": "1"},
        # session 11 A/B: the extension's own data GEMM instead of cuBLAS's (the session-10 default)
-       "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"}}
+       "ours_nat": {"LLMTRAIN_RMSLIN_DGRAD": "native"},
+       # ours_v6: the one-GEMM forward with x in registers (row sums and x * g there, no pre-pass);
+       # ours_v6ro: the same GEMM on a W diag(g) pre-pass (A/B of the multiply).
+       "ours_v6": {"LLMTRAIN_RMSLIN_FWD": "v6"}, "ours_v6ro": {"LLMTRAIN_RMSLIN_FWD": "v6ro"}}
 
 
 @contextlib.contextmanager

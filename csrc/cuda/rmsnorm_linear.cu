@@ -222,13 +222,15 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // (register-resident row pass: 102 us against 279 us) and the portable mma.sync GEMMs where the
 // sm_90a ones cannot run (sm_80 / sm_86 / sm_89 / sm_120). LLMTRAIN_RMSLIN=v2 (or _LEGACY=1) gives
 // the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
-// LLMTRAIN_RMSLIN_FWD=v2|v3|ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the fused
-// forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2).
+// LLMTRAIN_RMSLIN_FWD=v2|v3|ro|v6|v6ro and LLMTRAIN_RMSLIN_BWD=v2|v3 pick one side alone (ro: the
+// fused forward's read-only variant, W diag(g) pre-pass, the GEMM mainloop only sums x^2; v6: one
+// GEMM whose A operand goes through registers, where the row sums and the g multiply happen; v6ro:
+// v6 on a W diag(g) pre-pass).
 // Session 7 switches: LLMTRAIN_RMSLIN_PDL=0|1 (default 0: programmatic dependent launch between the
 // sm_90a path's kernels) and LLMTRAIN_RMSLIN_REDUCE=fused|kernel (default fused: the row pass's last
 // blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
 // An unknown value of any switch is an error (a typo must not silently measure the default).
-enum class Gen { Default, V2, V3, RO };
+enum class Gen { Default, V2, V3, RO, V6, V6RO };
 inline const char* env_value(const char* name) {
   const char* e = std::getenv(name);
   return e && e[0] ? e : nullptr;
@@ -237,7 +239,8 @@ inline const char* env_value(const char* name) {
 inline Gen parse_gen(const char* name, const char* allowed) {
   const char* e = env_value(name);
   if (!e) return Gen::Default;
-  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO}};
+  static const struct { const char* s; Gen g; } names[] = {{"v2", Gen::V2}, {"v3", Gen::V3}, {"ro", Gen::RO},
+                                                           {"v6", Gen::V6}, {"v6ro", Gen::V6RO}};
   const std::string list = std::string(" ") + allowed + " ";
   for (const auto& n : names)
     if (std::strcmp(e, n.s) == 0 && list.find(std::string(" ") + n.s + " ") != std::string::npos) return n.g;
@@ -265,7 +268,7 @@ inline bool legacy() {
 }
 inline Gen fwd_gen() {
   const Gen all = parse_gen("LLMTRAIN_RMSLIN", "v2 v3");
-  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro");
+  const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro v6 v6ro");
   if (legacy()) return Gen::V2;
   if (side != Gen::Default) return side;
   return all == Gen::V3 ? Gen::V3 : Gen::V2;  // the default forward is v2
@@ -467,11 +470,18 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
   const Gen gen = fwd_gen();
-  const bool fused = (gen == Gen::V3 || gen == Gen::RO) && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
+  const bool in_gemm = gen == Gen::V3 || gen == Gen::RO || gen == Gen::V6 || gen == Gen::V6RO;
+  const bool fused = in_gemm && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
                      sm90_fwd_fused_available(a.dims.dtype);
+  const bool reg_a = gen == Gen::V6 || gen == Gen::V6RO;
   if (fused && gen == Gen::V3) {
     // v3: one GEMM kernel computes rstd, folds g into the x tiles and scales the rows.
     return sm90_gemm_fwd_fused(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
+                               (float)a.dims.eps, s);
+  }
+  if (fused && gen == Gen::V6) {
+    // v6: the same in one kernel, with the x tiles in registers (no pre-pass, no W diag(g)).
+    return sm90_gemm_fwd_reg_a(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
                                (float)a.dims.eps, s);
   }
   DeviceBuffer<T> wg(m * k, s);
@@ -482,8 +492,9 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
     fast::prep_fwd<T><<<w_blocks, 256, 0, s>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.g), w,
                                                static_cast<float*>(a.rstd), wg.get(), n, k, m, (float)a.dims.eps, 0);
     check_launch("prep_fwd(wg)");
-    sm90_gemm_fwd_fused(a.dims.dtype, a.x, nullptr, wg.get(), static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
-                        (float)a.dims.eps, s);
+    (reg_a ? sm90_gemm_fwd_reg_a : sm90_gemm_fwd_fused)(a.dims.dtype, a.x, nullptr, wg.get(),
+                                                        static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
+                                                        (float)a.dims.eps, s);
     wg.release(s);
     return;
   }

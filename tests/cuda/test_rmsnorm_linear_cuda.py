@@ -122,6 +122,46 @@ def test_v3_vs_float64(n, k, m, bias, dtype, monkeypatch):
     test_forward_backward_vs_float64(n, k, m, bias, dtype)
 
 
+@pytest.mark.parametrize("n,k,m", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_v6_vs_float64(n, k, m, bias, dtype, monkeypatch):
+    """The register-A one-GEMM forward (bf16; fp16 keeps the pre-pass forward) on every shape."""
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v6")
+    test_forward_backward_vs_float64(n, k, m, bias, dtype)
+
+
+@pytest.mark.parametrize("gen", ["v6", "v6ro"])
+def test_v6_is_deterministic_and_matches_the_default(gen, monkeypatch):
+    """Each row's sum is reduced in a fixed order inside the GEMM: bit-identical repeats; y within bf16
+    rounding of the pre-pass forward, rstd within float32 summation-order noise of it."""
+    x, nw, w, b, dy = make(2049, 2048, 1024, torch.bfloat16, True, 12)
+    monkeypatch.delenv("LLMTRAIN_RMSLIN", raising=False)
+    monkeypatch.delenv("LLMTRAIN_RMSLIN_FWD", raising=False)
+    base = call_native(x, nw, w, b, dy, 1e-6)
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", gen)
+    first = call_native(x, nw, w, b, dy, 1e-6)
+    again = call_native(x, nw, w, b, dy, 1e-6)
+    for name, u, v, d in zip(("y", "rstd", "dx", "dg", "dW", "db"), first, again, base):
+        assert torch.equal(u, v), f"{name}: {gen} not bit-identical across runs"
+        assert rel_err(u.cpu(), d.cpu()) < (1e-6 if name == "rstd" else 1e-2), f"{gen} vs default: {name}"
+
+
+def test_v6_forward_is_one_kernel(monkeypatch):
+    """v6 on an sm_90a build runs the register-A GEMM alone: no pre-pass, no W diag(g) fold."""
+    _needs_sm90()
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v6")
+    x, nw, w, _, _ = make(512, 256, 128, torch.bfloat16, False, 9)
+    rmsnorm_linear(x, nw, w)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        rmsnorm_linear(x, nw, w)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [k for k in names if "Memcpy" not in k and "Memset" not in k]
+    assert len(kernels) == 1 and "RmsNormRegAMainloop" in kernels[0], kernels
+
+
 @pytest.mark.parametrize("n,k,m", LEGACY_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_legacy_switch_vs_float64(n, k, m, bias, monkeypatch):
@@ -132,10 +172,11 @@ def test_legacy_switch_vs_float64(n, k, m, bias, monkeypatch):
 
 @pytest.mark.parametrize("n,k,m", [(37, 96, 80), (1023, 2048, 2048), (300, 768, 1000)])
 @pytest.mark.parametrize("var,val", [("LLMTRAIN_RMSLIN_FWD", "ro"), ("LLMTRAIN_RMSLIN_FWD", "v3"),
+                                     ("LLMTRAIN_RMSLIN_FWD", "v6ro"),
                                      ("LLMTRAIN_RMSLIN_BWD", "v2"), ("LLMTRAIN_RMSLIN_ROWS", "s7"),
                                      ("LLMTRAIN_RMSLIN_PREFETCH", "1")])
 def test_one_sided_switches_vs_float64(n, k, m, var, val, monkeypatch):
-    """Fused forward read-only variant; fused v3 forward; the v2 backward row pass."""
+    """Fused forward read-only variants (v3's, v6's); fused v3 forward; the v2 backward row pass."""
     monkeypatch.setenv(var, val)
     test_forward_backward_vs_float64(n, k, m, True, torch.bfloat16)
 

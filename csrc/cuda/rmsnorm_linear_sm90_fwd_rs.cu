@@ -1,0 +1,292 @@
+// Forward of RMSNorm + Linear on sm_90a as ONE GEMM kernel with the A operand in registers (v6, bf16).
+//
+// y = rstd[row] * ((x diag(g)) . W^T) + bias, rstd = 1 / sqrt(mean(x^2) + eps), no pre-pass.
+//
+// Why registers: v3 (rmsnorm_linear_sm90_fused.cu) and its read-only variant read each x tile from
+// shared memory a second time in the consumer warps and then met at a named barrier before every
+// wgmma, which cost 90 us (v3, with in-place writes) and 19 us (read-only) on the H100. Here the x
+// tile goes from shared memory into registers with ldmatrix -- the read the wgmma would do anyway in
+// its smem-smem form -- and the wgmma takes A from those registers (the "RS" form, as CUTLASS's
+// mixed-input GEMMs do). Each thread then has its own x values in hand: it adds x^2 to per-row fp32
+// sums and multiplies x by g (one packed bf16 multiply per pair; the product of two bf16 rounded
+// once, as the fp32 product rounded to bf16 would be) before issuing the wgmma. No extra
+// shared-memory traffic, no barrier, and W is used as it is (no W diag(g) workspace).
+//
+// Every N tile of a row block recomputes that block's sums from its own x tiles: redundant ALU work,
+// no cross-CTA traffic. After the last k tile the quad of lanes holding a row adds its four partial
+// sums in a fixed order (bitwise repeatable), rstd goes to shared memory, scales the accumulators,
+// and the epilogue node of rmsnorm_linear_sm90_rstd.cuh writes rstd[row] once per row block.
+//
+// kScaleA = false: the same kernel without the g multiply, for a W diag(g) folded by the caller
+// (A/B timing of the multiply).
+#include <stdexcept>
+
+#include "rmsnorm_linear_sm90.cuh"
+#include "rmsnorm_linear_common.cuh"
+
+#if defined(LLMTRAIN_WITH_CUTE)
+#include "rmsnorm_linear_sm90_gemm.cuh"
+#include "rmsnorm_linear_sm90_rstd.cuh"
+#endif
+
+namespace llmtrain {
+namespace rmslin {
+
+#if defined(LLMTRAIN_WITH_CUTE)
+namespace sm90 {
+
+// Adds the squares of the bf16 pair xv to ss.
+CUTLASS_DEVICE void add_squares(uint32_t xv, float& ss) {
+  const float lo = __uint_as_float(xv << 16);  // bf16 -> fp32 is exact: the high half of the word
+  const float hi = __uint_as_float(xv & 0xffff0000u);
+  ss = fmaf(lo, lo, ss);
+  ss = fmaf(hi, hi, ss);
+}
+
+CUTLASS_DEVICE uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// The builder's smem-smem mainloop (same stages, same TMA producer) with a register-A consumer.
+template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::TensorStorage;
+  using typename Base::TileShape;
+
+  static_assert(cute::is_same_v<ElementA, cutlass::bfloat16_t>, "register-A forward is bf16 only");
+  static_assert(size<0>(TileShape{}) == 128 && size<2>(TileShape{}) == 64, "two 64-row warpgroups, 64-wide k tiles");
+  static_assert(size(typename Base::TiledMma{}) == 256, "two consumer warpgroups");
+  static_assert(Base::K_PIPE_MMAS == 1, "the base mma_tail releases exactly one stage");
+
+  // Same warpgroup layout as the base's smem-smem MMA (two warpgroups along M), A from registers:
+  // the accumulator fragment is identical, so the kernel's accumulators fit this MMA.
+  using RegAMma = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<ElementA, ElementA, float, TileShape, GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using CopyAtomA = Copy_Atom<SM75_U32x4_LDSM_N, ElementA>;
+
+  struct Arguments : Base::Arguments {
+    const cutlass::bfloat16_t* g = nullptr;  // norm weight [K] (kScaleA)
+    int k = 0;
+    float eps = 0.f;
+  };
+  struct Params : Base::Params {
+    const cutlass::bfloat16_t* g;
+    int k;
+    float eps;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& ps, Arguments const& args, void* workspace) {
+    Params p;
+    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(ps, args, workspace);
+    p.g = args.g;
+    p.k = args.k;
+    p.eps = args.eps;
+    return p;
+  }
+
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                          int thread_idx, TensorStorage& shared_tensors, Params const& params) {
+    using namespace cute;
+    Tensor sA = as_position_independent_swizzle_tensor(
+        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));  // (BLK_M, BLK_K, PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr int kWarpGroups = size(RegAMma{}) / cutlass::NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+
+    RegAMma tiled_mma;
+    auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
+    auto group_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    // Two register copies of A per tile: tCrA_raw takes the x values from ldmatrix, tCrA the values
+    // the wgmma reads (x * g). A non-wgmma instruction that defines a register an in-flight wgmma may
+    // still read makes ptxas serialize every wgmma of the kernel (C7513), so only the multiply writes
+    // tCrA, and only into a slot whose last wgmma has retired (CUTLASS's mixed-input mainloop does
+    // the same with its converted operand).
+    Tensor tCrA = thread_mma.partition_fragment_A(sA(_, _, Int<0>{}));  // (MMA, MMA_M, MMA_K) registers
+    Tensor tCrA_raw = make_fragment_like(tCrA);
+    Tensor tCsB = group_mma.partition_B(sB);                            // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tCrB = group_mma.make_fragment_B(tCsB);                      // descriptors
+    auto copy_a = make_tiled_copy_A(CopyAtomA{}, tiled_mma);
+    auto thread_copy_a = copy_a.get_thread_slice(thread_idx);
+    Tensor tCsA_copy = thread_copy_a.partition_S(sA);        // (CPY, CPY_M, CPY_K, PIPE)
+    Tensor tCrA_copy = thread_copy_a.retile_D(tCrA_raw);     // (CPY, CPY_M, CPY_K)
+    // Tile coordinates of this thread's A values: which row each sum belongs to, which g column.
+    Tensor tCcA = thread_mma.partition_A(make_identity_tensor(take<0, 2>(TileShape{})));  // (MMA, MMA_M, MMA_K)
+    constexpr int kBlocks = size<2>(decltype(tCrA){});
+    static_assert(kBlocks >= 4, "the register ring below keeps kBlocks - 1 wgmma batches in flight");
+    static_assert(size<1>(decltype(tCrA){}) == 1, "one 64-row MMA per warpgroup");
+    constexpr int kPairs = size<0>(decltype(tCrA){}) / 2;  // bf16 pairs per thread per k block
+    static_assert(kPairs * 2 == size<0>(decltype(tCrA){}), "pairs of consecutive k");
+
+    float ss[kPairs];  // x^2 sums per value pair (each pair lies in one row)
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < kPairs; ++p) ss[p] = 0.f;
+    uint32_t gk[kBlocks][kPairs];  // g pairs for the k block in each register slot
+
+    // Loads k block kb of stage `stage` (k tile kt) into its raw slot, and its g pairs.
+    auto load_block = [&](int stage, int kt, int kb) {
+      copy(copy_a, tCsA_copy(_, _, kb, stage), tCrA_copy(_, _, kb));
+      if constexpr (kScaleA) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int p = 0; p < kPairs; ++p) {
+          const int col = kt * size<2>(TileShape{}) + get<1>(tCcA(2 * p, 0, kb));
+          // k is a multiple of 8 and col even, so a pair is wholly in or out; past k, x is zero.
+          gk[kb][p] = col < params.k ? __ldg(reinterpret_cast<const uint32_t*>(params.g + col)) : 0u;
+        }
+      }
+    };
+    // Row sums from the raw x, then the wgmma's operand x * g (or x itself).
+    auto transform_block = [&](int kb) {
+      Tensor raw = recast<uint32_t>(tCrA_raw(_, 0, kb));
+      Tensor op = recast<uint32_t>(tCrA(_, 0, kb));
+      CUTLASS_PRAGMA_UNROLL
+      for (int p = 0; p < kPairs; ++p) {
+        add_squares(raw(p), ss[p]);
+        op(p) = kScaleA ? mul_bf16x2(raw(p), gk[kb][p]) : raw(p);
+      }
+    };
+
+    // Schedule of CUTLASS's mixed-input mainloop: kBlocks - 1 wgmma batches stay in flight; after
+    // block kb's batch is issued, block kb + 2 is loaded and block kb + 1 transformed (its slot was
+    // last read four batches ago, retired by the wait); the previous tile's stage is released after
+    // the last block's batch, and the last tile's by the base's mma_tail.
+    // The accumulators are zeroed here rather than by a first wgmma with ScaleOut::Zero: a scale flag
+    // that changes inside the loop is also a non-wgmma definition of a wgmma input (C7513).
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    clear(accum);
+    warpgroup_fence_operand(accum);
+    pipeline.consumer_wait(smem_pipe_read);
+    int stage = smem_pipe_read.index();
+    load_block(stage, 0, 0);
+    load_block(stage, 0, 1);
+    transform_block(0);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int kt = 0; kt < k_tile_count; ++kt) {
+      const int read_stage = stage;
+      ++smem_pipe_read;
+      warpgroup_fence_operand(accum);
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < kBlocks; ++kb) {
+        warpgroup_arrive();
+        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
+        warpgroup_commit_batch();
+        warpgroup_wait<kBlocks - 1>();
+        if (kb + 2 < kBlocks) load_block(read_stage, kt, kb + 2);
+        if (kb + 1 < kBlocks) {
+          transform_block(kb + 1);
+        } else {
+          if (kt > 0) {
+            pipeline.consumer_release(smem_pipe_release);  // the previous tile's batches have retired
+            ++smem_pipe_release;
+          }
+          if (kt + 1 < k_tile_count) {
+            pipeline.consumer_wait(smem_pipe_read);
+            stage = smem_pipe_read.index();
+            load_block(stage, kt + 1, 0);
+            load_block(stage, kt + 1, 1);
+            transform_block(0);
+          }
+        }
+      }
+      warpgroup_fence_operand(accum);
+    }
+    // The last stage is released by the base's mma_tail (after its own wait).
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
+
+    // Per-row sums: this thread's pairs fall in two rows; the four lanes of a quad share them.
+    const int row_a = get<0>(tCcA(0, 0, 0));
+    int row_b = row_a;
+    float sum_a = 0.f, sum_b = 0.f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int p = 0; p < kPairs; ++p) {
+      const int r = get<0>(tCcA(2 * p, 0, 0));
+      if (r == row_a) {
+        sum_a += ss[p];
+      } else {
+        sum_b += ss[p];
+        row_b = r;
+      }
+    }
+    sum_a += __shfl_xor_sync(0xFFFFFFFF, sum_a, 1);
+    sum_a += __shfl_xor_sync(0xFFFFFFFF, sum_a, 2);
+    sum_b += __shfl_xor_sync(0xFFFFFFFF, sum_b, 1);
+    sum_b += __shfl_xor_sync(0xFFFFFFFF, sum_b, 2);
+    float* srstd = tile_rstd_smem();
+    const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
+    cutlass::arch::NamedBarrier::sync(256, bar);  // the previous tile's readers (epilogue) are done
+    if ((thread_idx & 3) == 0) {
+      const float inv_k = 1.f / (float)params.k;
+      srstd[row_a] = 1.f / sqrtf(sum_a * inv_k + params.eps);
+      if (row_b != row_a) srstd[row_b] = 1.f / sqrtf(sum_b * inv_k + params.eps);
+    }
+    cutlass::arch::NamedBarrier::sync(256, bar);
+    Tensor cC = make_identity_tensor(take<0, 2>(TileShape{}));
+    Tensor tCcC = thread_mma.partition_C(cC);
+    CUTE_STATIC_ASSERT_V(size(tCcC) == size(accum));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accum); ++i) accum(i) *= srstd[get<0>(tCcC(i))];
+    warpgroup_fence_operand(accum);
+  }
+};
+
+using RegAFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;  // 1 KiB carved out for tile_rstd_smem()
+
+template <bool kScaleA>
+void fwd_reg_a_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
+                    int64_t k, int64_t m, float eps, cudaStream_t s) {
+  using Element = RegAFwdTypes::Element;
+  using Mainloop = RmsNormRegAMainloop<RegAFwdTypes::BaseMainloop, kScaleA>;
+  using Epilogue = RegAFwdTypes::Epilogue;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  typename Mainloop::Arguments ml;
+  ml.ptr_A = static_cast<const Element*>(x);
+  ml.dA = ld_stride<typename Kernel::StrideA>(k);
+  ml.ptr_B = static_cast<const Element*>(w);
+  ml.dB = ld_stride<typename Kernel::StrideB>(k);
+  ml.g = static_cast<const Element*>(g);
+  ml.k = (int)k;
+  ml.eps = eps;
+  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                {(int)n, (int)m, (int)k, 1},
+                                ml,
+                                {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
+                                 ld_stride<typename Kernel::StrideD>(m)},
+                                hw_info()};
+  args.epilogue.thread = {
+      {rstd},                                               // rstd store (acc pass-through)
+      {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
+      {}};
+  run_gemm<Gemm>(args, s, "register-A forward GEMM");
+}
+
+}  // namespace sm90
+#endif
+
+void sm90_gemm_fwd_reg_a(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
+                         void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s) {
+#if defined(LLMTRAIN_WITH_CUTE)
+  if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
+  if (dtype == DType::BF16) {
+    if (g) return sm90::fwd_reg_a_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    return sm90::fwd_reg_a_bf16<false>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+  }
+#endif
+  (void)dtype; (void)x; (void)g; (void)w; (void)rstd; (void)bias; (void)y; (void)n; (void)k; (void)m; (void)eps; (void)s;
+  throw std::runtime_error("rmsnorm_linear (CUDA): register-A sm_90a forward not built for this dtype");
+}
+
+}  // namespace rmslin
+}  // namespace llmtrain
