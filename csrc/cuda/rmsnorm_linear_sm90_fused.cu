@@ -137,8 +137,12 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
       }
       // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
       // whole tile is rewritten before any wgmma on it is issued.
-      if constexpr (kScaleA) cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(256, bar);
+      // The read-only variant writes nothing, so no barrier: a stage is released only after this
+      // warpgroup's wgmma on it retired, and that wgmma was issued after these reads in every warp.
+      if constexpr (kScaleA) {
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(256, bar);
+      }
       return stage;
     };
 

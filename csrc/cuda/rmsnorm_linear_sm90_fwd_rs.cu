@@ -68,7 +68,6 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
   using RegAMma = decltype(make_tiled_mma(
       GMMA::rs_op_selector<ElementA, ElementA, float, TileShape, GMMA::Major::K, GMMA::Major::K>(),
       Layout<Shape<_2, _1, _1>>{}));
-  using CopyAtomA = Copy_Atom<SM75_U32x4_LDSM_N, ElementA>;
 
   struct Arguments : Base::Arguments {
     const cutlass::bfloat16_t* g = nullptr;  // norm weight [K] (kScaleA)
@@ -95,8 +94,9 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
                           int thread_idx, TensorStorage& shared_tensors, Params const& params) {
     using namespace cute;
-    Tensor sA = as_position_independent_swizzle_tensor(
-        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));  // (BLK_M, BLK_K, PIPE)
+    static_assert(cosize(SmemLayoutA{}) == 128 * 64 * size<2>(SmemLayoutA{}), "stages of 128 x 64, back to back");
+    const uint32_t smem_a = static_cast<uint32_t>(__cvta_generic_to_shared(shared_tensors.smem_A.data()));
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
     constexpr int kWarpGroups = size(RegAMma{}) / cutlass::NumThreadsPerWarpGroup;
     Layout warp_group_thread_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
@@ -105,59 +105,70 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     RegAMma tiled_mma;
     auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
     auto group_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
-    // Two register copies of A per tile: tCrA_raw takes the x values from ldmatrix, tCrA the values
-    // the wgmma reads (x * g). A non-wgmma instruction that defines a register an in-flight wgmma may
-    // still read makes ptxas serialize every wgmma of the kernel (C7513), so only the multiply writes
-    // tCrA, and only into a slot whose last wgmma has retired (CUTLASS's mixed-input mainloop does
-    // the same with its converted operand).
+    // The wgmma's A registers, one slot per 16-wide k block. Slot b is only written (by ldmatrix,
+    // then the x * g multiply) once the wgmma that last read it has retired: a non-wgmma
+    // definition of a register an in-flight wgmma may still read makes ptxas serialize every wgmma
+    // of the kernel (C7513), and it would be a race.
     Tensor tCrA = thread_mma.partition_fragment_A(sA(_, _, Int<0>{}));  // (MMA, MMA_M, MMA_K) registers
-    Tensor tCrA_raw = make_fragment_like(tCrA);
     Tensor tCsB = group_mma.partition_B(sB);                            // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tCrB = group_mma.make_fragment_B(tCsB);                      // descriptors
-    auto copy_a = make_tiled_copy_A(CopyAtomA{}, tiled_mma);
-    auto thread_copy_a = copy_a.get_thread_slice(thread_idx);
-    Tensor tCsA_copy = thread_copy_a.partition_S(sA);        // (CPY, CPY_M, CPY_K, PIPE)
-    Tensor tCrA_copy = thread_copy_a.retile_D(tCrA_raw);     // (CPY, CPY_M, CPY_K)
-    // Tile coordinates of this thread's A values: which row each sum belongs to, which g column.
-    Tensor tCcA = thread_mma.partition_A(make_identity_tensor(take<0, 2>(TileShape{})));  // (MMA, MMA_M, MMA_K)
+    // This thread's A values (the wgmma register layout, per warp that of mma.m16n8k16): rows
+    // row0 and row0 + 8 of the warp's 16, k columns 2q, 2q + 1 and 2q + 8, 2q + 9 of each 16-wide
+    // block; word p of a block holds (row0 + 8 (p & 1), 2q + 8 (p >> 1)).
+    const int lane = thread_idx & 31;
+    const int row0 = (thread_idx / 32) * 16 + lane / 4;  // warps 0-3: rows 0-63, warps 4-7: rows 64-127
+    const int col0 = 2 * (lane & 3);
+    // ldmatrix.x4 source: lane l points at row (l & 7) + 8 ((l >> 3) & 1) of the warp's 16 and the
+    // 8-wide k chunk 2 kb + (l >> 4). TMA's 128B swizzle XORs the chunk index with address bits 7-9,
+    // not with the row: the stages start only 512 bytes past a 1 KiB boundary here (the static
+    // shared memory before them), and the row mod 8 read every k block 32 columns off.
+    const int ld_row = (thread_idx / 32) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+    const int ld_chunk = lane >> 4;
     constexpr int kBlocks = size<2>(decltype(tCrA){});
     static_assert(kBlocks >= 4, "the register ring below keeps kBlocks - 1 wgmma batches in flight");
     static_assert(size<1>(decltype(tCrA){}) == 1, "one 64-row MMA per warpgroup");
     constexpr int kPairs = size<0>(decltype(tCrA){}) / 2;  // bf16 pairs per thread per k block
-    static_assert(kPairs * 2 == size<0>(decltype(tCrA){}), "pairs of consecutive k");
+    static_assert(kPairs == 4, "four words per thread per 64 x 16 block");
 
     float ss[kPairs];  // x^2 sums per value pair (each pair lies in one row)
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < kPairs; ++p) ss[p] = 0.f;
-    uint32_t gk[kBlocks][kPairs];  // g pairs for the k block in each register slot
-
-    // Loads k block kb of stage `stage` (k tile kt) into its raw slot, and its g pairs.
-    auto load_block = [&](int stage, int kt, int kb) {
-      copy(copy_a, tCsA_copy(_, _, kb, stage), tCrA_copy(_, _, kb));
+    // g pairs of the current k tile and of the next one: loaded a whole tile ahead, so that their
+    // latency never sits between a stage's arrival and its first wgmma.
+    uint32_t g_cur[kBlocks][kPairs], g_next[kBlocks][kPairs];
+    auto load_g = [&](int kt, uint32_t (&dst)[kBlocks][kPairs]) {
       if constexpr (kScaleA) {
         CUTLASS_PRAGMA_UNROLL
-        for (int p = 0; p < kPairs; ++p) {
-          const int col = kt * size<2>(TileShape{}) + get<1>(tCcA(2 * p, 0, kb));
-          // k is a multiple of 8 and col even, so a pair is wholly in or out; past k, x is zero.
-          gk[kb][p] = col < params.k ? __ldg(reinterpret_cast<const uint32_t*>(params.g + col)) : 0u;
+        for (int kb = 0; kb < kBlocks; ++kb) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int p = 0; p < kPairs; ++p) {
+            const int col = kt * size<2>(TileShape{}) + kb * 16 + col0 + 8 * (p >> 1);
+            // k is a multiple of 8 and col even, so a pair is wholly in or out; past k, x is zero.
+            dst[kb][p] = col < params.k ? __ldg(reinterpret_cast<const uint32_t*>(params.g + col)) : 0u;
+          }
         }
       }
     };
-    // Row sums from the raw x, then the wgmma's operand x * g (or x itself).
-    auto transform_block = [&](int kb) {
-      Tensor raw = recast<uint32_t>(tCrA_raw(_, 0, kb));
+    // Fills slot kb from stage `stage`: ldmatrix, x^2 into the row sums, then x * g (or x itself).
+    auto load_block = [&](int stage, int kb) {
+      const uint32_t row_addr = smem_a + static_cast<uint32_t>((stage * 128 + ld_row) * 128);
+      const uint32_t addr = row_addr + ((static_cast<uint32_t>(2 * kb + ld_chunk) ^ ((row_addr >> 7) & 7)) << 4);
+      uint32_t raw[kPairs];
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(raw[0]), "=r"(raw[1]), "=r"(raw[2]), "=r"(raw[3])
+                   : "r"(addr));
       Tensor op = recast<uint32_t>(tCrA(_, 0, kb));
       CUTLASS_PRAGMA_UNROLL
       for (int p = 0; p < kPairs; ++p) {
-        add_squares(raw(p), ss[p]);
-        op(p) = kScaleA ? mul_bf16x2(raw(p), gk[kb][p]) : raw(p);
+        add_squares(raw[p], ss[p]);
+        op(p) = kScaleA ? mul_bf16x2(raw[p], g_cur[kb][p]) : raw[p];
       }
     };
 
-    // Schedule of CUTLASS's mixed-input mainloop: kBlocks - 1 wgmma batches stay in flight; after
-    // block kb's batch is issued, block kb + 2 is loaded and block kb + 1 transformed (its slot was
-    // last read four batches ago, retired by the wait); the previous tile's stage is released after
-    // the last block's batch, and the last tile's by the base's mma_tail.
+    // Schedule: kBlocks - 1 wgmma batches stay in flight; once block kb's batch is issued and the
+    // wait has retired block kb - 3's, block kb + 1 (or the next tile's block 0) goes into the slot
+    // that batch read. The previous tile's stage is released after the last block's batch (all its
+    // batches have retired then); the last tile's by the base's mma_tail.
     // The accumulators are zeroed here rather than by a first wgmma with ScaleOut::Zero: a scale flag
     // that changes inside the loop is also a non-wgmma definition of a wgmma input (C7513).
     PipelineState smem_pipe_release = smem_pipe_read;
@@ -166,9 +177,9 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     warpgroup_fence_operand(accum);
     pipeline.consumer_wait(smem_pipe_read);
     int stage = smem_pipe_read.index();
-    load_block(stage, 0, 0);
-    load_block(stage, 0, 1);
-    transform_block(0);
+    load_g(0, g_cur);
+    if (k_tile_count > 1) load_g(1, g_next);
+    load_block(stage, 0);
     CUTLASS_PRAGMA_NO_UNROLL
     for (int kt = 0; kt < k_tile_count; ++kt) {
       const int read_stage = stage;
@@ -180,20 +191,23 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
         cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
         warpgroup_commit_batch();
         warpgroup_wait<kBlocks - 1>();
-        if (kb + 2 < kBlocks) load_block(read_stage, kt, kb + 2);
         if (kb + 1 < kBlocks) {
-          transform_block(kb + 1);
+          load_block(read_stage, kb + 1);
         } else {
           if (kt > 0) {
-            pipeline.consumer_release(smem_pipe_release);  // the previous tile's batches have retired
+            pipeline.consumer_release(smem_pipe_release);
             ++smem_pipe_release;
           }
           if (kt + 1 < k_tile_count) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int b = 0; b < kBlocks; ++b) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int p = 0; p < kPairs; ++p) g_cur[b][p] = g_next[b][p];
+            }
+            if (kt + 2 < k_tile_count) load_g(kt + 2, g_next);
             pipeline.consumer_wait(smem_pipe_read);
             stage = smem_pipe_read.index();
-            load_block(stage, kt + 1, 0);
-            load_block(stage, kt + 1, 1);
-            transform_block(0);
+            load_block(stage, 0);
           }
         }
       }
@@ -204,19 +218,10 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     warpgroup_fence_operand(accum);
 
     // Per-row sums: this thread's pairs fall in two rows; the four lanes of a quad share them.
-    const int row_a = get<0>(tCcA(0, 0, 0));
-    int row_b = row_a;
+    const int row_a = row0, row_b = row0 + 8;
     float sum_a = 0.f, sum_b = 0.f;
     CUTLASS_PRAGMA_UNROLL
-    for (int p = 0; p < kPairs; ++p) {
-      const int r = get<0>(tCcA(2 * p, 0, 0));
-      if (r == row_a) {
-        sum_a += ss[p];
-      } else {
-        sum_b += ss[p];
-        row_b = r;
-      }
-    }
+    for (int p = 0; p < kPairs; ++p) (p & 1 ? sum_b : sum_a) += ss[p];
     sum_a += __shfl_xor_sync(0xFFFFFFFF, sum_a, 1);
     sum_a += __shfl_xor_sync(0xFFFFFFFF, sum_a, 2);
     sum_b += __shfl_xor_sync(0xFFFFFFFF, sum_b, 1);
@@ -227,7 +232,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     if ((thread_idx & 3) == 0) {
       const float inv_k = 1.f / (float)params.k;
       srstd[row_a] = 1.f / sqrtf(sum_a * inv_k + params.eps);
-      if (row_b != row_a) srstd[row_b] = 1.f / sqrtf(sum_b * inv_k + params.eps);
+      srstd[row_b] = 1.f / sqrtf(sum_b * inv_k + params.eps);
     }
     cutlass::arch::NamedBarrier::sync(256, bar);
     Tensor cC = make_identity_tensor(take<0, 2>(TileShape{}));
