@@ -479,8 +479,9 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
     return sm90_gemm_fwd_fused(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
                                (float)a.dims.eps, s);
   }
-  if (fused && gen == Gen::V6) {
-    // v6: the same in one kernel, with the x tiles in registers (no pre-pass, no W diag(g)).
+  if (fused && gen == Gen::V6 && k <= kRegAMaxStagedK) {
+    // v6: the same in one kernel, with the x tiles in registers (no pre-pass, no W diag(g)); larger
+    // k (g does not fit the shared memory left) takes v6ro below.
     return sm90_gemm_fwd_reg_a(a.dims.dtype, a.x, a.g, w, static_cast<float*>(a.rstd), a.bias, a.y, n, k, m,
                                (float)a.dims.eps, s);
   }

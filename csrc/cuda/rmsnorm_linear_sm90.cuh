@@ -31,7 +31,9 @@ void sm90_gemm_fwd_fused(DType dtype, const void* x, const void* g, const void* 
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
 // v6 forward in one kernel (bf16), the same contract with the x tiles taken into registers: the row
 // sums and the g multiply happen there, the wgmma reads A from registers. g == nullptr: w is already
-// W diag(g). See rmsnorm_linear_sm90_fwd_rs.cu. Availability as sm90_fwd_fused_available.
+// W diag(g). See rmsnorm_linear_sm90_fwd_rs.cu. Availability as sm90_fwd_fused_available; with g,
+// k <= kRegAMaxStagedK (g is staged in shared memory).
+constexpr int64_t kRegAMaxStagedK = 8192;
 void sm90_gemm_fwd_reg_a(DType dtype, const void* x, const void* g, const void* w, float* rstd, const void* bias,
                          void* y, int64_t n, int64_t k, int64_t m, float eps, cudaStream_t s);
 // d[n, k] = dy[n, m] . w[m, k]

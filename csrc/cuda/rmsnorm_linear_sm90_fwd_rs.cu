@@ -48,6 +48,16 @@ CUTLASS_DEVICE uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
   return *reinterpret_cast<const uint32_t*>(&r);
 }
 
+// The norm weight for the register-A multiply, staged in shared memory once per output tile (k up to
+// kMaxStagedK; larger k takes the W diag(g) variant). Registers were tried first: holding the next
+// tile's g in registers cost 40% (ptxas reused their registers for ldmatrix, which then waited on
+// the global loads every tile).
+constexpr int kMaxStagedK = static_cast<int>(kRegAMaxStagedK);
+CUTLASS_DEVICE uint32_t* staged_g_smem() {
+  __shared__ uint4 s[kMaxStagedK / 8];
+  return reinterpret_cast<uint32_t*>(s);
+}
+
 // The builder's smem-smem mainloop (same stages, same TMA producer) with a register-A consumer.
 template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
   using typename Base::ElementA;
@@ -133,24 +143,27 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     float ss[kPairs];  // x^2 sums per value pair (each pair lies in one row)
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < kPairs; ++p) ss[p] = 0.f;
-    // g pairs of the current k tile and of the next one: loaded a whole tile ahead, so that their
-    // latency never sits between a stage's arrival and its first wgmma.
-    uint32_t g_cur[kBlocks][kPairs], g_next[kBlocks][kPairs];
-    auto load_g = [&](int kt, uint32_t (&dst)[kBlocks][kPairs]) {
+    // g, staged once per output tile: the previous tile's readers are past the barrier that ended
+    // its mainloop (below), so the copy may overwrite; the second barrier publishes it.
+    const uint32_t* g_words = staged_g_smem();
+    if constexpr (kScaleA) {
+      cutlass::arch::NamedBarrier::sync(256, 0);
+      const uint4* g4 = reinterpret_cast<const uint4*>(params.g);
+      uint4* dst = reinterpret_cast<uint4*>(staged_g_smem());
+      for (int i = thread_idx; i < params.k / 8; i += 256) dst[i] = __ldg(g4 + i);
+      cutlass::arch::NamedBarrier::sync(256, 0);
+    }
+    // Fills slot kb from stage `stage`: ldmatrix, x^2 into the row sums, then x * g (or x itself).
+    auto load_block = [&](int stage, int kt, int kb) {
+      // k is a multiple of 8 and the pairs are even, so a pair is wholly in or past k (x is zero there).
+      uint32_t g_pair[2] = {0u, 0u};
       if constexpr (kScaleA) {
         CUTLASS_PRAGMA_UNROLL
-        for (int kb = 0; kb < kBlocks; ++kb) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int p = 0; p < kPairs; ++p) {
-            const int col = kt * size<2>(TileShape{}) + kb * 16 + col0 + 8 * (p >> 1);
-            // k is a multiple of 8 and col even, so a pair is wholly in or out; past k, x is zero.
-            dst[kb][p] = col < params.k ? __ldg(reinterpret_cast<const uint32_t*>(params.g + col)) : 0u;
-          }
+        for (int h = 0; h < 2; ++h) {
+          const int col = kt * size<2>(TileShape{}) + kb * 16 + col0 + 8 * h;
+          if (col < params.k) g_pair[h] = g_words[col / 2];
         }
       }
-    };
-    // Fills slot kb from stage `stage`: ldmatrix, x^2 into the row sums, then x * g (or x itself).
-    auto load_block = [&](int stage, int kb) {
       const uint32_t row_addr = smem_a + static_cast<uint32_t>((stage * 128 + ld_row) * 128);
       const uint32_t addr = row_addr + ((static_cast<uint32_t>(2 * kb + ld_chunk) ^ ((row_addr >> 7) & 7)) << 4);
       uint32_t raw[kPairs];
@@ -161,7 +174,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
       CUTLASS_PRAGMA_UNROLL
       for (int p = 0; p < kPairs; ++p) {
         add_squares(raw[p], ss[p]);
-        op(p) = kScaleA ? mul_bf16x2(raw[p], g_cur[kb][p]) : raw[p];
+        op(p) = kScaleA ? mul_bf16x2(raw[p], g_pair[p >> 1]) : raw[p];
       }
     };
 
@@ -177,9 +190,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     warpgroup_fence_operand(accum);
     pipeline.consumer_wait(smem_pipe_read);
     int stage = smem_pipe_read.index();
-    load_g(0, g_cur);
-    if (k_tile_count > 1) load_g(1, g_next);
-    load_block(stage, 0);
+    load_block(stage, 0, 0);
     CUTLASS_PRAGMA_NO_UNROLL
     for (int kt = 0; kt < k_tile_count; ++kt) {
       const int read_stage = stage;
@@ -192,22 +203,16 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
         warpgroup_commit_batch();
         warpgroup_wait<kBlocks - 1>();
         if (kb + 1 < kBlocks) {
-          load_block(read_stage, kb + 1);
+          load_block(read_stage, kt, kb + 1);
         } else {
           if (kt > 0) {
             pipeline.consumer_release(smem_pipe_release);
             ++smem_pipe_release;
           }
           if (kt + 1 < k_tile_count) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int b = 0; b < kBlocks; ++b) {
-              CUTLASS_PRAGMA_UNROLL
-              for (int p = 0; p < kPairs; ++p) g_cur[b][p] = g_next[b][p];
-            }
-            if (kt + 2 < k_tile_count) load_g(kt + 2, g_next);
             pipeline.consumer_wait(smem_pipe_read);
             stage = smem_pipe_read.index();
-            load_block(stage, 0);
+            load_block(stage, kt + 1, 0);
           }
         }
       }
@@ -244,7 +249,8 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
   }
 };
 
-using RegAFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;  // 1 KiB carved out for tile_rstd_smem()
+// Carved out of the stages: tile_rstd_smem() (padded to 1 KiB) and staged_g_smem().
+using RegAFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024 + kMaxStagedK * 2>;
 
 template <bool kScaleA>
 void fwd_reg_a_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
@@ -285,7 +291,10 @@ void sm90_gemm_fwd_reg_a(DType dtype, const void* x, const void* g, const void* 
 #if defined(LLMTRAIN_WITH_CUTE)
   if (n > 0x7fffffff) throw std::runtime_error("rmsnorm_linear (CUDA): too many rows");
   if (dtype == DType::BF16) {
-    if (g) return sm90::fwd_reg_a_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    if (g) {
+      if (k > sm90::kMaxStagedK) throw std::runtime_error("rmsnorm_linear (CUDA): register-A forward stages g for k <= 8192 only");
+      return sm90::fwd_reg_a_bf16<true>(x, g, w, rstd, bias, y, n, k, m, eps, s);
+    }
     return sm90::fwd_reg_a_bf16<false>(x, g, w, rstd, bias, y, n, k, m, eps, s);
   }
 #endif
