@@ -101,6 +101,34 @@ __device__ __forceinline__ void row_frags(uint32_t (&A)[4][4], const bf16* tile,
     ldsm4(A[ks], tile + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
 }
 
+// The ring of the two state parts. stage_diagonal_tiles: Z into slot 0 and S_diag into slot 1, landed
+// and published (with the caller's row tiles). start_columns (once the pre-pass GEMMs are done):
+// columns 0 and 1 into slots 0 and 1. next_column(c): column c landed everywhere, column c + 2 on
+// its way into the slot column c - 1 used (column c is in slot c % 3).
+__device__ __forceinline__ void stage_diagonal_tiles(const StateTiles& st) {
+  st.load_normalisers(0);
+  st.load_diagonal(1);
+  cp_commit();
+  cp_wait<0>();
+  fence_async_smem();
+  __syncthreads();
+}
+__device__ __forceinline__ void start_columns(const StateTiles& st) {
+  __syncthreads();  // (slots 0 and 1 are free again)
+  st.load_column(0, 0);
+  cp_commit();
+  st.load_column(1, 1);
+  cp_commit();
+}
+template <int d>
+__device__ __forceinline__ void next_column(const StateTiles& st, int c) {
+  cp_wait<1>();  // (this thread's copies of column c)
+  fence_async_smem();
+  __syncthreads();
+  if (c + 2 < d) st.load_column(c + 2, (c + 2) % 3);
+  cp_commit();
+}
+
 // This thread's (row, column) pairs of the m16n8 C layout over 64 columns of a [128][LD] tile: (wr0 |
 // wr0 + 8, 8 j + 2 tq + 0 | 1), as floats.
 __device__ __forceinline__ void c_values(float (&x)[8][4], const bf16* tile, int wr0, int tq) {
@@ -187,12 +215,7 @@ __device__ __forceinline__ void dq_state_wgmma(float (&dacc)[d / 8][4], const ui
   constexpr int LDO = d + 4;
   const StateTiles st(ring_mem, S);
   const int tq = lane & 3, wr0 = warp * 16 + (lane >> 2);
-  st.load_normalisers(0);
-  st.load_diagonal(1);
-  cp_commit();
-  cp_wait<0>();
-  fence_async_smem();
-  __syncthreads();  // (also publishes the caller's xs)
+  stage_diagonal_tiles(st);  // (the barrier also publishes the caller's xs)
   uint32_t Ax[4][4];
   row_frags(Ax, xs, warp, lane);
   if (live) state_diag_terms(dacc, Ax, Ag, st, 0, 1, xs, wr0, tq, zc0, zc1, us0, us1);
@@ -200,18 +223,9 @@ __device__ __forceinline__ void dq_state_wgmma(float (&dacc)[d / 8][4], const ui
   float dyc[8][4];
   c_values(dyc, gh, wr0, tq);
   const float k0 = kSqrt2 * us0, k1 = kSqrt2 * us1;
-  __syncthreads();  // (slots 0 and 1 are free again)
-  st.load_column(0, 0);
-  cp_commit();
-  st.load_column(1, 1);
-  cp_commit();
+  start_columns(st);
   for (int c = 0; c < d; ++c) {
-    // column c's copies (this thread's) landed; the barrier publishes every thread's and frees c - 1's slot
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
-    if (c + 2 < d) st.load_column(c + 2, (c + 2) % 3);
-    cp_commit();
+    next_column<d>(st, c);
     if (!live) continue;
     float y[8][4];
     tile_gemm<1>(y, Ax, st.slot(c % 3));
@@ -244,12 +258,7 @@ __device__ __forceinline__ void dkv_state_wgmma(float (&dk)[d / 8][4], float (&d
   constexpr int LD = Cfg<d>::LD, LDO = d + 4;
   const StateTiles st(ring_mem, S);
   const int tq = lane & 3, wr0 = warp * 16 + (lane >> 2), wr1 = wr0 + 8;
-  st.load_normalisers(0);
-  st.load_diagonal(1);
-  cp_commit();
-  cp_wait<0>();
-  fence_async_smem();
-  __syncthreads();  // (also publishes the caller's xs)
+  stage_diagonal_tiles(st);  // (the barrier also publishes the caller's xs)
   uint32_t Ax[4][4];
   row_frags(Ax, xs, warp, lane);
   if (live) {
@@ -280,17 +289,9 @@ __device__ __forceinline__ void dkv_state_wgmma(float (&dk)[d / 8][4], float (&d
     vc[j][1] = ld32(vs + wr1 * LD + 8 * j + 2 * tq);
   }
   const float k0 = kSqrt2 * us0, k1 = kSqrt2 * us1;
-  __syncthreads();  // (slots 0 and 1 are free again)
-  st.load_column(0, 0);
-  cp_commit();
-  st.load_column(1, 1);
-  cp_commit();
+  start_columns(st);
   for (int c = 0; c < d; ++c) {
-    cp_wait<1>();
-    fence_async_smem();
-    __syncthreads();
-    if (c + 2 < d) st.load_column(c + 2, (c + 2) % 3);
-    cp_commit();
+    next_column<d>(st, c);
     if (!live) continue;
     float y[8][4];
     tile_gemm<1>(y, Ax, st.slot(c % 3));
