@@ -206,6 +206,21 @@ def case_inputs(c):
     return q, k, v, log_g, s0, z0, dy, dS, dz
 
 
+def zero_gradient_rounding_bound(q, k, v, dy, which):
+    """RMS (relative to dy's) that fp32 rounding may leave in the exactly-zero dq or dk of a t = 1
+    sequence: per head, dq = 2 s k (dy.(v - y)) / (s q.k) with |v - y| a few ulp of v (dk the same
+    with q), so the residue scales as 2 s |k| sum|dy v| 2^-24 / |s q.k|. 64 ulp of slack."""
+    s = q.shape[-1] ** -0.5
+    qd, kd, vd, dyd = (x.detach().double() for x in (q, k, v, dy))
+    rep = qd.shape[2] // kd.shape[2]
+    kd, vd = kd.repeat_interleave(rep, dim=2), vd.repeat_interleave(rep, dim=2)
+    qk = (s * (qd * kd).sum(-1)).abs().clamp_min(1e-300)   # [b, t, hq]
+    dyv = (dyd.abs() * vd.abs()).sum(-1)
+    other = kd if which == "dq" else qd
+    per_elem = 2 * s * other * (dyv / qk)[..., None]        # [b, t, hq, d]
+    return (64 * 2.0**-24 * per_elem.pow(2).mean().sqrt() / dyd.pow(2).mean().sqrt()).item()
+
+
 @pytest.mark.parametrize("c", CASES, ids=[case_id(c) for c in CASES])
 def test_forward_and_gradients(c):
     b, t, hq, hk, d, dtype, gated, init, gstate, chunk = c
@@ -241,12 +256,17 @@ def test_forward_and_gradients(c):
     for nm, got, ref in checks:
         if nm in zero_grads:
             # y_0 = v_0 whatever q, k: these gradients are exactly zero. The kernels' dq, dk are the
-            # fp32 rounding left of (dy.v - dy.y), amplified by 1/den = 1/(s q.k)^2 (so by how
-            # close q.k is to 0): an H100 draw at d = 128 measured an RMS of 2.2e-5 (dy ~ N(0, 1)).
+            # fp32 rounding left of (dy.v - dy.y), amplified by 1/(s q.k) (so by how close q.k is to
+            # 0): an H100 draw at d = 128 measured an RMS of 2.2e-5 (dy ~ N(0, 1)), and one draw in
+            # ~100 has a head with |s q.k| < 1e-3 (session 16 saw one fail a flat 1e-4). The bound
+            # is 1e-4 plus that rounding model with a generous constant.
             noise = (got.double().pow(2).mean().sqrt() / dy.double().pow(2).mean().sqrt()).item()
+            allowed = 1e-4 + zero_gradient_rounding_bound(q, k, v, dy, nm)
             log_err(name, nm + "-rms", noise)
-            if not noise <= 1e-4:
-                failures.append(f"{nm}: RMS {noise:.3e} of an exactly-zero gradient (relative to dy) > 1e-4")
+            log_err(name, nm + "-rms-allowed", allowed)
+            if not noise <= allowed:
+                failures.append(f"{nm}: RMS {noise:.3e} of an exactly-zero gradient (relative to dy) > "
+                                f"{allowed:.3e}")
             continue
         err = rel(got, ref)
         log_err(name, nm, err)
