@@ -135,7 +135,6 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     const int ld_row = (thread_idx / 32) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
     const int ld_chunk = lane >> 4;
     constexpr int kBlocks = size<2>(decltype(tCrA){});
-    static_assert(kBlocks >= 4, "the register ring below keeps kBlocks - 1 wgmma batches in flight");
     static_assert(size<1>(decltype(tCrA){}) == 1, "one 64-row MMA per warpgroup");
     constexpr int kPairs = size<0>(decltype(tCrA){}) / 2;  // bf16 pairs per thread per k block
     static_assert(kPairs == 4, "four words per thread per 64 x 16 block");
@@ -178,45 +177,34 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
       }
     };
 
-    // Schedule: kBlocks - 1 wgmma batches stay in flight; once block kb's batch is issued and the
-    // wait has retired block kb - 3's, block kb + 1 (or the next tile's block 0) goes into the slot
-    // that batch read. The previous tile's stage is released after the last block's batch (all its
-    // batches have retired then); the last tile's by the base's mma_tail.
+    // Schedule: one wgmma batch per k tile, as the smem-smem mainloop issues them. Before a tile's
+    // registers are filled, the previous tile's batch must have retired (its A registers are these);
+    // the other consumer warpgroup's batch keeps the tensor cores busy meanwhile. Then the previous
+    // tile's stage is released; the last tile's by the base's mma_tail.
     // The accumulators are zeroed here rather than by a first wgmma with ScaleOut::Zero: a scale flag
-    // that changes inside the loop is also a non-wgmma definition of a wgmma input (C7513).
+    // that changes inside the loop is a non-wgmma definition of a wgmma input (C7513).
     PipelineState smem_pipe_release = smem_pipe_read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
     clear(accum);
     warpgroup_fence_operand(accum);
-    pipeline.consumer_wait(smem_pipe_read);
-    int stage = smem_pipe_read.index();
-    load_block(stage, 0, 0);
     CUTLASS_PRAGMA_NO_UNROLL
     for (int kt = 0; kt < k_tile_count; ++kt) {
-      const int read_stage = stage;
-      ++smem_pipe_read;
-      warpgroup_fence_operand(accum);
-      CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < kBlocks; ++kb) {
-        warpgroup_arrive();
-        cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, read_stage), accum);
-        warpgroup_commit_batch();
-        warpgroup_wait<kBlocks - 1>();
-        if (kb + 1 < kBlocks) {
-          load_block(read_stage, kt, kb + 1);
-        } else {
-          if (kt > 0) {
-            pipeline.consumer_release(smem_pipe_release);
-            ++smem_pipe_release;
-          }
-          if (kt + 1 < k_tile_count) {
-            pipeline.consumer_wait(smem_pipe_read);
-            stage = smem_pipe_read.index();
-            load_block(stage, kt + 1, 0);
-          }
-        }
+      pipeline.consumer_wait(smem_pipe_read);
+      const int stage = smem_pipe_read.index();
+      warpgroup_wait<0>();
+      if (kt > 0) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
       }
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < kBlocks; ++kb) load_block(stage, kt, kb);
       warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < kBlocks; ++kb) cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, stage), accum);
+      warpgroup_commit_batch();
+      warpgroup_fence_operand(accum);
+      ++smem_pipe_read;
     }
     // The last stage is released by the base's mma_tail (after its own wait).
     warpgroup_wait<0>();
