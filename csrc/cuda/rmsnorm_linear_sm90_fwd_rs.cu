@@ -120,6 +120,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
     // definition of a register an in-flight wgmma may still read makes ptxas serialize every wgmma
     // of the kernel (C7513), and it would be a race.
     Tensor tCrA = thread_mma.partition_fragment_A(sA(_, _, Int<0>{}));  // (MMA, MMA_M, MMA_K) registers
+    Tensor tCrA_odd = make_fragment_like(tCrA);  // odd k tiles: two register sets, one batch in flight
     Tensor tCsB = group_mma.partition_B(sB);                            // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tCrB = group_mma.make_fragment_B(tCsB);                      // descriptors
     // This thread's A values (the wgmma register layout, per warp that of mma.m16n8k16): rows
@@ -153,7 +154,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
       cutlass::arch::NamedBarrier::sync(256, 0);
     }
     // Fills slot kb from stage `stage`: ldmatrix, x^2 into the row sums, then x * g (or x itself).
-    auto load_block = [&](int stage, int kt, int kb) {
+    auto load_block = [&](auto& frag, int stage, int kt, int kb) {
       // k is a multiple of 8 and the pairs are even, so a pair is wholly in or past k (x is zero there).
       uint32_t g_pair[2] = {0u, 0u};
       if constexpr (kScaleA) {
@@ -169,7 +170,7 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                    : "=r"(raw[0]), "=r"(raw[1]), "=r"(raw[2]), "=r"(raw[3])
                    : "r"(addr));
-      Tensor op = recast<uint32_t>(tCrA(_, 0, kb));
+      Tensor op = recast<uint32_t>(frag(_, 0, kb));
       CUTLASS_PRAGMA_UNROLL
       for (int p = 0; p < kPairs; ++p) {
         add_squares(raw[p], ss[p]);
@@ -177,37 +178,47 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
       }
     };
 
-    // Schedule: one wgmma batch per k tile, as the smem-smem mainloop issues them. Before a tile's
-    // registers are filled, the previous tile's batch must have retired (its A registers are these);
-    // the other consumer warpgroup's batch keeps the tensor cores busy meanwhile. Then the previous
-    // tile's stage is released; the last tile's by the base's mma_tail.
+    // Schedule: one wgmma batch per k tile, as the smem-smem mainloop issues them, with the A
+    // registers in two sets by tile parity: tile kt's set is filled while tile kt - 1's batch runs
+    // (its own last reader, tile kt - 2's batch, is retired by the wait). Tile kt - 2's stage is
+    // released then; after the loop the second-to-last, and the last by the base's mma_tail.
     // The accumulators are zeroed here rather than by a first wgmma with ScaleOut::Zero: a scale flag
     // that changes inside the loop is a non-wgmma definition of a wgmma input (C7513).
     PipelineState smem_pipe_release = smem_pipe_read;
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
     clear(accum);
     warpgroup_fence_operand(accum);
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (int kt = 0; kt < k_tile_count; ++kt) {
+    auto step = [&](auto& frag, int kt) {
       pipeline.consumer_wait(smem_pipe_read);
       const int stage = smem_pipe_read.index();
-      warpgroup_wait<0>();
-      if (kt > 0) {
+      ++smem_pipe_read;
+      warpgroup_wait<1>();
+      if (kt >= 2) {
         pipeline.consumer_release(smem_pipe_release);
         ++smem_pipe_release;
       }
       CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < kBlocks; ++kb) load_block(stage, kt, kb);
+      for (int kb = 0; kb < kBlocks; ++kb) load_block(frag, stage, kt, kb);
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
-      for (int kb = 0; kb < kBlocks; ++kb) cute::gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb, stage), accum);
+      for (int kb = 0; kb < kBlocks; ++kb) cute::gemm(tiled_mma, frag(_, _, kb), tCrB(_, _, kb, stage), accum);
       warpgroup_commit_batch();
       warpgroup_fence_operand(accum);
-      ++smem_pipe_read;
+    };
+    int kt = 0;
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; kt + 1 < k_tile_count; kt += 2) {
+      step(tCrA, kt);
+      step(tCrA_odd, kt + 1);
+    }
+    if (kt < k_tile_count) step(tCrA, kt);
+    warpgroup_wait<0>();
+    if (k_tile_count >= 2) {
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_release;
     }
     // The last stage is released by the base's mma_tail (after its own wait).
-    warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
 
     // Per-row sums: this thread's pairs fall in two rows; the four lanes of a quad share them.
