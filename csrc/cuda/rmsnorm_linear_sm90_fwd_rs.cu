@@ -19,6 +19,10 @@
 //
 // kScaleA = false: the same kernel without the g multiply, for a W diag(g) folded by the caller
 // (A/B timing of the multiply).
+//
+// Measured (H100, docs/perf.md session 16): 194 us at 16384 x 2048 -> 2048 against the default's
+// GEMM 181 + pre-pass 34; slower than the default at 5632 / 8192 outputs, so it stays opt-in
+// (LLMTRAIN_RMSLIN_FWD=v6 / v6ro).
 #include <stdexcept>
 
 #include "rmsnorm_linear_sm90.cuh"
