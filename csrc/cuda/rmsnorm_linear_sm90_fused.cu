@@ -202,32 +202,8 @@ using FusedFwdTypes = RstdFwdTypes<cutlass::bfloat16_t, 1024>;
 template <bool kScaleA>
 void fwd_fused_bf16(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
                     int64_t k, int64_t m, float eps, cudaStream_t s) {
-  using Element = FusedFwdTypes::Element;
   using Mainloop = RmsNormMainloop<FusedFwdTypes::BaseMainloop, kScaleA>;
-  using Epilogue = FusedFwdTypes::Epilogue;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-
-  typename Mainloop::Arguments ml;
-  ml.ptr_A = static_cast<const Element*>(x);
-  ml.dA = ld_stride<typename Kernel::StrideA>(k);
-  ml.ptr_B = static_cast<const Element*>(w);
-  ml.dB = ld_stride<typename Kernel::StrideB>(k);
-  ml.g = static_cast<const Element*>(g);
-  ml.k = (int)k;
-  ml.eps = eps;
-  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                {(int)n, (int)m, (int)k, 1},
-                                ml,
-                                {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
-                                 ld_stride<typename Kernel::StrideD>(m)},
-                                hw_info()};
-  args.epilogue.thread = {
-      {rstd},                                               // rstd store (acc pass-through)
-      {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
-      {}};
-  run_gemm<Gemm>(args, s, "fused forward GEMM");
+  run_rstd_fwd<FusedFwdTypes, Mainloop>(x, g, w, rstd, bias, y, n, k, m, eps, s, "fused forward GEMM");
 }
 
 }  // namespace sm90

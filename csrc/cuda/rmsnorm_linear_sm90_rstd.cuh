@@ -94,6 +94,38 @@ template <class Element_, int ExtraSmem> struct RstdFwdTypes {
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 };
 
+// Launches the forward GEMM of Types with Mainloop, a subclass of Types::BaseMainloop whose Arguments
+// add the norm weight g, k and eps (rmsnorm_linear_sm90_fused.cu, rmsnorm_linear_sm90_fwd_rs.cu): the
+// mainloop leaves the accumulators rstd-scaled, the epilogue adds the bias and stores rstd.
+template <class Types, class Mainloop>
+void run_rstd_fwd(const void* x, const void* g, const void* w, float* rstd, const void* bias, void* y, int64_t n,
+                  int64_t k, int64_t m, float eps, cudaStream_t s, const char* what) {
+  using Element = typename Types::Element;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, typename Types::Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  typename Mainloop::Arguments ml;
+  ml.ptr_A = static_cast<const Element*>(x);
+  ml.dA = ld_stride<typename Kernel::StrideA>(k);
+  ml.ptr_B = static_cast<const Element*>(w);
+  ml.dB = ld_stride<typename Kernel::StrideB>(k);
+  ml.g = static_cast<const Element*>(g);
+  ml.k = (int)k;
+  ml.eps = eps;
+  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                {(int)n, (int)m, (int)k, 1},
+                                ml,
+                                {{}, nullptr, ld_stride<typename Kernel::StrideC>(m), static_cast<Element*>(y),
+                                 ld_stride<typename Kernel::StrideD>(m)},
+                                hw_info()};
+  args.epilogue.thread = {
+      {rstd},                                               // rstd store (acc pass-through)
+      {static_cast<const Element*>(bias), Element(0), {}},  // bias per column (row broadcast), null -> 0
+      {}};
+  run_gemm<Gemm>(args, s, what);
+}
+
 }  // namespace sm90
 }  // namespace rmslin
 }  // namespace llmtrain
