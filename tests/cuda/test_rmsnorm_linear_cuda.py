@@ -117,17 +117,11 @@ def test_forward_backward_vs_float64(n, k, m, bias, dtype, dxn_given=False):
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_v3_vs_float64(n, k, m, bias, dtype, monkeypatch):
-    monkeypatch.setenv("LLMTRAIN_RMSLIN", "v3")
-    test_forward_backward_vs_float64(n, k, m, bias, dtype)
-
-
-@pytest.mark.parametrize("n,k,m", SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_v6_vs_float64(n, k, m, bias, dtype, monkeypatch):
-    """The register-A one-GEMM forward (bf16; fp16 keeps the pre-pass forward) on every shape."""
-    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v6")
+@pytest.mark.parametrize("var,val", [("LLMTRAIN_RMSLIN", "v3"), ("LLMTRAIN_RMSLIN_FWD", "v6")])
+def test_generation_vs_float64(n, k, m, bias, dtype, var, val, monkeypatch):
+    """v3 (fused one-GEMM forward, v3 row pass) and the register-A one-GEMM forward v6 on every shape
+    (bf16; fp16 keeps the pre-pass forward)."""
+    monkeypatch.setenv(var, val)
     test_forward_backward_vs_float64(n, k, m, bias, dtype)
 
 
