@@ -1,3 +1,6 @@
+"""RMSNorm+Linear forward generations side by side on a few small shapes (GPU): y and rstd of ro, v6ro
+and v6 against the default path, and where y differs, which rows and columns (session 16: y wrong
+with rstd right pointed at the A operand's addressing, not the sums)."""
 import os, sys, torch
 sys.path.insert(0, "tests/cuda")
 import test_rmsnorm_linear_cuda as T
