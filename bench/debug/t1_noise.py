@@ -1,8 +1,6 @@
 """Repeats the t = 1 cases of the retention GPU grid (fresh random draws each time) and prints each
 failure message: the exactly-zero dq / dk gradients' noise check was seen to fail once (session 16)."""
 import sys
-import traceback
-import torch
 sys.path.insert(0, "tests/cuda")
 import test_power_retention_cuda as T
 
