@@ -48,7 +48,8 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
 
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
 // kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing.
-template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
+template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Base> {
+  using typename NormArgsMainloop<Base>::Params;
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -62,27 +63,6 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : Base {
   static_assert(size<0>(TileShape{}) == 128 && size<2>(TileShape{}) == 64, "row mapping assumes 128x?x64 tiles");
   static_assert(size(TiledMma{}) == 256, "two consumer warpgroups");
   static_assert(Base::K_PIPE_MMAS == 1, "release schedule below mirrors K_PIPE_MMAS == 1");
-
-  struct Arguments : Base::Arguments {
-    const cutlass::bfloat16_t* g = nullptr;  // norm weight [K]
-    int k = 0;
-    float eps = 0.f;
-  };
-  struct Params : Base::Params {
-    const cutlass::bfloat16_t* g;
-    int k;
-    float eps;
-  };
-
-  template <class ProblemShape>
-  static Params to_underlying_arguments(ProblemShape const& ps, Arguments const& args, void* workspace) {
-    Params p;
-    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(ps, args, workspace);
-    p.g = args.g;
-    p.k = args.k;
-    p.eps = args.eps;
-    return p;
-  }
 
   // Consumer: 256 threads (two warpgroups). Thread t handles tile row t/2, columns 32*(t%2)..+31 of
   // every A tile (four 16-byte chunks).

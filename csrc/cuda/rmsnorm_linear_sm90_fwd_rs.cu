@@ -63,7 +63,8 @@ CUTLASS_DEVICE uint32_t* staged_g_smem() {
 }
 
 // The builder's smem-smem mainloop (same stages, same TMA producer) with a register-A consumer.
-template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
+template <class Base, bool kScaleA> struct RmsNormRegAMainloop : NormArgsMainloop<Base> {
+  using typename NormArgsMainloop<Base>::Params;
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -82,27 +83,6 @@ template <class Base, bool kScaleA> struct RmsNormRegAMainloop : Base {
   using RegAMma = decltype(make_tiled_mma(
       GMMA::rs_op_selector<ElementA, ElementA, float, TileShape, GMMA::Major::K, GMMA::Major::K>(),
       Layout<Shape<_2, _1, _1>>{}));
-
-  struct Arguments : Base::Arguments {
-    const cutlass::bfloat16_t* g = nullptr;  // norm weight [K] (kScaleA)
-    int k = 0;
-    float eps = 0.f;
-  };
-  struct Params : Base::Params {
-    const cutlass::bfloat16_t* g;
-    int k;
-    float eps;
-  };
-
-  template <class ProblemShape>
-  static Params to_underlying_arguments(ProblemShape const& ps, Arguments const& args, void* workspace) {
-    Params p;
-    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(ps, args, workspace);
-    p.g = args.g;
-    p.k = args.k;
-    p.eps = args.eps;
-    return p;
-  }
 
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,

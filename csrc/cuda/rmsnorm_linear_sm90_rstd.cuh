@@ -68,6 +68,31 @@ struct RstdStoreAcc {
   }
 };
 
+// A builder mainloop with the norm's arguments added (g, k, eps): the base of the forward mainloops
+// that compute rstd themselves (rmsnorm_linear_sm90_fused.cu, rmsnorm_linear_sm90_fwd_rs.cu).
+template <class Base> struct NormArgsMainloop : Base {
+  struct Arguments : Base::Arguments {
+    const cutlass::bfloat16_t* g = nullptr;  // norm weight [K] (null: W is already W diag(g))
+    int k = 0;
+    float eps = 0.f;
+  };
+  struct Params : Base::Params {
+    const cutlass::bfloat16_t* g;
+    int k;
+    float eps;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& ps, Arguments const& args, void* workspace) {
+    Params p;
+    static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(ps, args, workspace);
+    p.g = args.g;
+    p.k = args.k;
+    p.eps = args.eps;
+    return p;
+  }
+};
+
 // Types of a forward GEMM whose mainloop leaves the accumulators rstd-scaled and tile_rstd_smem()
 // filled: D = acc + bias[col], and the epilogue stores rstd. ExtraSmem: bytes of static shared
 // memory the mainloop adds (carved out of the stage count). At namespace scope: the host compiler
