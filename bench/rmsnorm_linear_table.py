@@ -207,6 +207,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--out", help="comma-separated output widths m: rows 16384 x hidden 2048 -> m instead of SHAPES")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds per shape (default {ROUNDS})")
     ap.add_argument("--impls", help="comma-separated implementations to measure (default: all; eager is "
                     "always kept: the speed-up columns divide by it)")
@@ -215,6 +216,8 @@ def main():
         ap.error("--rounds must be at least 1")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    if args.out:
+        shapes = [(16384, 2048, int(m)) for m in args.out.split(",")]
     impls = make_impls()
     if args.impls:
         keep = set(args.impls.split(",")) | {"eager"}

@@ -218,7 +218,8 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 
 // Kernel generations, read on every call so one process can A/B them.
 // Default (measured on an H100, docs/perf.md 2026-11-23): the v2 forward (pre-pass + one GEMM: 215 us
-// of kernels at 16384x2048->2048 against 272 us for the fused v3 one), the v3 backward
+// of kernels at 16384x2048->2048 against 272 us for the fused v3 one; since session 17 v6 for outputs up
+// to kRegADefaultMaxM wide, bf16 on sm_90a), the v3 backward
 // (register-resident row pass: 102 us against 279 us) and the portable mma.sync GEMMs where the
 // sm_90a ones cannot run (sm_80 / sm_86 / sm_89 / sm_120). LLMTRAIN_RMSLIN=v2 (or _LEGACY=1) gives
 // the whole v2 path (SIMT GEMMs off sm_90a); LLMTRAIN_RMSLIN=v3 the fused one-GEMM forward too.
@@ -266,12 +267,18 @@ inline bool parse_choice(const char* name, const char* on, const char* off, cons
 inline bool legacy() {
   return parse_flag("LLMTRAIN_RMSLIN_LEGACY", false) || parse_gen("LLMTRAIN_RMSLIN", "v2 v3") == Gen::V2;
 }
-inline Gen fwd_gen() {
+// The default forward by output width m (session 17, H100, docs/perf.md): v6's one kernel against the
+// pre-pass + GEMM, forward ms at 16384 x 2048 -> m: 0.217 / 0.233 (m = 2048), 0.336 / 0.340 (3072),
+// 0.456 / 0.448 (4096); session 16: 0.653 / 0.609 (5632), 0.968 / 0.938 (8192). The pre-pass costs the
+// same at every m while v6's longer GEMM grows with it, so narrow outputs take v6.
+constexpr int64_t kRegADefaultMaxM = 3072;
+inline Gen fwd_gen(int64_t k, int64_t m) {
   const Gen all = parse_gen("LLMTRAIN_RMSLIN", "v2 v3");
   const Gen side = parse_gen("LLMTRAIN_RMSLIN_FWD", "v2 v3 ro v6 v6ro");
   if (legacy()) return Gen::V2;
   if (side != Gen::Default) return side;
-  return all == Gen::V3 ? Gen::V3 : Gen::V2;  // the default forward is v2
+  if (all == Gen::V3) return Gen::V3;
+  return m <= kRegADefaultMaxM && k <= kRegAMaxStagedK ? Gen::V6 : Gen::V2;
 }
 inline Gen bwd_gen() {
   const Gen side = parse_gen("LLMTRAIN_RMSLIN_BWD", "v2 v3");
@@ -469,7 +476,7 @@ template <typename T> void forward_fast(const RmsLinFwdArgs& a) {
   const int64_t n = a.dims.n, k = a.dims.k, m = a.dims.m;
   cudaStream_t s = static_cast<cudaStream_t>(a.stream);
   const T* w = static_cast<const T*>(a.w);
-  const Gen gen = fwd_gen();
+  const Gen gen = fwd_gen(k, m);
   const bool in_gemm = gen == Gen::V3 || gen == Gen::RO || gen == Gen::V6 || gen == Gen::V6RO;
   const bool fused = in_gemm && std::is_same_v<T, __nv_bfloat16> && k > 0 && m > 0 &&
                      sm90_fwd_fused_available(a.dims.dtype);

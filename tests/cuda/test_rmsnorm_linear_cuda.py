@@ -126,12 +126,12 @@ def test_generation_vs_float64(n, k, m, bias, dtype, var, val, monkeypatch):
 
 
 @pytest.mark.parametrize("gen", ["v6", "v6ro"])
-def test_v6_is_deterministic_and_matches_the_default(gen, monkeypatch):
+def test_v6_is_deterministic_and_matches_the_prepass_forward(gen, monkeypatch):
     """Each row's sum is reduced in a fixed order inside the GEMM: bit-identical repeats; y within bf16
-    rounding of the pre-pass forward, rstd within float32 summation-order noise of it."""
+    rounding of the pre-pass forward (v2), rstd within float32 summation-order noise of it."""
     x, nw, w, b, dy = make(2049, 2048, 1024, torch.bfloat16, True, 12)
     monkeypatch.delenv("LLMTRAIN_RMSLIN", raising=False)
-    monkeypatch.delenv("LLMTRAIN_RMSLIN_FWD", raising=False)
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v2")
     base = call_native(x, nw, w, b, dy, 1e-6)
     monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", gen)
     first = call_native(x, nw, w, b, dy, 1e-6)
@@ -141,19 +141,38 @@ def test_v6_is_deterministic_and_matches_the_default(gen, monkeypatch):
         assert rel_err(u.cpu(), d.cpu()) < (1e-6 if name == "rstd" else 1e-2), f"{gen} vs default: {name}"
 
 
-def test_v6_forward_is_one_kernel(monkeypatch):
-    """v6 on an sm_90a build runs the register-A GEMM alone: no pre-pass, no W diag(g) fold."""
-    _needs_sm90()
-    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v6")
-    x, nw, w, _, _ = make(512, 256, 128, torch.bfloat16, False, 9)
+def _forward_kernels(x, nw, w):
+    """Names of the CUDA kernels one forward launches (after a warm-up call)."""
     rmsnorm_linear(x, nw, w)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         rmsnorm_linear(x, nw, w)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [k for k in names if "Memcpy" not in k and "Memset" not in k]
+    return [k for k in names if "Memcpy" not in k and "Memset" not in k]
+
+
+def test_v6_forward_is_one_kernel(monkeypatch):
+    """v6 on an sm_90a build runs the register-A GEMM alone: no pre-pass, no W diag(g) fold."""
+    _needs_sm90()
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v6")
+    kernels = _forward_kernels(*make(512, 256, 128, torch.bfloat16, False, 9)[:3])
     assert len(kernels) == 1 and "RmsNormRegAMainloop" in kernels[0], kernels
+
+
+@pytest.mark.parametrize("k,m,one_kernel", [(256, 128, True), (2048, 3072, True), (2048, 3080, False),
+                                            (16384, 64, False)])
+def test_default_forward_by_output_width(k, m, one_kernel, monkeypatch):
+    """With no switch set, bf16 outputs up to 3072 wide (k <= 8192) take v6's one kernel; wider
+    outputs (and larger k) the pre-pass + GEMM forward. fp16 always takes the pre-pass."""
+    _needs_sm90()
+    monkeypatch.delenv("LLMTRAIN_RMSLIN", raising=False)
+    monkeypatch.delenv("LLMTRAIN_RMSLIN_FWD", raising=False)
+    kernels = _forward_kernels(*make(64, k, m, torch.bfloat16, False, 3)[:3])
+    fused = [kn for kn in kernels if "RmsNormRegAMainloop" in kn]
+    assert (len(kernels) == 1 and len(fused) == 1) if one_kernel else (len(kernels) == 2 and not fused), kernels
+    kernels = _forward_kernels(*make(64, k, m, torch.float16, False, 3)[:3])
+    assert len(kernels) == 2 and not any("RmsNormRegAMainloop" in kn for kn in kernels), kernels
 
 
 @pytest.mark.parametrize("n,k,m", LEGACY_SHAPES)
