@@ -21,7 +21,7 @@ from llmtrain.ops import power_retention
 TOKENS, H = 65536, 8
 
 
-def step_fn(b, t, d):
+def step_fn(b, t, d, chunk=None):
     g = torch.Generator(device="cuda").manual_seed(0)
     def rnd(*s):
         return torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
@@ -30,7 +30,7 @@ def step_fn(b, t, d):
     dy = torch.randn(b, t, H, d, device="cuda", generator=g, dtype=torch.bfloat16)
 
     def step():
-        y = power_retention(q, k, v, log_g)
+        y = power_retention(q, k, v, log_g, chunk_size=chunk)
         torch.autograd.backward(y, dy)
     return step
 
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--t", type=int, nargs="+", default=[2048, 65536])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--chunk", type=int, nargs="+", default=[None],
+                    help="chunk sizes to profile, one section each (default: default_chunk_size)")
     ap.add_argument("--kernels", nargs="*", default=None, help="LLMTRAIN_RETENTION_KERNEL values, one section each")
     a = ap.parse_args()
     for ver in a.kernels or [None]:
@@ -51,8 +53,8 @@ def main():
 def profile_version(a):
     print(f"\n## kernel generation: {os.environ.get('LLMTRAIN_RETENTION_KERNEL', 'default')}, d = {a.d}, "
           f"{torch.cuda.get_device_name()}")
-    for t in a.t:
-        step = step_fn(max(1, TOKENS // t), t, a.d)
+    for t, chunk in [(t, c) for t in a.t for c in a.chunk]:
+        step = step_fn(max(1, TOKENS // t), t, a.d, chunk)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -62,7 +64,8 @@ def profile_version(a):
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         total = sum(e.self_device_time_total for e in events)
-        print(f"\n### t = {t}, b = {max(1, TOKENS // t)}: {total / a.iters / 1e3:.2f} ms of kernels per step")
+        print(f"\n### t = {t}, b = {max(1, TOKENS // t)}, chunk {chunk or 'default'}: "
+              f"{total / a.iters / 1e3:.2f} ms of kernels per step")
         print("| kernel | calls/step | ms/step | share |\n|---|---|---|---|")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
             name = e.key if len(e.key) <= 70 else e.key[:67] + "..."

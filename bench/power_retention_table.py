@@ -92,7 +92,8 @@ def make_impls(d):
     impls["ours-f14all"] = (ours("", flash="v14-all"), flops_power)
     # session 15: "ours" is v18 (the chunked backward's state parts on wgmma); ours-v12 the chunked
     # path before it
-    for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v18"):
+    # session 17: v20 (the LOCAL scan stages up to 512 rows), v21 (+ the forward's state query on wgmma)
+    for ver in ("v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v18", "v20", "v21"):
         impls[f"ours-{ver}"] = (ours(ver), flops_power)
         # chunk-size sweep (ours-v3-c512 etc.): default_chunk_size picks one per d from these rows;
         # -single: the whole sequence as one chunk (v7 and later: up to 8192 tokens, else 1024)

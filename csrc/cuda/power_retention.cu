@@ -91,6 +91,7 @@
 #include "power_retention_local.cuh"
 #include "power_retention_wgmma.cuh"
 #include "power_retention_state_wgmma.cuh"
+#include "power_retention_query_wgmma.cuh"
 
 namespace llmtrain {
 namespace pr {
@@ -101,7 +102,7 @@ constexpr int kScanFeat = 128;  // features per scan block
 int64_t align256(int64_t x) { return (x + 255) / 256 * 256; }
 
 // Kernel generation, read per call so that one process can A/B them (bench, tests).
-constexpr int kDefaultVersion = 18;
+constexpr int kDefaultVersion = 20;
 int kernel_version() {
   const char* e = std::getenv("LLMTRAIN_RETENTION_KERNEL");
   if (!e || !*e) return kDefaultVersion;
@@ -118,8 +119,11 @@ int kernel_version() {
   if (!std::strcmp(e, "v11")) return 11;
   if (!std::strcmp(e, "v12")) return 12;
   if (!std::strcmp(e, "v18")) return 18;  // (v13 .. v17 name the one-chunk generations: LLMTRAIN_RETENTION_FLASH)
+  if (!std::strcmp(e, "v20")) return 20;  // (v19: an experiment on a branch)
+  if (!std::strcmp(e, "v21")) return 21;
   throw std::invalid_argument(
-      std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12 or v18, got '") + e + "'");
+      std::string("power_retention (CUDA): LLMTRAIN_RETENTION_KERNEL must be v1 .. v12, v18, v20 or v21, got '") + e +
+      "'");
 }
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -238,7 +242,29 @@ void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
   const int64_t gy = std::min<int64_t>(a.nwork, 65535), gz = div_up(a.nwork, gy);
   const int nsrc = REV ? (int)(P.hq / P.hk) : 1;
   if constexpr (d <= 64) {
-    if (kernel_version() >= 4 && local_fits(d, nsrc, P.C)) {
+    const int ver = kernel_version();
+    if (ver >= 20 && !local_fits(d, nsrc, P.C) && local_fits(d, nsrc, P.C, kLocalK512)) {
+      // v20: 256 < nsrc * C <= 512 (chunk 384 / 512, or the reverse scan of chunk 256 under GQA
+      // 2:1 and chunk 128 under 4:1): the 512-row variant (16 warps, ~140 KB of shared memory, one block per SM), instead
+      // of state_scan_kernel<LOCAL> below. Same bits. Feature tiles split over more blocks only
+      // when there are too few chunks: half v4's block target, each block being twice as wide.
+      // Devices whose opt-in shared memory is smaller (sm_86 / 89 / 120: ~99 KB) keep the fallback.
+      constexpr size_t sm = local_smem<d, kLocalK512>();
+      int dev = 0, optin = 0;
+      PR_CHECK(cudaGetDevice(&dev));
+      PR_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+      if (sm <= (size_t)optin) {
+        constexpr int kWarpTiles = (Cfg<d>::D + kLocalRows - 1) / kLocalRows;
+        const int64_t most = div_up(kWarpTiles, kLocalK512 / 32);
+        const int64_t split = std::max<int64_t>(1, std::min<int64_t>(most, div_up(264, a.nwork)));
+        auto kern = state_local_kernel<d, T, REV, kLocalK512>;
+        set_smem(kern, sm);
+        kern<<<dim3((unsigned)split, (unsigned)gy, (unsigned)gz), kLocalK512, sm, st>>>(a);
+        check_launch("state_local_kernel<512>");
+        return;
+      }
+    }
+    if (ver >= 4 && local_fits(d, nsrc, P.C)) {
       // v4: one block per chunk stages its tokens once. Split the feature tiles over more blocks
       // only when there are too few chunks to fill the GPU (~2 blocks per SM on 132 SMs).
       constexpr int kWarpTiles = (Cfg<d>::D + kLocalRows - 1) / kLocalRows;
@@ -267,10 +293,21 @@ void launch_prefix(PrefixArgs a, const Plan& P, cudaStream_t st) {
   check_launch("state_prefix_kernel");
 }
 
+template <int d> bool state_wgmma_usable(size_t smem);
+// LLMTRAIN_RETENTION_QUERY_RING=3|4 (default 3): slots of v21's state-query ring (A/B of its prefetch depth).
+int query_ring_slots() {
+  const char* e = std::getenv("LLMTRAIN_RETENTION_QUERY_RING");
+  if (!e || !*e || !std::strcmp(e, "3")) return 3;
+  if (!std::strcmp(e, "4")) return 4;
+  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_QUERY_RING must be 3 or 4, got '") +
+                              e + "'");
+}
+
 template <int d, typename T, bool GHAT>
 void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   using TU = Tune<d>;
-  const size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(gate_smem_bytes(P.C, a.gcum != nullptr));
+  const int gbytes = gate_smem_bytes(P.C, a.gcum != nullptr);
+  size_t sm = out_smem<d, TU::OUT_G, TU::OUT_NBUF>(gbytes);
   auto launch = [&](auto kern) {
     set_smem(kern, sm);
     kern<<<dim3(P.tpad / kBM, (unsigned)P.hq, (unsigned)P.b), kThreads, sm, st>>>(a);
@@ -281,7 +318,17 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   // v12: the state query's phi tiles unrolled per a / 8 (phi_pair_tiles; bitwise v11), for the
   // forward at d <= 64 (the ghat pass, which only the gated final-state gradient still runs, and
   // d = 128 keep phi_pair_gemm: same bits, and each unrolled instance costs compile time).
+  // v21: the forward's state query on wgmma (power_retention_query_wgmma.cuh) for d = 64 on an sm_90
+  // device of an sm_90a build; two blocks per SM (a ring of 3 slots needs ~56 KB, of 4 ~74 KB).
   const int ver = kernel_version();
+  if constexpr (d == 64 && !GHAT) {
+    const int slots = query_ring_slots();
+    if (ver >= 21 && state_wgmma_usable<d>(out_smem_wgmma<d>(gbytes, slots))) {
+      sm = out_smem_wgmma<d>(gbytes, slots);
+      if (slots == 4) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 2, 4>);
+      return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 2, 3>);
+    }
+  }
   if constexpr (d <= 64) {
     if constexpr (!GHAT) {
       if (ver >= 12) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 3, 2>);

@@ -699,14 +699,32 @@ struct OutArgs {
   int has_s0;
 };
 
+// v21, UCV = 3 or 4 (d = 64, sm_90a): the state query on wgmma (power_retention_query_wgmma.cuh), with
+// a ring of k-step tiles of the state in place of the slabs: per k-step 16 state rows, their 64 values
+// 128-byte swizzled (2 KiB) and their normaliser column (16 B a row); a slot holds one pair of
+// triangle rows (at most 8 k-steps); UCV slots and 1 KiB to align them.
+constexpr int kQueryValueBytes = 16 * 128, kQueryNormBytes = 16 * 16;
+constexpr int kQuerySlotBytes = 8 * (kQueryValueBytes + kQueryNormBytes);
+constexpr size_t query_ring_smem(int slots) { return 1024 + (size_t)slots * kQuerySlotBytes; }
+template <int d, int SLOTS>
+__device__ __forceinline__ void state_query_wgmma(float (&acc)[Cfg<d>::NT][4], const bf16* xs, const bf16* S,
+                                                  unsigned char* ring_mem, int warp, int lane);
+
 template <int d, int G, int NBUF> constexpr size_t out_smem(int gate_bytes) {
   constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
   constexpr size_t slab = (size_t)NBUF * (slab_rows(d, G) + 1) * E * 2;
   constexpr size_t intra = 2 * ((size_t)kKB * LD * 2 + (size_t)kKB * E * 2);  // two buffers (v8)
   return (size_t)2 * kBM * LD * 2 + gate_bytes + (slab > intra ? slab : intra);
 }
+template <int d> constexpr size_t out_smem_wgmma(int gate_bytes, int slots) {  // UCV = slots (v21)
+  constexpr int LD = Cfg<d>::LD, E = Cfg<d>::E;
+  constexpr size_t intra = 2 * ((size_t)kKB * LD * 2 + (size_t)kKB * E * 2);
+  return (size_t)2 * kBM * LD * 2 + gate_bytes + (query_ring_smem(slots) > intra ? query_ring_smem(slots) : intra);
+}
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v6: 3 at d <= 64).
+// UCV: the state query, 1: phi_pair_gemm (v1 .. v11), 2: the v12 tiles, 3 / 4: wgmma with a ring of 3 / 4
+// slots (v21, d = 64).
 template <int d, typename T, bool GHAT, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, ND = Cfg<d>::ND, LD = Cfg<d>::LD;
@@ -744,7 +762,10 @@ __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-  if (n > 0 || p.has_s0) {
+  if constexpr (UCV >= 3) {
+    if (n > 0 || p.has_s0)
+      state_query_wgmma<d, UCV>(acc, xs, p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E, region, warp, lane);
+  } else if (n > 0 || p.has_s0) {
     const bf16* S = p.Sws + ((bi * p.hk + h) * p.N + n) * (int64_t)D * E;
     bf16* slab = reinterpret_cast<bf16*>(region);
     for (int j = tid; j < NBUF * E; j += blockDim.x) slab[(j / E) * SL * E + (SL - 1) * E + (j % E)] = __float2bfloat16(0.f);

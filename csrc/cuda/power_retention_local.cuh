@@ -12,6 +12,19 @@
 //   forward (REV = false): delta_n = sum_j e^{Gt-g_j} phi(k_j) [v_j, 1]^T   -> slot n + 1
 //   reverse (REV = true):  L_n = sum_{src, i} s^2 e^{g_i} phi(q_src,i) ghat_src,i^T -> slot n - 1
 // and the chunk that ends the walk (forward N - 1, reverse 0) to fbuf in fp32, plus gtot[n] = Gt.
+//
+// v20: the kernel is templated on KMAX, the token rows one block stages (and its thread count):
+// KMAX = 256 (8 warps, 2 blocks per SM; v4 .. v18, and v20 up to nsrc * C = 256) and KMAX = 512
+// (16 warps, one block per SM, 143,376 bytes of shared memory at d = 64; v20 for
+// 256 < nsrc * C <= 512: chunk 384 / 512, or the reverse scan of chunk 256 under GQA 2:1 and of
+// chunk 128 under 4:1). Why: at chunk 512 the LOCAL scan fell back to state_scan_kernel<LOCAL>
+// (restages each chunk once per 128 features): on an H100 at t = 65536, b = 1, 8 heads, d = 64,
+// fwd+bwd, 1.51 + 1.47 ms, against 0.59 ms each for this kernel at chunk 256; that ate chunk 512's
+// gain on state_prefix_kernel (0.31 + 0.21 ms vs 0.63 + 0.43) and more. A 512-row block at ~0.6 ms
+// should make chunk 512 ~0.2-0.3 ms faster than chunk 256 at 64K (projection, not yet measured).
+// Both variants run the same k-steps on the same bf16 operands in the same order per feature row
+// (only the work split differs), so they agree bit for bit with each other and with the fallback.
+// Both cap registers at 128 per thread.
 #pragma once
 
 #include "power_retention_kernels.cuh"
@@ -19,14 +32,19 @@
 namespace llmtrain {
 namespace pr {
 
-constexpr int kLocalK = 256;   // most token rows staged per block (nsrc * Cp)
-constexpr int kLocalRows = 32; // feature rows per warp tile (two m16 tiles)
+constexpr int kLocalK = 256;     // token rows (nsrc * Cp) staged per block: v4's variant (8 warps)
+constexpr int kLocalK512 = 512;  // v20's wide variant (16 warps, one block per SM)
+constexpr int kLocalRows = 32;   // feature rows per warp tile (two m16 tiles)
 
-// Can v4 stage this chunk in one go? (Otherwise the v2/v3 kernel runs.)
-__host__ __device__ constexpr bool local_fits(int d, int nsrc, int C) { return d <= 64 && nsrc * C <= kLocalK; }
+// Can a block of capacity kmax stage this chunk in one go? (Otherwise the v2/v3 kernel runs.)
+__host__ __device__ constexpr bool local_fits(int d, int nsrc, int C, int kmax = kLocalK) {
+  return d <= 64 && nsrc * C <= kmax;
+}
 
-template <int d> constexpr size_t local_smem() {
-  return (size_t)(d + 1) * (kLocalK + 8) * 2 + (size_t)kLocalK * Cfg<d>::E * 2 + (size_t)kLocalK * 4;
+// Dynamic shared memory of state_local_kernel<d, .., .., KMAX>: XT [d + 1][KMAX + 8] bf16,
+// Ys [KMAX][E] bf16, gs [KMAX] fp32 (d = 64: 72,208 bytes at 256, 143,376 at 512).
+template <int d, int KMAX = kLocalK> constexpr size_t local_smem() {
+  return (size_t)(d + 1) * (KMAX + 8) * 2 + (size_t)KMAX * Cfg<d>::E * 2 + (size_t)KMAX * 4;
 }
 
 // Row a of canonical feature f (row_start(a) <= f < row_start(a + 1)): the quadratic formula, then
@@ -41,16 +59,19 @@ __device__ __forceinline__ int feature_row(int f) {
   return a;
 }
 
-template <int d, typename T, bool REV>
-__global__ void __launch_bounds__(kThreads, 2) state_local_kernel(const ScanArgs p) {
-  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, XL = kLocalK + 8;
+// Launched with KMAX threads (one per staged token row): 256 -> 8 warps, 2 blocks per SM;
+// 512 -> 16 warps, 1 block per SM. Either way at most 128 registers per thread.
+template <int d, typename T, bool REV, int KMAX = kLocalK>
+__global__ void __launch_bounds__(KMAX, KMAX <= 256 ? 2 : 1) state_local_kernel(const ScanArgs p) {
+  static_assert(KMAX == 256 || KMAX == 512, "state_local_kernel stages 256 or 512 token rows");
+  constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, XL = KMAX + 8;
   constexpr int NWT = (D + kLocalRows - 1) / kLocalRows;
-  constexpr int NW = kThreads / 32;
+  constexpr int NW = KMAX / 32;  // warps per block (the block has KMAX threads)
   static_assert(d % 16 == 0, "the staging reads 16 columns per thread");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* XT = reinterpret_cast<bf16*>(smem_raw);  // [d + 1][XL]: x transposed; row d zero
-  bf16* Ys = XT + (d + 1) * XL;                  // [kLocalK][E]: yhat, weighted
-  float* gs = reinterpret_cast<float*>(Ys + kLocalK * E);
+  bf16* Ys = XT + (d + 1) * XL;                  // [KMAX][E]: yhat, weighted
+  float* gs = reinterpret_cast<float*>(Ys + KMAX * E);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int64_t wi = (int64_t)blockIdx.z * gridDim.y + blockIdx.y;
   if (wi >= p.nwork) return;

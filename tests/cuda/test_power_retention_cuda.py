@@ -38,7 +38,7 @@ DEV = "cuda"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-2}
 # Kernel generation under test: LLMTRAIN_RETENTION_KERNEL=v1 .. v6 (read by the extension per call;
 # unset = the build's default, kDefaultVersion in csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_KERNEL = "v18"
+DEFAULT_KERNEL = "v20"
 KERNEL = os.environ.get("LLMTRAIN_RETENTION_KERNEL") or DEFAULT_KERNEL
 # dlog_g: v1 reverse-cumsums (q.dq - k.dk)/2 over the whole sequence, so bf16-level errors of the
 # cross-chunk terms accumulate with t (measured 1e-2 .. 2.7e-2): KNOWN GAP, held to 6e-2. v2 sums
@@ -127,7 +127,10 @@ def run_fwd(q, k, v, log_g, s0, z0, chunk, need_state, keep=None):
 
 
 def run_bwd(q, k, v, log_g, s0, z0, dy, dS, dz, chunk, saved=None):
-    """saved: the forward's workspace (v3: the chunk states are read from it, not recomputed)."""
+    """saved: the forward's workspace (v3: the chunk states are read from it, not recomputed). As the
+    op does, a gated backward with a final-state gradient ignores it (<dS_T, S_T> needs the walk)."""
+    if log_g is not None and (dS is not None or dz is not None):
+        saved = None
     dq, dk, dv = nan_like(q), nan_like(k), nan_like(v)
     dlog_g = nan_like(log_g) if log_g is not None else None
     ds0 = nan_like(s0) if s0 is not None else None
@@ -702,6 +705,39 @@ def test_v18_state_wgmma_matches_v12(monkeypatch, c):
             assert err < 5e-3, f"{nm}: {err:.3e}"
 
 
+@pytest.mark.parametrize("c", V18_CASES, ids=["-".join(str(x).split(".")[-1] for x in c) for c in V18_CASES])
+def test_v21_state_query_wgmma_matches_v18(monkeypatch, c):
+    """v21 runs the chunked forward's state query (chunk_out) on wgmma for d = 64 on sm_90
+    (power_retention_query_wgmma.cuh): the same bf16 products of phi(x) and S, accumulated in the
+    tensor cores' order instead of mma.sync's. The chunk states are bitwise v18's (chunk_out does not
+    write them); y and everything the backward derives from the forward's rows agree to fp32
+    accumulation-order rounding. Same cases as v18's; d = 32 / 128 run v12's chunk_out under v21."""
+    res = _chunked_runs(monkeypatch, c, ("v18", "v21"))
+    for nm, a, b_ in zip(CHUNKED_NAMES, res["v18"], res["v21"]):
+        if a is None:
+            continue
+        if nm in ("state", "sum_of_keys"):
+            assert torch.equal(a, b_), nm
+        else:
+            assert torch.isfinite(b_).all(), nm
+            err = rel(b_, a)
+            log_err(f"v21_vs_v18-{'-'.join(map(str, c))}", nm, err)
+            assert err < 2e-3, f"{nm}: {err:.3e}"
+
+
+def test_v21_runs_the_wgmma_state_query(monkeypatch):
+    """v21 runs chunk_out_kernel with the wgmma state query (template argument UCV = 3) for d = 64
+    on an sm_90 device; v18, d = 32 and other GPUs run v12's (UCV = 2)."""
+    for ver, d in (("v21", 64), ("v21", 32), ("v18", 64)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        q, k, v, log_g, gen = make(2, 700, 4, 2, d, torch.bfloat16, True)
+        dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+        names = _kernels_run(q, k, v, log_g, dy, 256)
+        wg = ver == "v21" and d == 64 and _sm90()
+        ran = [n for n in names if "::chunk_out_kernel<" in n]
+        assert len(ran) == 1 and (", 2, 3>(" in ran[0]) == wg, (ver, d, ran)
+
+
 def _kernels_run(q, k, v, log_g, dy, chunk):
     """Names of the CUDA kernels one forward + backward (from the kept buffer) launches."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -725,6 +761,89 @@ def test_v18_runs_the_wgmma_state_kernels(monkeypatch):
         for kern in ("dq_kernel", "dkv_kernel"):
             ran = [n for n in names if f"::{kern}<" in n]
             assert len(ran) == 1 and f", 2, {ucv}>" in ran[0], (ver, d, kern, ran)
+
+
+# v20: state_local_kernel stages up to 512 token rows (KMAX = 512, 16 warps) where v18 runs
+# state_scan_kernel<LOCAL>: 256 < nsrc * C <= 512 (nsrc: 1 forward, hq / hk reverse), d <= 64.
+V20_CASES = [(2, 1300, 4, 4, 64, torch.bfloat16, True, True, True, 512),   # MHA, 3 chunks (last 276)
+             (1, 2000, 4, 4, 64, torch.float16, True, True, True, 512),    # fp16, 4 chunks (last 464)
+             (1, 1000, 4, 4, 64, torch.bfloat16, False, True, True, 512),  # ungated
+             (2, 8700, 8, 8, 64, torch.bfloat16, True, False, False, 512), # 272 chunks x heads: no tile split
+             (2, 700, 4, 2, 64, torch.bfloat16, True, True, True, 256),    # GQA 2:1, reverse nsrc * C = 512
+             (2, 700, 8, 2, 64, torch.bfloat16, True, False, True, 128),   # GQA 4:1 chunk 128: reverse 512
+             (2, 1000, 4, 4, 64, torch.bfloat16, True, False, True, 384),  # chunk 384, 3 chunks (last 232)
+             (1, 1000, 4, 2, 64, torch.float32, True, True, False, 384),   # fp32; reverse 768: fallback
+             (2, 1300, 4, 2, 64, torch.bfloat16, True, True, True, 512),   # reverse 1024: fallback
+             (2, 1100, 4, 4, 32, torch.bfloat16, True, True, False, 512)]  # d = 32
+
+
+@pytest.mark.parametrize("c", V20_CASES, ids=["-".join(str(x).split(".")[-1] for x in c) for c in V20_CASES])
+def test_v20_local_512_matches_v18_bitwise(monkeypatch, c):
+    """v20 changes only the work split of the per-chunk state contributions (the LOCAL scan): where
+    256 < nsrc * C <= 512 one block of 512 threads stages the chunk's (nsrc * Cp) token rows once
+    (state_local_kernel<.., 512>) instead of state_scan_kernel<LOCAL> restaging them per 128
+    features. The same bf16 operands go through the same mma k-steps in the same order, so every
+    output is bitwise v18's. Cases: chunk 512 MHA (bf16 / fp16, gated / ungated, t not a multiple
+    of 512, an initial state, the gradient of the final state; enough chunks that no feature-tile
+    split happens), the reverse scan of chunk 256 under GQA 2:1 and of chunk 128 under 4:1
+    (nsrc * C = 512), chunk 384, fp32,
+    d = 32, and chunk 512 under GQA 2:1 (reverse nsrc * C = 1024: still the fallback). Outputs are
+    poisoned, so every element must be written."""
+    res = _chunked_runs(monkeypatch, c, ("v18", "v20"))
+    for nm, a, b_ in zip(CHUNKED_NAMES, res["v18"], res["v20"]):
+        if a is None:
+            continue
+        assert torch.isfinite(b_).all(), nm
+        assert torch.equal(a, b_), nm
+
+
+def _local512_fits(d):
+    """Whether the device can give state_local_kernel<d, .., 512> its shared memory (else v20 keeps
+    the fallback): (d + 1) * 520 * 2 + 512 * (d + 8) * 2 + 512 * 4 bytes (143,376 at d = 64)."""
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(p, "shared_memory_per_block_optin", None)
+    if optin is None:  # older torch: the opt-in limits of sm_80 / sm_90 / sm_100, ~99 KB elsewhere
+        optin = {(8, 0): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024}.get((p.major, p.minor), 99 * 1024)
+    return (d + 1) * 520 * 2 + 512 * (d + 8) * 2 + 512 * 4 <= optin
+
+
+def _local_scan_kernels(names):
+    """{REV: kernel} for the LOCAL scans among profiled kernel names: 'local256' / 'local512'
+    (state_local_kernel<d, T, REV, KMAX>) or 'scan' (state_scan_kernel<d, T, REV, LOCAL = true>)."""
+    out = {}
+    for n in names:
+        for pat, kind in ((r"state_local_kernel<\d+, [^,]+, (false|true), (\d+)>", "local"),
+                          (r"state_scan_kernel<\d+, [^,]+, (false|true), true>", "scan")):
+            m = re.search(pat, n)
+            if m:
+                rev = m.group(1) == "true"
+                assert rev not in out, names  # one LOCAL scan kernel per direction
+                out[rev] = f"local{m.group(2)}" if kind == "local" else "scan"
+    return out
+
+
+def test_v20_runs_the_512_row_local_kernel(monkeypatch):
+    """Which LOCAL scan kernel runs (forward and reverse) per generation, chunk and GQA ratio: v20 at
+    chunk 512 runs state_local_kernel<.., 512> both ways and no state_scan_kernel; v18 the fallback
+    there; chunk 256 keeps the 256-row variant (v20's reverse under GQA 2:1 takes the 512 one);
+    chunk 512 under GQA 2:1 (reverse nsrc * C = 1024) the fallback in reverse. Devices without
+    ~140 KB of opt-in shared memory per block keep the fallback under v20."""
+    big = "local512" if _local512_fits(64) else "scan"
+    for ver, hq, hk, chunk, fwd, rev in (("v20", 4, 4, 512, big, big),
+                                         ("v18", 4, 4, 512, "scan", "scan"),
+                                         ("v20", 4, 4, 256, "local256", "local256"),
+                                         ("v20", 4, 2, 256, "local256", big),
+                                         ("v18", 4, 2, 256, "local256", "scan"),
+                                         ("v20", 4, 2, 512, big, "scan"),
+                                         ("v20", 4, 4, 384, big, big)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        q, k, v, log_g, gen = make(2, 1300, hq, hk, 64, torch.bfloat16, True)
+        dy = torch.randn(q.shape, device=DEV, generator=gen).to(q.dtype)
+        names = _kernels_run(q, k, v, log_g, dy, chunk)
+        assert _local_scan_kernels(names) == {False: fwd, True: rev}, (ver, hq, hk, chunk, names)
+        if ver == "v20" and chunk == 512 and hq == hk and big == "local512":
+            assert any("state_local_kernel" in n for n in names), names
+            assert not any("state_scan_kernel" in n for n in names), names
 
 
 V14_CASES = [(3, 1000, 5, 5, 64, torch.bfloat16, True), (2, 2000, 8, 2, 64, torch.bfloat16, True),

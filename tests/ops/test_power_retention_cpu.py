@@ -230,6 +230,14 @@ def test_cuda_chunk_policy_by_generation(monkeypatch):
     assert O._cuda_chunk_count(5000, 4096) == 5  # capped at 1024
     assert O._cuda_chunk_count(900, 4096) == 1
     assert O.default_chunk_size(2048, 64, "cpu") == 512  # the CPU policy does not depend on it
+    # v20 (LOCAL scan up to 512 rows): chunk 512 at d = 64 past one chunk, 256 under GQA; v18 256
+    for ver, mha, gqa in (("v18", 256, 256), ("v20", 512, 256)):
+        monkeypatch.setenv("LLMTRAIN_RETENTION_KERNEL", ver)
+        assert O.default_chunk_size(65536, 64, "cuda") == mha
+        assert O.default_chunk_size(65536, 64, "cuda", group=2) == gqa
+        assert O.default_chunk_size(65536, 128, "cuda") == 1024
+        assert O.default_chunk_size(65536, 32, "cuda") == 128
+        assert O.default_chunk_size(65536, 64, "cpu", group=4) == 512
     monkeypatch.delenv("LLMTRAIN_RETENTION_KERNEL")
     assert O._cuda_generation() == int(O.DEFAULT_CUDA_KERNEL[1:])
 

@@ -46,7 +46,8 @@ def mixer_flops_per_token(config, seq_len: int) -> float:
     if model_type == "llmtrain_retention":
         from llmtrain.ops import default_chunk_size
 
-        chunk = config.chunk_size or default_chunk_size(seq_len, config.head_dim, "cuda")
+        group = max(1, config.num_attention_heads // config.num_key_value_heads)
+        chunk = config.chunk_size or default_chunk_size(seq_len, config.head_dim, "cuda", group)
         return retention_mixer_flops(config.num_hidden_layers, config.num_attention_heads,
                                      config.num_key_value_heads, config.head_dim, min(chunk, seq_len))
     if model_type == "llmtrain_mla":

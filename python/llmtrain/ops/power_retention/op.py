@@ -33,8 +33,9 @@ class RetentionState(NamedTuple):
     sum_of_keys: Tensor
 
 
-def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
-    """Chunk size per sequence length and head dim (the result does not depend on it).
+def default_chunk_size(t: int, d: int, device_type: str = "cpu", group: int = 1) -> int:
+    """Chunk size per sequence length and head dim (the result does not depend on it); group: query
+    heads per key/value head (GQA).
 
     Within a chunk a token costs ~chunk*d multiply-adds (quadratic form); crossing chunks costs
     ~2*D*(d+1) per token (state update and query). On the CPU, where both run at the same rate,
@@ -49,6 +50,11 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu") -> int:
         # 256/512 (1024 is 13% slower at 64K); d = 128: 1024 is 1-22% faster than 512.
         if t <= single_chunk_max(d):
             return max(1, t)
+        if d == 64 and _cuda_generation() >= 20:
+            # v20's LOCAL scan stages up to 512 token rows (group x chunk in its reverse pass): chunk
+            # 512 halves the state traffic of chunk 256, fwd+bwd -3.5% at 64K and -4% at 8K (H100,
+            # docs/perf.md session 17). Under GQA, 256 keeps the reverse pass on that kernel at 2:1.
+            return 512 if group == 1 else 256
         return 128 if d <= 32 else (256 if d <= 64 else 1024)
     return max(1, t) if t <= 1024 else 512
 
@@ -75,7 +81,7 @@ def _workspace(q: Tensor, k: Tensor, chunk_size: int, which: int) -> dict:
 
 # The CUDA kernel generation that runs when LLMTRAIN_RETENTION_KERNEL is unset (kDefaultVersion in
 # csrc/cuda/power_retention.cu; keep in step).
-DEFAULT_CUDA_KERNEL = "v18"
+DEFAULT_CUDA_KERNEL = "v20"
 # The longest sequence (per head dim) that default_chunk_size runs as a single chunk, by generation.
 # v7 .. v9 (H100, fwd+bwd, 65,536 tokens x 8 heads, docs/perf.md, session 5): d = 64 one chunk 6.5 ms
 # vs chunk 256 7.8 at t = 2048, but 11.9 vs 8.4 at 4096; d = 128 16.9 / 29.6 / 52.9 ms vs 58.5 / 66.8
@@ -383,7 +389,7 @@ def power_retention(
     if not math.isfinite(scale) or scale == 0.0:
         raise ValueError(f"power_retention: scale must be finite and non-zero, got {scale}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(t, d, q.device.type)
+        chunk_size = default_chunk_size(t, d, q.device.type, max(1, hq // k.shape[2]))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"power_retention: chunk_size must be a positive int, got {chunk_size!r}")
     acc = _acc_dtype(q.dtype)
