@@ -60,7 +60,7 @@
 // pass (the whole attention and state query again: ~11% of a chunked forward+backward at d = 64).
 // Costs 260 bytes per token and head at d = 64 kept from forward to backward (chunk states: ~1.2 KB).
 //
-// v12 (the default): v11 with dq_kernel and dkv_kernel contracting the state part through
+// v12: v11 with dq_kernel and dkv_kernel contracting the state part through
 // u_contract_tiles (kernels.cuh): the same terms, with the triangle-row tiles unrolled per a / 8 so
 // their MMA chains interleave, and the masks and row scales off the tiles right of the diagonal
 // (ncu: v11's u_contract was ~75% of dq_kernel's instructions, HMMA 4.7% of them); the forward's
@@ -73,6 +73,11 @@
 // normaliser from an MMA against ones, no state code. Other shapes run v9's kernels, and so does a
 // sequence whose flash kernels need more shared memory than the device allows (their gate staging
 // grows with t: d = 128 at 8K needs ~173 KB; sm_86/89/120 allow 99 KB per block, A100 163).
+//
+// v18: v12 with the chunked dq / dkv state parts on wgmma (power_retention_state_wgmma.cuh; d = 64, sm_90a).
+// v20 (the default, session 17): v18, and the LOCAL scan stages up to 512 token rows (state_local_kernel
+// <.., 512>, bitwise the fallback it replaces), so the Python default runs chunk 512 at d = 64 (docs/perf.md).
+// v21 (opt-in): v20 with the forward's state query on wgmma (power_retention_query_wgmma.cuh).
 //
 // Workspace (allocated by the caller with torch, size from power_retention_workspace_bytes):
 //   forward:  bf16 states [b*hk, N, D, d+8]
