@@ -33,9 +33,19 @@ class RetentionState(NamedTuple):
     sum_of_keys: Tensor
 
 
-def default_chunk_size(t: int, d: int, device_type: str = "cpu", group: int = 1) -> int:
+def _wide_local_scan(device: Optional[torch.device] = None) -> bool:
+    """Whether chunk 512 is the d = 64 default on this CUDA device (None: the current one): where v20's
+    512-row LOCAL scan was measured faster, Hopper (sm_90). Elsewhere the kernel may not get its 143 KB
+    of shared memory (sm_86 / 89 / 120 allow 99 KB a block) or was not measured: chunk 256."""
+    if not torch.cuda.is_available():
+        return True  # a CUDA-free estimate (bench FLOP counts): the H100 policy
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def default_chunk_size(t: int, d: int, device_type: str = "cpu", group: int = 1,
+                       device: Optional[torch.device] = None) -> int:
     """Chunk size per sequence length and head dim (the result does not depend on it); group: query
-    heads per key/value head (GQA).
+    heads per key/value head (GQA); device: the CUDA device (None: the current one).
 
     Within a chunk a token costs ~chunk*d multiply-adds (quadratic form); crossing chunks costs
     ~2*D*(d+1) per token (state update and query). On the CPU, where both run at the same rate,
@@ -50,9 +60,9 @@ def default_chunk_size(t: int, d: int, device_type: str = "cpu", group: int = 1)
         # 256/512 (1024 is 13% slower at 64K); d = 128: 1024 is 1-22% faster than 512.
         if t <= single_chunk_max(d):
             return max(1, t)
-        if d == 64 and _cuda_generation() >= 20:
+        if d == 64 and _cuda_generation() >= 20 and _wide_local_scan(device):
             # v20's LOCAL scan stages up to 512 token rows (group x chunk in its reverse pass): chunk
-            # 512 halves the state traffic of chunk 256, fwd+bwd -3.5% at 64K and -4% at 8K (H100,
+            # 512 halves the state traffic of chunk 256, fwd+bwd -3% at 8K and -4% at 64K (H100,
             # docs/perf.md session 17). Under GQA, 256 keeps the reverse pass on that kernel at 2:1.
             return 512 if group == 1 else 256
         return 128 if d <= 32 else (256 if d <= 64 else 1024)
@@ -389,7 +399,8 @@ def power_retention(
     if not math.isfinite(scale) or scale == 0.0:
         raise ValueError(f"power_retention: scale must be finite and non-zero, got {scale}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(t, d, q.device.type, max(1, hq // k.shape[2]))
+        chunk_size = default_chunk_size(t, d, q.device.type, max(1, hq // k.shape[2]),
+                                        q.device if q.device.type == "cuda" else None)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"power_retention: chunk_size must be a positive int, got {chunk_size!r}")
     acc = _acc_dtype(q.dtype)
