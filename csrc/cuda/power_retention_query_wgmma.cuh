@@ -40,22 +40,6 @@ __device__ __forceinline__ uint64_t plain_desc(const void* tile) {
   return (uint64_t)((smem_u32(tile) >> 4) & 0x3FFF) | ((uint64_t)(128 >> 4) << 16) | ((uint64_t)(128 >> 4) << 32);
 }
 
-// acc[0..7] (columns 0-63) += A[64 x 16] B[16 x 64], A in registers, B MN-major in shared memory.
-__device__ __forceinline__ void wgmma_query_values(float (&d)[9][4], const uint32_t (&a)[4], uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
-        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
-        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-        "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
 // acc[8] (column 64, the normaliser, and 7 zero columns) += A[64 x 16] B[16 x 8], B MN-major.
 __device__ __forceinline__ void wgmma_query_norm(float (&d)[9][4], const uint32_t (&a)[4], uint64_t db) {
   asm volatile(
@@ -111,10 +95,11 @@ __device__ __forceinline__ void query_pair(float (&acc)[9][4], const bf16* xs, c
   phi_a_frag<64, true>(A[0], xs, BD, a, wr0, tq, xa0, xa1, xn0, xn1);
 #pragma unroll
   for (int s = 1; s < NK; ++s) phi_a_frag<64, false>(A[s], xs, BD + s, a, wr0, tq, xa0, xa1, xn0, xn1);
+  float(&values)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[0]);  // columns 0-63 (acc[8]: the normaliser)
   wg_fence();
 #pragma unroll
   for (int s = 0; s < NK; ++s) {
-    wgmma_query_values(acc, A[s], sw128_desc(ring.values(slot, s)));
+    wgmma_rs<64, 1>(values, A[s], sw128_desc(ring.values(slot, s)), 1);
     wgmma_query_norm(acc, A[s], plain_desc(ring.norms(slot, s)));
   }
   wg_commit();
