@@ -647,6 +647,21 @@ def _chunked_runs(monkeypatch, c, versions):
     return res
 
 
+def _assert_runs_agree(c, res, old, new, exact, tol):
+    """_chunked_runs results: the outputs named in `exact` bitwise equal between generations old and new,
+    the others finite and within relative error tol (logged under "<new>_vs_<old>-<case>")."""
+    for nm, a, b_ in zip(CHUNKED_NAMES, res[old], res[new]):
+        if a is None:
+            continue
+        if nm in exact:
+            assert torch.equal(a, b_), nm
+        else:
+            assert torch.isfinite(b_).all(), nm
+            err = rel(b_, a)
+            log_err(f"{new}_vs_{old}-{'-'.join(map(str, c))}", nm, err)
+            assert err < tol, f"{nm}: {err:.3e}"
+
+
 @pytest.mark.parametrize("c", [(2, 700, 4, 1, 64, torch.bfloat16, True, False, False, 256),
                                (1, 1000, 4, 4, 64, torch.bfloat16, False, True, True, 256),
                                (2, 700, 4, 2, 64, torch.bfloat16, True, True, False, 256),
@@ -660,16 +675,7 @@ def test_v12_state_contraction_matches_v11(monkeypatch, c):
     4:1 and 2:1, an initial state, the (ungated) gradient of the final state, d = 32 / 64, fp16 /
     fp32, chunk 512; d = 128 runs v11's kernels under v12 (bitwise)."""
     res = _chunked_runs(monkeypatch, c, ("v11", "v12"))
-    for nm, a, b_ in zip(CHUNKED_NAMES, res["v11"], res["v12"]):
-        if a is None:
-            continue
-        if nm in ("y", "state", "sum_of_keys", "dv", "ds0", "dz0"):
-            assert torch.equal(a, b_), nm
-        else:
-            assert torch.isfinite(b_).all(), nm
-            err = rel(b_, a)
-            log_err(f"v12_vs_v11-{'-'.join(map(str, c))}", nm, err)
-            assert err < 1e-3, f"{nm}: {err:.3e}"
+    _assert_runs_agree(c, res, "v11", "v12", ("y", "state", "sum_of_keys", "dv", "ds0", "dz0"), 1e-3)
 
 
 V18_CASES = [(2, 700, 4, 1, 64, torch.bfloat16, True, False, False, 256),
@@ -693,16 +699,7 @@ def test_v18_state_wgmma_matches_v12(monkeypatch, c):
     chunk, GQA 4:1 / 2:1, an initial state, the (ungated) gradient of the final state, bf16 / fp16 /
     fp32, chunks 128 / 256 / 512; d = 32 / 128 run v12's kernels under v18. Outputs are poisoned."""
     res = _chunked_runs(monkeypatch, c, ("v12", "v18"))
-    for nm, a, b_ in zip(CHUNKED_NAMES, res["v12"], res["v18"]):
-        if a is None:
-            continue
-        if nm in ("y", "state", "sum_of_keys", "ds0", "dz0"):
-            assert torch.equal(a, b_), nm
-        else:
-            assert torch.isfinite(b_).all(), nm
-            err = rel(b_, a)
-            log_err(f"v18_vs_v12-{'-'.join(map(str, c))}", nm, err)
-            assert err < 5e-3, f"{nm}: {err:.3e}"
+    _assert_runs_agree(c, res, "v12", "v18", ("y", "state", "sum_of_keys", "ds0", "dz0"), 5e-3)
 
 
 @pytest.mark.parametrize("c", V18_CASES, ids=["-".join(str(x).split(".")[-1] for x in c) for c in V18_CASES])
@@ -713,16 +710,7 @@ def test_v21_state_query_wgmma_matches_v18(monkeypatch, c):
     write them); y and everything the backward derives from the forward's rows agree to fp32
     accumulation-order rounding. Same cases as v18's; d = 32 / 128 run v12's chunk_out under v21."""
     res = _chunked_runs(monkeypatch, c, ("v18", "v21"))
-    for nm, a, b_ in zip(CHUNKED_NAMES, res["v18"], res["v21"]):
-        if a is None:
-            continue
-        if nm in ("state", "sum_of_keys"):
-            assert torch.equal(a, b_), nm
-        else:
-            assert torch.isfinite(b_).all(), nm
-            err = rel(b_, a)
-            log_err(f"v21_vs_v18-{'-'.join(map(str, c))}", nm, err)
-            assert err < 2e-3, f"{nm}: {err:.3e}"
+    _assert_runs_agree(c, res, "v18", "v21", ("state", "sum_of_keys"), 2e-3)
 
 
 def test_v21_runs_the_wgmma_state_query(monkeypatch):
@@ -786,9 +774,8 @@ def test_v20_local_512_matches_v18_bitwise(monkeypatch, c):
     output is bitwise v18's. Cases: chunk 512 MHA (bf16 / fp16, gated / ungated, t not a multiple
     of 512, an initial state, the gradient of the final state; enough chunks that no feature-tile
     split happens), the reverse scan of chunk 256 under GQA 2:1 and of chunk 128 under 4:1
-    (nsrc * C = 512), chunk 384, fp32,
-    d = 32, and chunk 512 under GQA 2:1 (reverse nsrc * C = 1024: still the fallback). Outputs are
-    poisoned, so every element must be written."""
+    (nsrc * C = 512), chunk 384, fp32, d = 32, and chunk 512 under GQA 2:1 (reverse nsrc * C = 1024:
+    still the fallback). Outputs are poisoned, so every element must be written."""
     res = _chunked_runs(monkeypatch, c, ("v18", "v20"))
     for nm, a, b_ in zip(CHUNKED_NAMES, res["v18"], res["v20"]):
         if a is None:
