@@ -250,9 +250,10 @@ void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
     const int ver = kernel_version();
     if (ver >= 20 && !local_fits(d, nsrc, P.C) && local_fits(d, nsrc, P.C, kLocalK512)) {
       // v20: 256 < nsrc * C <= 512 (chunk 384 / 512, or the reverse scan of chunk 256 under GQA
-      // 2:1 and chunk 128 under 4:1): the 512-row variant (16 warps, ~140 KB of shared memory, one block per SM), instead
-      // of state_scan_kernel<LOCAL> below. Same bits. Feature tiles split over more blocks only
-      // when there are too few chunks: half v4's block target, each block being twice as wide.
+      // 2:1 and chunk 128 under 4:1): the 512-row variant (16 warps, ~140 KB of shared memory, one
+      // block per SM), instead of state_scan_kernel<LOCAL> below. Same bits. Feature tiles split over
+      // more blocks only when there are too few chunks: half v4's block target, each block being twice
+      // as wide.
       // Devices whose opt-in shared memory is smaller (sm_86 / 89 / 120: ~99 KB) keep the fallback.
       constexpr size_t sm = local_smem<d, kLocalK512>();
       int dev = 0, optin = 0;
@@ -299,14 +300,6 @@ void launch_prefix(PrefixArgs a, const Plan& P, cudaStream_t st) {
 }
 
 template <int d> bool state_wgmma_usable(size_t smem);
-// LLMTRAIN_RETENTION_QUERY_RING=3|4 (default 3): slots of v21's state-query ring (A/B of its prefetch depth).
-int query_ring_slots() {
-  const char* e = std::getenv("LLMTRAIN_RETENTION_QUERY_RING");
-  if (!e || !*e || !std::strcmp(e, "3")) return 3;
-  if (!std::strcmp(e, "4")) return 4;
-  throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_QUERY_RING must be 3 or 4, got '") +
-                              e + "'");
-}
 
 template <int d, typename T, bool GHAT>
 void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
@@ -324,13 +317,11 @@ void launch_out(const OutArgs& a, const Plan& P, cudaStream_t st) {
   // forward at d <= 64 (the ghat pass, which only the gated final-state gradient still runs, and
   // d = 128 keep phi_pair_gemm: same bits, and each unrolled instance costs compile time).
   // v21: the forward's state query on wgmma (power_retention_query_wgmma.cuh) for d = 64 on an sm_90
-  // device of an sm_90a build; two blocks per SM (a ring of 3 slots needs ~56 KB, of 4 ~74 KB).
+  // device of an sm_90a build; two blocks per SM, a ring of 3 slots (~56 KB; 4 slots measured no faster).
   const int ver = kernel_version();
   if constexpr (d == 64 && !GHAT) {
-    const int slots = query_ring_slots();
-    if (ver >= 21 && state_wgmma_usable<d>(out_smem_wgmma<d>(gbytes, slots))) {
-      sm = out_smem_wgmma<d>(gbytes, slots);
-      if (slots == 4) return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 2, 4>);
+    if (ver >= 21 && state_wgmma_usable<d>(out_smem_wgmma<d>(gbytes, 3))) {
+      sm = out_smem_wgmma<d>(gbytes, 3);
       return launch(chunk_out_kernel<d, T, GHAT, TU::OUT_G, TU::OUT_NBUF, 2, 3>);
     }
   }

@@ -723,8 +723,8 @@ template <int d> constexpr size_t out_smem_wgmma(int gate_bytes, int slots) {  /
 }
 
 // MINB: blocks per SM that the register allocation must allow (0: no bound; v6: 3 at d <= 64).
-// UCV: the state query, 1: phi_pair_gemm (v1 .. v11), 2: the v12 tiles, 3 / 4: wgmma with a ring of 3 / 4
-// slots (v21, d = 64).
+// UCV: the state query, 1: phi_pair_gemm (v1 .. v11), 2: the v12 tiles, >= 3: wgmma with a ring of UCV
+// slots (v21, d = 64: 3).
 template <int d, typename T, bool GHAT, int G, int NBUF, int MINB = 0, int UCV = 1>
 __global__ void __launch_bounds__(kThreads, MINB) chunk_out_kernel(const OutArgs p) {
   constexpr int D = Cfg<d>::D, E = Cfg<d>::E, NT = Cfg<d>::NT, ND = Cfg<d>::ND, LD = Cfg<d>::LD;

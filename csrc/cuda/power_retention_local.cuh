@@ -20,8 +20,9 @@
 // chunk 128 under 4:1). Why: at chunk 512 the LOCAL scan fell back to state_scan_kernel<LOCAL>
 // (restages each chunk once per 128 features): on an H100 at t = 65536, b = 1, 8 heads, d = 64,
 // fwd+bwd, 1.51 + 1.47 ms, against 0.59 ms each for this kernel at chunk 256; that ate chunk 512's
-// gain on state_prefix_kernel (0.31 + 0.21 ms vs 0.63 + 0.43) and more. A 512-row block at ~0.6 ms
-// should make chunk 512 ~0.2-0.3 ms faster than chunk 256 at 64K (projection, not yet measured).
+// gain on state_prefix_kernel (0.31 + 0.21 ms vs 0.63 + 0.43) and more. Measured (session 17): the
+// 512-row block takes 0.61 ms each way at chunk 512, and chunk 512 is 0.20 / 0.27 ms faster than chunk
+// 256 at 8K / 64K (docs/perf.md, "v20 and v21").
 // Both variants run the same k-steps on the same bf16 operands in the same order per feature row
 // (only the work split differs), so they agree bit for bit with each other and with the fallback.
 // Both cap registers at 128 per thread.

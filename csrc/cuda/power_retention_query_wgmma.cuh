@@ -17,8 +17,8 @@
 // [16][8] tile without swizzle (rows 16 B apart: 8-row core matrices 128 B apart, the only stride
 // an N = 8 operand has, so both descriptor offsets are 128). A row left of the diagonal (b < a)
 // repeats the diagonal's state row: finite, and its A element is exactly zero. One slot holds one
-// pair of triangle rows (8 - a / 8 k-steps); 3 or 4 slots (LLMTRAIN_RETENTION_QUERY_RING), the
-// pairs after the current one loading ahead by cp.async.
+// pair of triangle rows (8 - a / 8 k-steps); 3 slots, the two pairs after the current one loading
+// ahead by cp.async (SLOTS = 4, three ahead, measured no faster: docs/perf.md, session 17).
 //
 // Each warpgroup builds a pair's A fragments, issues its 2 (8 - a / 8) MMAs and waits for them
 // before the next pair (its A registers are reused); the other warpgroups of the SM (two blocks of
