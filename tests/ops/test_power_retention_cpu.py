@@ -238,9 +238,13 @@ def test_cuda_chunk_policy_by_generation(monkeypatch):
         assert O.default_chunk_size(65536, 128, "cuda") == 1024
         assert O.default_chunk_size(65536, 32, "cuda") == 128
         assert O.default_chunk_size(65536, 64, "cpu", group=4) == 512
-    # off Hopper (where the 512-row LOCAL kernel may not fit or was not measured) v20 keeps 256
-    monkeypatch.setattr(O, "_wide_local_scan", lambda device=None: False)
-    assert O.default_chunk_size(65536, 64, "cuda") == 256
+    # off Hopper (where the 512-row LOCAL kernel may not fit or was not measured) v20 keeps 256:
+    # the rule reads the device's compute capability
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cap, chunk in (((9, 0), 512), ((8, 0), 256), ((8, 9), 256), ((12, 0), 256)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert O._wide_local_scan() == (chunk == 512)
+        assert O.default_chunk_size(65536, 64, "cuda") == chunk
     monkeypatch.delenv("LLMTRAIN_RETENTION_KERNEL")
     assert O._cuda_generation() == int(O.DEFAULT_CUDA_KERNEL[1:])
 
