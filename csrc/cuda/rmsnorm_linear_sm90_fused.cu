@@ -30,6 +30,13 @@ CUTLASS_DEVICE uint4 lds128(uint32_t a) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
   return v;
 }
+// Adds the squares of the bf16 pair xv to ss (bf16 -> fp32 is exact: the 16 bits moved to the top).
+CUTLASS_DEVICE void add_squares(uint32_t xv, float& ss) {
+  const float lo = __uint_as_float(xv << 16);
+  const float hi = __uint_as_float(xv & 0xffff0000u);
+  ss = fmaf(lo, lo, ss);
+  ss = fmaf(hi, hi, ss);
+}
 CUTLASS_DEVICE void sts128(uint32_t a, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
@@ -47,7 +54,10 @@ CUTLASS_DEVICE uint32_t scale_pair(uint32_t xv, uint32_t gv, float& ss) {
 }
 
 // The builder's mainloop with the row reduction and the g scaling added to the consumer side.
-// kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing.
+// kScaleA = false: the row sums only (B is already W diag(g)); a read-only variant for A/B timing. It reads
+// each stage after issuing that stage's wgmma, so the reads overlap the MMA (session 18: GEMM 197.6 us
+// against 199.8 with the reads before the issue; the plain GEMM 182: the extra 16 KB of shared-memory
+// reads per stage, not their latency, is what the sums cost).
 template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Base> {
   using typename NormArgsMainloop<Base>::Params;
   using typename Base::ElementA;
@@ -90,40 +100,61 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Ba
     };
     const uint4* g4 = reinterpret_cast<const uint4*>(params.g);
     const int k8 = params.k / 8;
-    float ss = 0.f;
+    float ss = 0.f, ss2 = 0.f;
     const uint32_t bar = 0;  // user named barrier 0 (offset past CUTLASS's reserved ids)
 
-    // Wait for k tile kt (stage of smem_pipe_read), apply the row sums and g in place, publish to wgmma.
+    // The read-only variant's row sums of one stage: issued after that stage's wgmma, so the reads
+    // and FFMAs overlap the MMA instead of delaying its issue (the stage stays valid until it is
+    // released, after the next stage's wgmma has been waited for). Two partial sums per thread
+    // halve the FFMA chain.
+    auto sum_stage = [&](int stage) {
+      uint4 v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = lds128(chunk_addr(q, stage));
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        add_squares(v[q].x, ss);
+        add_squares(v[q].y, ss2);
+        add_squares(v[q].z, ss);
+        add_squares(v[q].w, ss2);
+      }
+    };
+
+    // Wait for k tile kt (stage of smem_pipe_read); v3 then applies the row sums and g in place and
+    // publishes the tile to wgmma. The read-only variant only waits (sum_stage runs after the issue).
     auto wait_and_transform = [&](int kt) {
-      // g for this tile's columns (issued before the wait so the latency overlaps it).
-      uint4 gv[4];
+      if constexpr (!kScaleA) {
+        (void)kt;
+        auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+        pipeline.consumer_wait(smem_pipe_read, barrier_token);
+        return smem_pipe_read.index();
+      } else {
+        // g for this tile's columns (issued before the wait so the latency overlaps it).
+        uint4 gv[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int c8 = kt * 8 + half * 4 + q;
-        gv[q] = (kScaleA && c8 < k8) ? __ldg(g4 + c8) : make_uint4(0, 0, 0, 0);
-      }
-      auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
-      pipeline.consumer_wait(smem_pipe_read, barrier_token);
-      const int stage = smem_pipe_read.index();
+        for (int q = 0; q < 4; ++q) {
+          const int c8 = kt * 8 + half * 4 + q;
+          gv[q] = c8 < k8 ? __ldg(g4 + c8) : make_uint4(0, 0, 0, 0);
+        }
+        auto barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
+        pipeline.consumer_wait(smem_pipe_read, barrier_token);
+        const int stage = smem_pipe_read.index();
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t a = chunk_addr(q, stage);
-        uint4 v = lds128(a);
-        v.x = scale_pair(v.x, gv[q].x, ss);
-        v.y = scale_pair(v.y, gv[q].y, ss);
-        v.z = scale_pair(v.z, gv[q].z, ss);
-        v.w = scale_pair(v.w, gv[q].w, ss);
-        if constexpr (kScaleA) sts128(a, v);
-      }
-      // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
-      // whole tile is rewritten before any wgmma on it is issued.
-      // The read-only variant writes nothing, so no barrier: a stage is released only after this
-      // warpgroup's wgmma on it retired, and that wgmma was issued after these reads in every warp.
-      if constexpr (kScaleA) {
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t a = chunk_addr(q, stage);
+          uint4 v = lds128(a);
+          v.x = scale_pair(v.x, gv[q].x, ss);
+          v.y = scale_pair(v.y, gv[q].y, ss);
+          v.z = scale_pair(v.z, gv[q].z, ss);
+          v.w = scale_pair(v.w, gv[q].w, ss);
+          sts128(a, v);
+        }
+        // Generic-proxy writes -> visible to wgmma (async proxy), then all 256 consumers agree the
+        // whole tile is rewritten before any wgmma on it is issued.
         cutlass::arch::fence_view_async_shared();
         cutlass::arch::NamedBarrier::sync(256, bar);
+        return stage;
       }
-      return stage;
     };
 
     // Same schedule as the base mainloop (K_PIPE_MMAS = 1): the first tile peeled (accumulators
@@ -140,6 +171,7 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Ba
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
+      if constexpr (!kScaleA) sum_stage(read_stage);
       ++smem_pipe_read;
     }
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
@@ -151,6 +183,7 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Ba
       warpgroup_arrive();
       cute::gemm(tiled_mma, tCrA(_, _, _, read_stage), tCrB(_, _, _, read_stage), accum);
       warpgroup_commit_batch();
+      if constexpr (!kScaleA) sum_stage(read_stage);
       warpgroup_wait<1>();
       warpgroup_fence_operand(accum);
       pipeline.consumer_release(smem_pipe_release);
@@ -162,6 +195,7 @@ template <class Base, bool kScaleA> struct RmsNormMainloop : NormArgsMainloop<Ba
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
 
+    ss += ss2;
     ss += __shfl_xor_sync(0xFFFFFFFF, ss, 1);
     float* srstd = tile_rstd_smem();
     cutlass::arch::NamedBarrier::sync(256, bar);  // previous tile's readers (epilogue) are done

@@ -51,6 +51,12 @@ void fwd(const void* x, const void* wg, const float* rstd, const void* bias, voi
       {{}, nullptr, ld_stride<typename Cfg::StrideC>(m), static_cast<Element*>(y),
        ld_stride<typename Cfg::StrideD>(m)},
       hw_info()};
+  // Wide outputs: swizzle the persistent tile order by 8 (CUTLASS's max_swizzle_size) where the N tiles
+  // divide into groups of 8. Measured on the H100 at 16384 x 2048 -> 8192 (session 18, docs/perf.md):
+  // forward 0.877 against 0.922 ms (calls 1 and 5 agree); no change at 2048 / 4096 (16 N tiles), worse at
+  // 5632 (22 N tiles), so only from 32 N tiles. LLMTRAIN_RMSLIN_SWIZZLE overrides it (run_gemm).
+  const int64_t n_tiles = (m + size<1>(TileShape{}) - 1) / size<1>(TileShape{});
+  if (n_tiles >= 32 && n_tiles % 8 == 0) args.scheduler.max_swizzle_size = 8;
   args.epilogue.thread = {
       {rstd, 0.f, {}},                                   // rstd per row (column broadcast)
       {},                                                // acc

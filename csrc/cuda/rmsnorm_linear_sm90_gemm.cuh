@@ -61,8 +61,26 @@ template <class Stride> Stride ld_stride(int64_t ld) {
 // initialize() sets the kernel's shared-memory attribute (cudaFuncSetAttribute) on every call; it is
 // only needed once per device, so later calls take update(), which just rebuilds the parameters
 // (TMA descriptors). pdl: launch with programmatic dependent launch (see CUTLASS_ENABLE_GDC_FOR_SM90).
+// Tile order of the persistent scheduler (A/B switches, read on every call): LLMTRAIN_RMSLIN_SWIZZLE=1|2|4|8
+// (CUTLASS's max_swizzle_size, default 1) and LLMTRAIN_RMSLIN_RASTER=m|n (default: CUTLASS's heuristic).
+template <class SchedulerArgs> void set_tile_order(SchedulerArgs& sched) {
+  using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  if (const char* e = std::getenv("LLMTRAIN_RMSLIN_SWIZZLE"); e && e[0]) {
+    const std::string v = e;
+    if (v != "1" && v != "2" && v != "4" && v != "8")
+      throw std::runtime_error("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_SWIZZLE=" + v + " is not 1, 2, 4 or 8");
+    sched.max_swizzle_size = std::atoi(e);
+  }
+  if (const char* e = std::getenv("LLMTRAIN_RMSLIN_RASTER"); e && e[0]) {
+    const std::string v = e;
+    if (v != "m" && v != "n") throw std::runtime_error("rmsnorm_linear (CUDA): LLMTRAIN_RMSLIN_RASTER=" + v + " is not m or n");
+    sched.raster_order = v == "m" ? Raster::AlongM : Raster::AlongN;
+  }
+}
+
 template <class Gemm> void run_gemm(typename Gemm::Arguments& args, cudaStream_t s, const char* what, bool pdl = false) {
   static std::atomic<bool> attr_set[64] = {};
+  set_tile_order(args.scheduler);
   Gemm op;
   if (op.can_implement(args) != cutlass::Status::kSuccess)
     throw std::runtime_error(std::string("rmsnorm_linear (CUDA): CUTLASS cannot run ") + what + " on this problem");

@@ -294,6 +294,8 @@ def _needs_sm90():
     ("LLMTRAIN_RMSLIN_REDUCE", "atomic", "not a reduction mode"),
     ("LLMTRAIN_RMSLIN_ROWS", "s9", "not a row-kernel generation"),
     ("LLMTRAIN_RMSLIN_PREFETCH", "yes", "not 0 or 1"),
+    ("LLMTRAIN_RMSLIN_SWIZZLE", "3", "not 1, 2, 4 or 8"),
+    ("LLMTRAIN_RMSLIN_RASTER", "k", "not m or n"),
 ])
 def test_bad_switch_values_are_errors(var, val, match, monkeypatch):
     """A typo in a switch must fail loudly, not silently measure the default."""
@@ -304,6 +306,29 @@ def test_bad_switch_values_are_errors(var, val, match, monkeypatch):
     x, nw, w, b, dy = make(33, 256, 128, torch.bfloat16, True, 2)
     with pytest.raises(RuntimeError, match=match):
         call_native(x, nw, w, b, dy, 1e-6)
+
+
+@pytest.mark.parametrize("n,k,m", [(1023, 256, 8192), (300, 512, 2048), (515, 128, 5632)])
+def test_tile_order_changes_no_bit(n, k, m, monkeypatch):
+    """The persistent GEMMs' tile order (LLMTRAIN_RMSLIN_SWIZZLE / _RASTER; the default forward swizzles
+    by 8 from 32 N tiles) moves tiles between blocks, not the arithmetic: every output is bit-identical
+    to the unswizzled M-raster run. m = 8192 is the shape the default swizzle applies to."""
+    _needs_sm90()
+    for var in ("LLMTRAIN_RMSLIN", "LLMTRAIN_RMSLIN_FWD"):
+        monkeypatch.delenv(var, raising=False)
+    x, nw, w, b, dy = make(n, k, m, torch.bfloat16, True, 21)
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_FWD", "v2")  # the pre-pass forward at every m
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_SWIZZLE", "1")
+    monkeypatch.setenv("LLMTRAIN_RMSLIN_RASTER", "m")
+    base = call_native(x, nw, w, b, dy, 1e-6)
+    for swz, raster in (("8", "n"), ("2", "m"), (None, None)):
+        for var, val in (("LLMTRAIN_RMSLIN_SWIZZLE", swz), ("LLMTRAIN_RMSLIN_RASTER", raster)):
+            if val is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, val)
+        for name, u, v in zip(("y", "rstd", "dx", "dg", "dW", "db"), call_native(x, nw, w, b, dy, 1e-6), base):
+            assert torch.equal(u, v), f"{name}: swizzle {swz} raster {raster} changed bits"
 
 
 # (n, k, m): the target's k, uneven finalizer slices (k = 1000: 250 column quads over 8 blocks), one
