@@ -30,13 +30,6 @@ CUTLASS_DEVICE uint4 lds128(uint32_t a) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
   return v;
 }
-// Adds the squares of the bf16 pair xv to ss (bf16 -> fp32 is exact: the 16 bits moved to the top).
-CUTLASS_DEVICE void add_squares(uint32_t xv, float& ss) {
-  const float lo = __uint_as_float(xv << 16);
-  const float hi = __uint_as_float(xv & 0xffff0000u);
-  ss = fmaf(lo, lo, ss);
-  ss = fmaf(hi, hi, ss);
-}
 CUTLASS_DEVICE void sts128(uint32_t a, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }

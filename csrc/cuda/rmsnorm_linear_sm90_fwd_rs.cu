@@ -39,14 +39,6 @@ namespace rmslin {
 #if defined(LLMTRAIN_WITH_CUTE)
 namespace sm90 {
 
-// Adds the squares of the bf16 pair xv to ss.
-CUTLASS_DEVICE void add_squares(uint32_t xv, float& ss) {
-  const float lo = __uint_as_float(xv << 16);  // bf16 -> fp32 is exact: the high half of the word
-  const float hi = __uint_as_float(xv & 0xffff0000u);
-  ss = fmaf(lo, lo, ss);
-  ss = fmaf(hi, hi, ss);
-}
-
 CUTLASS_DEVICE uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
   __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
   return *reinterpret_cast<const uint32_t*>(&r);

@@ -9,6 +9,14 @@ namespace llmtrain {
 namespace rmslin {
 namespace sm90 {
 
+// Adds the squares of the bf16 pair xv to ss (the row sums of the fused forwards).
+CUTLASS_DEVICE void add_squares(uint32_t xv, float& ss) {
+  const float lo = __uint_as_float(xv << 16);  // bf16 -> fp32 is exact: the high half of the word
+  const float hi = __uint_as_float(xv & 0xffff0000u);
+  ss = fmaf(lo, lo, ss);
+  ss = fmaf(hi, hi, ss);
+}
+
 // Per-CTA rstd of the current 128-row tile, shared by the mainloop (writer) and the epilogue node.
 CUTLASS_DEVICE float* tile_rstd_smem() {
   __shared__ float s[128];
