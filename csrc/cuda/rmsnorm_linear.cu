@@ -230,6 +230,8 @@ inline bool aligned16(std::initializer_list<const void*> ptrs) {
 // Session 7 switches: LLMTRAIN_RMSLIN_PDL=0|1 (default 0: programmatic dependent launch between the
 // sm_90a path's kernels) and LLMTRAIN_RMSLIN_REDUCE=fused|kernel (default fused: the row pass's last
 // blocks reduce the dg / dbias partials; kernel: a separate reduce_parts launch).
+// Session 18: LLMTRAIN_RMSLIN_SWIZZLE=1|2|4|8 and LLMTRAIN_RMSLIN_RASTER=m|n set every CUTLASS GEMM's tile
+// order (rmsnorm_linear_sm90_gemm.cuh: set_tile_order; the default forward swizzles by 8 from 32 N tiles).
 // An unknown value of any switch is an error (a typo must not silently measure the default).
 enum class Gen { Default, V2, V3, RO, V6, V6RO };
 inline const char* env_value(const char* name) {
