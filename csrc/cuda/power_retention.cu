@@ -241,6 +241,14 @@ void launch_scan(const ScanArgs& a, const Plan& P, cudaStream_t st) {
   check_launch("state_scan_kernel");
 }
 
+// The most dynamic shared memory a block of the current device may opt into.
+size_t device_smem_optin() {
+  int dev = 0, bytes = 0;
+  PR_CHECK(cudaGetDevice(&dev));
+  PR_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return (size_t)bytes;
+}
+
 template <int d, typename T, bool REV>
 void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
   a.nwork = P.b * P.hk * P.N;
@@ -256,10 +264,7 @@ void launch_scan_local(ScanArgs a, const Plan& P, cudaStream_t st) {
       // as wide.
       // Devices whose opt-in shared memory is smaller (sm_86 / 89 / 120: ~99 KB) keep the fallback.
       constexpr size_t sm = local_smem<d, kLocalK512>();
-      int dev = 0, optin = 0;
-      PR_CHECK(cudaGetDevice(&dev));
-      PR_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-      if (sm <= (size_t)optin) {
+      if (sm <= device_smem_optin()) {
         constexpr int kWarpTiles = (Cfg<d>::D + kLocalRows - 1) / kLocalRows;
         const int64_t most = div_up(kWarpTiles, kLocalK512 / 32);
         const int64_t split = std::max<int64_t>(1, std::min<int64_t>(most, div_up(264, a.nwork)));
@@ -357,23 +362,20 @@ template <typename K> void launch_flash(K kern, size_t smem, unsigned rows, unsi
 }
 template <int d> constexpr int flash_minb() { return d <= 64 ? 2 : 1; }
 
-// The most dynamic shared memory a block of the current device may opt into.
 // The shared memory a flash kernel may use: the device's opt-in limit, or less with
 // LLMTRAIN_RETENTION_FLASH_SMEM=<bytes> (read per call), so that a GPU with more shared memory can
 // exercise the fallback that sm_86/89/120 take for long one-chunk sequences (tests).
 size_t max_smem_optin() {
-  int dev = 0, bytes = 0;
-  PR_CHECK(cudaGetDevice(&dev));
-  PR_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const size_t bytes = device_smem_optin();
   if (const char* e = std::getenv("LLMTRAIN_RETENTION_FLASH_SMEM"); e && *e) {
     char* end = nullptr;
     const long long v = std::strtoll(e, &end, 10);
     if (*end || v <= 0)
       throw std::invalid_argument(std::string("power_retention (CUDA): LLMTRAIN_RETENTION_FLASH_SMEM must be a "
                                               "positive number of bytes, got '") + e + "'");
-    return std::min((size_t)bytes, (size_t)v);
+    return std::min(bytes, (size_t)v);
   }
-  return (size_t)bytes;
+  return bytes;
 }
 
 // v17: the wgmma flash kernels run for d = 64 on an sm_90 device when the build has sm_90a code and

@@ -737,7 +737,7 @@ def _kernels_run(q, k, v, log_g, dy, chunk):
 
 
 def test_v18_runs_the_wgmma_state_kernels(monkeypatch):
-    """Unset and v18 (the default) run the chunked dq_kernel / dkv_kernel with the wgmma state part
+    """Unset (v20) and v18 run the chunked dq_kernel / dkv_kernel with the wgmma state part
     (template argument UCV = 3) for d = 64 on an sm_90 device; v12, d = 32 and other GPUs run v12's
     (UCV = 2). The wgmma dkv_kernel runs without a register bound (MINB = 1), the others at MINB = 2."""
     for ver, d in (("", 64), ("v18", 64), ("v18", 32), ("v12", 64)):
